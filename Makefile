@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench bench-deps clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the CPU wheel in the local wheel folder (a range would pull CUDA torch)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m snnc.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -m slow
+
+# peers for side-by-side benches, without their torchvision/torchaudio requirements
+bench-deps: $(STAMP)
+	$(PIP) install -q snntorch nir nirtorch
+	$(PIP) install -q --no-deps spikingjelly norse sinabs
+	$(PIP) install -q requests loguru scipy h5py packaging pbr
+
+bench: bench-deps
+	for b in bench/*.py; do $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,219 @@
+"""Spiking neurons: one documented semantics each, single-step and multi-step.
+
+Every neuron follows the same three-phase update (spikingjelly's charge / fire / reset order):
+
+    charge:  H[t] = f(V[t-1], X[t])                      (per neuron type, below)
+    fire:    S[t] = Θ(H[t] - v_th)                        Θ(z) = 1[z >= 0]  (compare=">=")
+                                                          Θ(z) = 1[z > 0]   (compare=">", Wu 2019)
+    reset:   V[t] = H[t] - v_th * S[t]                    (reset="subtract", Rueckauer 2017)
+             V[t] = H[t] * (1 - S[t]) + v_reset * S[t]    (reset="zero", hard reset to v_reset)
+    V[-1] = v_init
+
+Layouts: with ``step_mode="m"`` the input is ``[T, N, ...]`` and the loop over T runs inside
+``forward`` with the membrane as a local variable (no state survives the call). With
+``step_mode="s"`` the input is one step ``[N, ...]`` and the membrane lives in ``self.v`` between
+calls until ``reset()`` (``snnc.reset(model)`` resets every op). ``self.v`` is a plain attribute,
+not a buffer: it is not part of ``state_dict``.
+
+``v_th`` is a float or a tensor broadcastable to one sample (e.g. ``[C, 1, 1]`` for a per-channel
+threshold after channel-wise balancing). ``learn_threshold=True`` makes it a ``Parameter``.
+``surrogate`` selects the backward of Θ for training (``None``: no gradient through spikes);
+the forward is Θ whatever the surrogate.
+"""
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import nn
+
+_RESETS = ("subtract", "zero")
+_COMPARES = (">=", ">")
+
+
+class Neuron(nn.Module, abc.ABC):
+    """Base class of snnc neurons; subclasses define ``charge(v, x)`` and ``attrs()``."""
+
+    op_name = "snn.neuron"
+
+    def __init__(self, v_th=1.0, v_reset=0.0, reset="subtract", compare=">=", v_init=0.0,
+                 learn_threshold=False, surrogate=None, step_mode="s"):
+        super().__init__()
+        if reset not in _RESETS:
+            raise ValueError(f"reset={reset!r}: expected one of {_RESETS}")
+        if compare not in _COMPARES:
+            raise ValueError(f"compare={compare!r}: expected one of {_COMPARES}")
+        if step_mode not in ("s", "m"):
+            raise ValueError(f"step_mode={step_mode!r}: expected 's' (single step) or 'm' (multi-step)")
+        if isinstance(v_th, torch.Tensor) or learn_threshold:
+            v_th = torch.as_tensor(v_th, dtype=torch.float32).clone()
+            if learn_threshold:
+                self.v_th = nn.Parameter(v_th)
+            else:
+                self.register_buffer("v_th", v_th)
+        else:
+            self.v_th = float(v_th)
+        self.v_reset = float(v_reset)
+        self.reset_mode = reset
+        self.compare = compare
+        self.v_init = float(v_init)
+        self.surrogate = surrogate
+        self.step_mode = step_mode
+        self.v = None
+
+    # -- semantics -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def charge(self, v, x):
+        """The membrane before firing, H[t], from V[t-1] and X[t]."""
+
+    def fire(self, h):
+        z = h - self.v_th
+        if self.surrogate is not None:
+            return self.surrogate(z, self)
+        return (z >= 0).to(h.dtype) if self.compare == ">=" else (z > 0).to(h.dtype)
+
+    def reset_membrane(self, h, s):
+        if self.reset_mode == "subtract":
+            return h - self.v_th * s
+        return h * (1.0 - s) + self.v_reset * s
+
+    def step(self, x, v):
+        """One time step: returns ``(spikes, new_membrane)``."""
+        h = self.charge(v, x)
+        s = self.fire(h)
+        return s, self.reset_membrane(h, s)
+
+    def initial_membrane(self, x):
+        return torch.full_like(x, self.v_init)
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            return self.multi_step(x)
+        if self.v is None or self.v.shape != x.shape:
+            self.v = self.initial_membrane(x)
+        s, self.v = self.step(x, self.v)
+        return s
+
+    def multi_step(self, x_seq):
+        """``[T, N, ...] -> [T, N, ...]``: the iterative update of Wu 2019, state kept local."""
+        if self.surrogate is not None and hasattr(self.surrogate, "multi_step"):
+            return self.surrogate.multi_step(self, x_seq)
+        v = self.initial_membrane(x_seq[0])
+        out = []
+        for t in range(x_seq.shape[0]):
+            s, v = self.step(x_seq[t], v)
+            out.append(s)
+        return torch.stack(out)
+
+    def reset(self):
+        self.v = None
+        if self.surrogate is not None and hasattr(self.surrogate, "reset"):
+            self.surrogate.reset()
+
+    # -- description -------------------------------------------------------------------------
+    def attrs(self) -> dict:
+        """Attributes shown in the IR dump, in a fixed order."""
+        return {}
+
+    def common_attrs(self) -> dict:
+        a = {"v_th": self.v_th}
+        if self.reset_mode == "zero":
+            a["v_reset"] = self.v_reset
+        a["reset"] = self.reset_mode
+        if self.compare != ">=":
+            a["compare"] = self.compare
+        if self.v_init != 0.0:
+            a["v_init"] = self.v_init
+        if self.surrogate is not None:
+            a["surrogate"] = self.surrogate
+        return a
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self.attrs().items()) + f", step_mode={self.step_mode}"
+
+
+class IF(Neuron):
+    """Integrate-and-fire: ``H[t] = V[t-1] + X[t]`` (no leak). The neuron of ANN->SNN conversion."""
+
+    op_name = "snn.if"
+
+    def charge(self, v, x):
+        return v + x
+
+    def attrs(self):
+        return self.common_attrs()
+
+
+class LIF(Neuron):
+    """Leaky integrate-and-fire:
+
+        H[t] = v_leak + decay * (V[t-1] - v_leak) + gain * X[t]
+
+    Give ``decay`` directly (Wu 2019 / snntorch ``beta``) or ``tau`` with ``decay = 1 - 1/tau``
+    (spikingjelly's discretisation). ``decay_input=True`` scales the input by ``gain = 1 - decay``
+    (spikingjelly's ``decay_input``), else ``gain = 1``.
+    """
+
+    op_name = "snn.lif"
+
+    def __init__(self, tau=None, decay=None, decay_input=False, v_leak=0.0, **kw):
+        super().__init__(**kw)
+        if (tau is None) == (decay is None):
+            raise ValueError("LIF: give exactly one of tau= or decay=")
+        if tau is not None:
+            if tau <= 1.0:
+                raise ValueError(f"LIF: tau={tau} must be > 1 (decay = 1 - 1/tau)")
+            decay = 1.0 - 1.0 / float(tau)
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"LIF: decay={decay} must lie in [0, 1]")
+        self.tau = None if tau is None else float(tau)
+        self.decay = float(decay)
+        self.decay_input = bool(decay_input)
+        self.v_leak = float(v_leak)
+
+    @property
+    def gain(self):
+        return 1.0 - self.decay if self.decay_input else 1.0
+
+    def charge(self, v, x):
+        if self.v_leak == 0.0:
+            h = self.decay * v
+        else:
+            h = self.v_leak + self.decay * (v - self.v_leak)
+        return h + (self.gain * x if self.decay_input else x)
+
+    def attrs(self):
+        a = {"tau": self.tau} if self.tau is not None else {"decay": self.decay}
+        if self.decay_input:
+            a["decay_input"] = True
+        if self.v_leak != 0.0:
+            a["v_leak"] = self.v_leak
+        a.update(self.common_attrs())
+        return a
+
+
+class ParametricLIF(Neuron):
+    """LIF with a trainable time constant (Fang 2021 PLIF, spikingjelly's ``ParametricLIFNode``):
+
+        k = sigmoid(w),  H[t] = V[t-1] + k * (X[t] - (V[t-1] - v_leak))
+
+    ``w`` is initialised to ``-log(init_tau - 1)`` so that ``k = 1/init_tau``.
+    """
+
+    op_name = "snn.plif"
+
+    def __init__(self, init_tau=2.0, v_leak=0.0, **kw):
+        super().__init__(**kw)
+        if init_tau <= 1.0:
+            raise ValueError(f"ParametricLIF: init_tau={init_tau} must be > 1")
+        self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
+        self.v_leak = float(v_leak)
+
+    def charge(self, v, x):
+        return v + (x - (v - self.v_leak)) * self.w.sigmoid()
+
+    def attrs(self):
+        a = {"tau": 1.0 / float(self.w.detach().sigmoid())}
+        a.update(self.common_attrs())
+        return a

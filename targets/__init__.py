@@ -1,0 +1,1 @@
+"""snnc targets, one module each; the registry is ``snnc.compiled.TARGETS``."""
