@@ -2,10 +2,12 @@
 look passes up there). Adding a pass: its module here, plus one import in the list below."""
 from __future__ import annotations
 
+from .insert_surrogate import insert_surrogate
 from .unroll_timesteps import unroll_timesteps
 
 PASSES = {f.__name__: f for f in (
     unroll_timesteps,
+    insert_surrogate,
 )}
 
 __all__ = sorted(PASSES) + ["PASSES"]

@@ -1,9 +1,10 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics."""
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
+from .dsr import DSRIF, DSRLIF
 from .neurons import IF, LIF, Neuron, ParametricLIF
 
 __all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime"]
+           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF"]
 
 
 def is_snnc_op(module) -> bool:
