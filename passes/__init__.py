@@ -2,12 +2,14 @@
 look passes up there). Adding a pass: its module here, plus one import in the list below."""
 from __future__ import annotations
 
+from .fold_tdbn import fold_tdbn
 from .insert_surrogate import insert_surrogate
 from .unroll_timesteps import unroll_timesteps
 
 PASSES = {f.__name__: f for f in (
     unroll_timesteps,
     insert_surrogate,
+    fold_tdbn,
 )}
 
 __all__ = sorted(PASSES) + ["PASSES"]

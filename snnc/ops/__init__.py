@@ -2,9 +2,10 @@
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .neurons import IF, LIF, Neuron, ParametricLIF
+from .norm import NeuNorm, TDBatchNorm
 
 __all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF"]
+           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF", "TDBatchNorm", "NeuNorm"]
 
 
 def is_snnc_op(module) -> bool:
