@@ -159,3 +159,30 @@ def test_errors_name_the_problem():
     per_step = snnc.trace(digits_snn(4), torch.zeros(1, 1, 8, 8))
     with pytest.raises(SnncError, match="dsr.*unroll_timesteps"):
         insert_surrogate(per_step, kind="dsr")
+
+
+@pytest.mark.parametrize("make", NEURONS[:3] + [lambda: LIF(tau=1.7, decay_input=True, v_th=torch.tensor(0.6))])
+@pytest.mark.parametrize("kind", sorted(ANALYTIC))
+def test_native_scan_float32_bit_identical_forward_and_same_gradient(make, kind):
+    from snnc.ops import native
+    from snnc.ops.neuron_scan import _native_plan
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native._state['error']}")
+    neuron = make()
+    neuron.surrogate, neuron.step_mode = make_surrogate(kind), "m"
+    x = (torch.randn(5, 3, 4, 150) * 1.2).requires_grad_()   # > one 512-neuron block, ragged tail
+    assert _native_plan(neuron, x, neuron.surrogate) is not None
+    gy = torch.randn(5, 3, 4, 150)
+    y_native, y_loop = neuron(x), step_loop(neuron, x)
+    assert torch.equal(y_native, y_loop)
+    torch.testing.assert_close(torch.autograd.grad(y_native, x, gy)[0], torch.autograd.grad(y_loop, x, gy)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_can_be_disabled(monkeypatch):
+    from snnc.ops import native
+    monkeypatch.setenv("SNNC_NATIVE", "0")
+    assert native.load() is None
+    neuron = LIF(tau=2.0, surrogate=make_surrogate("atan"), step_mode="m")
+    x = torch.rand(4, 2, 3).requires_grad_()
+    assert torch.equal(neuron(x), step_loop(neuron, x))

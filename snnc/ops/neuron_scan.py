@@ -61,46 +61,88 @@ def _charge(neuron, v, x, decay):
     return torch.mul(v, decay).add_(x)
 
 
+def _native_plan(neuron, x_seq, surrogate):
+    """The constants of the C scan (``snnc.ops.native``) when it applies, else None."""
+    from . import native
+    from .surrogate import ATan, Rectangular, Sigmoid, Triangle
+    v_th = neuron.v_th
+    if (x_seq.dtype != torch.float32 or x_seq.device.type != "cpu" or type(surrogate) not in
+            (ATan, Rectangular, Sigmoid, Triangle) or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)):
+        return None
+    lib = native.load()
+    if lib is None:
+        return None
+    decay, gain = linear_charge(neuron)
+    is_lif = type(neuron).charge is LIF.charge
+    return lib, {"decay": decay, "gain": gain, "decay_input": is_lif and neuron.decay_input,
+                 "v_leak": neuron.v_leak if is_lif else 0.0, "v_th": float(v_th),
+                 "zero_reset": neuron.reset_mode == "zero", "v_reset": neuron.v_reset,
+                 "v_init": neuron.v_init, "strict": neuron.compare == ">"}
+
+
+def _torch_forward(x_seq, neuron):
+    """The scan in torch ops: ``(spikes, z)``, spikes bit-identical to the step loop."""
+    decay, _ = linear_charge(neuron)
+    v_th = neuron.v_th.detach() if isinstance(neuron.v_th, torch.Tensor) else neuron.v_th
+    strict, subtract = neuron.compare == ">", neuron.reset_mode == "subtract"
+    z_seq = torch.empty_like(x_seq)
+    out = torch.empty_like(x_seq)
+    v = neuron.initial_membrane(x_seq[0])
+    for t in range(x_seq.shape[0]):
+        h = _charge(neuron, v, x_seq[t], decay)
+        z = torch.sub(h, v_th, out=z_seq[t])
+        fired = z > 0 if strict else z >= 0
+        out[t].copy_(fired)
+        # subtract: H - v_th*S is H - v_th (= z, same rounding) where S=1 and H - 0 = H where S=0;
+        # zero: H*(1-S) + v_reset*S is v_reset where S=1 and H where S=0
+        v = torch.where(fired, z, h) if subtract else torch.where(fired, neuron.v_reset, h)
+    return out, z_seq
+
+
+def _torch_backward(z, grad_s, neuron, surrogate):
+    decay, gain = linear_charge(neuron)
+    v_th = neuron.v_th.detach() if isinstance(neuron.v_th, torch.Tensor) else neuron.v_th
+    g = surrogate.derivative(z, v_th)
+    if neuron.reset_mode == "subtract":
+        b = (1.0 - v_th * g).mul_(decay)
+    else:
+        fired = (z > 0) if neuron.compare == ">" else (z >= 0)
+        b = (neuron.v_reset - (z + v_th)) * g
+        b = b.add_((~fired).to(z.dtype)).mul_(decay)
+    grad_h = grad_s * g
+    for t in range(z.shape[0] - 2, -1, -1):
+        grad_h[t].addcmul_(b[t], grad_h[t + 1])
+    return grad_h.mul_(gain) if gain != 1.0 else grad_h
+
+
+def scan_forward(x_seq, neuron, surrogate):
+    """``(spikes, z, plan)``: the native kernel when it applies (``plan`` not None), else torch."""
+    plan = _native_plan(neuron, x_seq, surrogate)
+    if plan is not None:
+        from .native import scan_forward as native_forward
+        spikes, z = native_forward(plan[0], x_seq, plan[1])
+        return spikes, z, plan
+    spikes, z = _torch_forward(x_seq, neuron)
+    return spikes, z, None
+
+
 class _NeuronScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq, neuron, surrogate):
-        decay, gain = linear_charge(neuron)
-        v_th = neuron.v_th
-        strict = neuron.compare == ">"
-        subtract = neuron.reset_mode == "subtract"
-        z_seq = torch.empty_like(x_seq)
-        out = torch.empty_like(x_seq)
-        v = neuron.initial_membrane(x_seq[0])
-        for t in range(x_seq.shape[0]):
-            h = _charge(neuron, v, x_seq[t], decay)
-            z = torch.sub(h, v_th, out=z_seq[t])
-            fired = z > 0 if strict else z >= 0
-            out[t].copy_(fired)
-            # subtract: H - v_th*S is H - v_th (= z, same rounding) where S=1 and H - 0 = H where S=0;
-            # zero: H*(1-S) + v_reset*S is v_reset where S=1 and H where S=0
-            v = torch.where(fired, z, h) if subtract else torch.where(fired, neuron.v_reset, h)
-        ctx.neuron, ctx.surrogate, ctx.decay, ctx.gain = neuron, surrogate, decay, gain
-        ctx.save_for_backward(z_seq)
-        return out
+        spikes, z, plan = scan_forward(x_seq, neuron, surrogate)
+        ctx.neuron, ctx.surrogate, ctx.plan = neuron, surrogate, plan
+        ctx.save_for_backward(z)
+        return spikes
 
     @staticmethod
     def backward(ctx, grad_s):
         (z,) = ctx.saved_tensors
-        neuron = ctx.neuron
-        v_th = neuron.v_th.detach() if isinstance(neuron.v_th, torch.Tensor) else neuron.v_th
-        g = ctx.surrogate.derivative(z, v_th)
-        if neuron.reset_mode == "subtract":
-            b = (1.0 - v_th * g).mul_(ctx.decay)
-        else:
-            fired = (z > 0) if neuron.compare == ">" else (z >= 0)
-            b = (neuron.v_reset - (z + v_th)) * g
-            b = b.add_((~fired).to(z.dtype)).mul_(ctx.decay)
-        grad_h = grad_s * g
-        for t in range(z.shape[0] - 2, -1, -1):
-            grad_h[t].addcmul_(b[t], grad_h[t + 1])
-        if ctx.gain != 1.0:
-            grad_h.mul_(ctx.gain)
-        return grad_h, None, None
+        if ctx.plan is not None:
+            from .native import scan_backward
+            lib, p = ctx.plan
+            param = next(iter(ctx.surrogate.params.values()))
+            return scan_backward(lib, z, grad_s, p, ctx.surrogate.kind, param), None, None
+        return _torch_backward(z, grad_s, ctx.neuron, ctx.surrogate), None, None
 
 
 def neuron_scan(neuron, x_seq, surrogate):
@@ -109,12 +151,5 @@ def neuron_scan(neuron, x_seq, surrogate):
         return step_loop(neuron, x_seq)
     if not (torch.is_grad_enabled() and x_seq.requires_grad):
         with torch.no_grad():
-            return _NeuronScan.forward(_NoCtx(), x_seq, neuron, surrogate)
+            return scan_forward(x_seq, neuron, surrogate)[0]
     return _NeuronScan.apply(x_seq, neuron, surrogate)
-
-
-class _NoCtx:
-    """Stand-in context for running the scan's forward without autograd."""
-
-    def save_for_backward(self, *tensors):
-        pass
