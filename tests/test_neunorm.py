@@ -1,11 +1,21 @@
 """NeuNorm (Wu 2019): hand-computed update, single-step = multi-step, unrolled graph = per-step
 reference, and it trains."""
+import pytest
 import torch
 from torch import nn
 
 import snnc
 from snnc.ops import LIF, DirectEncoder, NeuNorm, Readout
 from snnc.passes import insert_surrogate, unroll_timesteps
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread avoids thread-pool sync costs on a shared CPU (20x faster here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_hand_computed_auxiliary_neuron():

@@ -3,9 +3,11 @@ from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .neurons import IF, LIF, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
+from .voting import Voting
 
 __all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF", "TDBatchNorm", "NeuNorm"]
+           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF", "TDBatchNorm", "NeuNorm",
+           "Voting"]
 
 
 def is_snnc_op(module) -> bool:

@@ -1,0 +1,27 @@
+"""Voting readout (Wu 2019): the output layer has ``classes * voters`` neurons; each class's score
+is the mean firing rate of its group of ``voters`` consecutive neurons."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Voting(nn.Module):
+    """``[..., classes * voters] -> [..., classes]``: mean over each group of voters."""
+
+    op_name = "snn.voting"
+    spiking_output = "no"
+
+    def __init__(self, classes: int, voters: int = 10):
+        super().__init__()
+        self.classes, self.voters = int(classes), int(voters)
+
+    def forward(self, x):
+        if x.shape[-1] != self.classes * self.voters:
+            raise ValueError(f"Voting: last dim {x.shape[-1]} != classes*voters = {self.classes * self.voters}")
+        return x.unflatten(-1, (self.classes, self.voters)).mean(-1)
+
+    def reset(self):
+        pass
+
+    def attrs(self):
+        return {"classes": self.classes, "voters": self.voters}
