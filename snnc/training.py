@@ -86,11 +86,14 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     ``loss``: ``f(output, y)``, default cross-entropy on the graph output (averaged over T first
     when the graph has no readout). Returns one dict per epoch: ``epoch``, ``loss`` (mean),
     ``train_acc`` (percent, on the training batches as seen), ``val_acc`` (with ``val_loader``),
-    ``seconds``. The graph is left in eval mode.
+    ``seconds``. With ``device`` the graph and batches are moved there. The graph is left in
+    eval mode.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
     spec = _check_trainable(gm)
+    if device is not None:
+        gm.to(device)
     loss_fn = loss or nn.functional.cross_entropy
     opt = _make_optimizer(gm, optimizer, lr)
     seq_out = _output_is_sequence(gm)
