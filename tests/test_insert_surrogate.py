@@ -131,10 +131,11 @@ NEURONS = [
 
 
 @pytest.mark.parametrize("make", NEURONS)
-@pytest.mark.parametrize("kind", sorted(ANALYTIC))
+@pytest.mark.parametrize("kind", sorted(ANALYTIC) + ["stdb"])
 def test_fused_scan_equals_autograd_step_loop(make, kind):
     neuron = make()
-    neuron.surrogate, neuron.step_mode = make_surrogate(kind), "m"
+    neuron.surrogate = make_surrogate(kind, beta=0.3) if kind == "stdb" else make_surrogate(kind)
+    neuron.step_mode = "m"
     x = (torch.rand(7, 4, 3, 5, dtype=torch.float64) * 1.5).requires_grad_()
     gy = torch.randn(7, 4, 3, 5, dtype=torch.float64)
     y_fused = neuron(x)
@@ -148,6 +149,11 @@ def test_trainable_threshold_and_plif_fall_back_to_step_loop():
         neuron.surrogate, neuron.step_mode = make_surrogate("atan"), "m"
         neuron(torch.rand(4, 2, 3)).sum().backward()
         assert neuron.v_th.grad is not None and neuron.v_th.grad != 0
+    # STDB's per-step spike times must not leak from one multi-step call into the next
+    plif = ParametricLIF(surrogate=make_surrogate("stdb", beta=0.5), step_mode="m")
+    x = torch.rand(4, 2, 3, requires_grad=True)
+    grads = [torch.autograd.grad(plif(x).sum(), x)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_graph_with_surrogate_saves_and_loads(tmp_path):

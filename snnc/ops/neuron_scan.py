@@ -15,7 +15,8 @@ backpropagation through time by hand (Wu 2019 STBP, eqs. 4-7, for the update bel
              = decay * ((1 - S[t]) + (v_reset - H[t]) * g[t])      (zero)
     dL/dX[t] = gain * dL/dH[t]
 
-The gradient equals autograd's through the step loop up to float rounding (tested). It applies
+STDB's ``Δt`` (steps since the last spike) is recomputed in the backward from the spikes ``z``
+implies. The gradient equals autograd's through the step loop up to float rounding (tested). It applies
 to ``IF`` and ``LIF`` with a fixed threshold; any other neuron (ParametricLIF, a trainable
 ``v_th``, subclasses with their own charge) runs the step loop.
 """
@@ -28,6 +29,8 @@ from .neurons import IF, LIF
 
 def step_loop(neuron, x_seq):
     """The reference multi-step loop: T calls of ``neuron.step`` under autograd."""
+    if neuron.surrogate is not None and hasattr(neuron.surrogate, "reset"):
+        neuron.surrogate.reset()   # multi-step state is local to the call (STDB's spike times)
     v = neuron.initial_membrane(x_seq[0])
     out = []
     for t in range(x_seq.shape[0]):
@@ -99,10 +102,24 @@ def _torch_forward(x_seq, neuron):
     return out, z_seq
 
 
+def steps_since_last_spike(z, strict, never):
+    """``Δt[t] = t - (time of the last spike before t)`` from the saved ``z`` (STDB, Rathi 2020)."""
+    fired = (z > 0) if strict else (z >= 0)
+    last = torch.full_like(z[0], never)
+    dts = torch.empty_like(z)
+    for t in range(z.shape[0]):
+        torch.sub(t, last, out=dts[t])   # t - last, as the step loop computes it
+        last = torch.where(fired[t], float(t), last)
+    return dts
+
+
 def _torch_backward(z, grad_s, neuron, surrogate):
     decay, gain = linear_charge(neuron)
     v_th = neuron.v_th.detach() if isinstance(neuron.v_th, torch.Tensor) else neuron.v_th
-    g = surrogate.derivative(z, v_th)
+    dt = None
+    if getattr(surrogate, "needs_spike_times", False):
+        dt = steps_since_last_spike(z, neuron.compare == ">", surrogate.never_spiked)
+    g = surrogate.derivative(z, v_th, dt)
     if neuron.reset_mode == "subtract":
         b = (1.0 - v_th * g).mul_(decay)
     else:

@@ -138,11 +138,14 @@ class Triangle(Surrogate):
 class STDB(Surrogate):
     """Rathi 2020 spike-time-dependent backprop: ``alpha * exp(-beta * Δt)`` w.r.t. ``u/v_th``.
 
-    Δt needs the time of each neuron's last spike. Multi-step: tracked as a local tensor in the
-    neuron loop. Single-step: kept in this object (``self._t``, ``self._last``) until ``reset()``.
+    Δt needs the time of each neuron's last spike. Multi-step (fused scan): recomputed from the
+    spike train in the backward. Single-step: kept in this object (``self._t``, ``self._last``)
+    until ``reset()``.
     """
 
     kind, defaults = "stdb", {"alpha": 0.3, "beta": 0.01}
+    needs_spike_times = True      # the fused scan recomputes Δt from the spikes in its backward
+    never_spiked = NEVER_SPIKED
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -162,17 +165,6 @@ class STDB(Surrogate):
         s, self._last = self._fire(z, neuron, self._t, self._last)
         self._t += 1
         return s
-
-    def multi_step(self, neuron, x_seq):
-        v = neuron.initial_membrane(x_seq[0])
-        last = torch.full_like(x_seq[0], NEVER_SPIKED).detach()
-        out = []
-        for t in range(x_seq.shape[0]):
-            h = neuron.charge(v, x_seq[t])
-            s, last = self._fire(h - neuron.v_th, neuron, t, last)
-            v = neuron.reset_membrane(h, s)
-            out.append(s)
-        return torch.stack(out)
 
     def reset(self):
         self._t, self._last = 0, None
