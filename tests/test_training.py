@@ -126,3 +126,13 @@ def test_ddp_two_gloo_processes_gradients_agree(tmp_path):
     for name, p in single.named_parameters():
         assert torch.equal(grads[0][name], grads[1][name]), name       # DDP all-reduced: identical
         torch.testing.assert_close(grads[0][name], p.grad, rtol=1e-5, atol=1e-6)  # = full-batch grad
+
+
+@pytest.mark.slow
+def test_direct_training_reaches_97_percent_on_digits_at_T4():
+    d = digits()
+    torch.manual_seed(0)
+    g = trainable_digits_graph(width=16, T=4, kind="atan")
+    hist = snnc.retrain(g, loader(d.x_train, d.y_train, 64, shuffle=True), epochs=10, lr=3e-3,
+                        val_loader=loader(d.x_test, d.y_test, 256), progress=False)
+    assert hist[-1]["val_acc"] >= 97.0
