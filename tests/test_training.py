@@ -72,6 +72,22 @@ def test_retrain_sequence_graph_broadcasts_static_batches_and_custom_loss():
     assert len(hist) == 2 and hist[0]["loss"] > 0
 
 
+def test_hybrid_style_stdb_fine_tuning_of_a_converted_like_graph():
+    # Rathi 2020's setting: signed Poisson input, IF neurons with per-channel (balanced) thresholds,
+    # membrane readout; STDB surrogate; graph built by the pass manager
+    from snnc.ops import IF, PoissonEncoder
+    net = nn.Sequential(PoissonEncoder(seed=1, signed=True), nn.Conv2d(1, 4, 3, padding=1, bias=False),
+                        IF(v_th=torch.tensor([0.5, 1.0, 1.5, 2.0]).view(4, 1, 1)), nn.Flatten(),
+                        nn.Linear(256, 10, bias=False), Readout("membrane"))
+    pm = snnc.PassManager([("unroll_timesteps", {"T": 6}), ("insert_surrogate", {"kind": "stdb"})])
+    g = pm.run(snnc.trace(net, torch.zeros(2, 1, 8, 8)))
+    assert "surrogate=stdb(alpha=0.3, beta=0.01)" in snnc.dump(g)
+    d = digits()
+    w = g.get_submodule("1").weight.detach().clone()
+    hist = snnc.retrain(g, loader(d.x_train[:64], d.y_train[:64], 32), epochs=1, lr=1e-2, progress=False)
+    assert hist[0]["loss"] > 0 and not torch.equal(g.get_submodule("1").weight, w)
+
+
 def test_retrain_refuses_graphs_that_cannot_learn():
     d = digits()
     data = loader(d.x_train[:8], d.y_train[:8], 8)
