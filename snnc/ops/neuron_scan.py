@@ -15,16 +15,16 @@ backpropagation through time by hand (Wu 2019 STBP, eqs. 4-7, for the update bel
              = decay * ((1 - S[t]) + (v_reset - H[t]) * g[t])      (zero)
     dL/dX[t] = gain * dL/dH[t]
 
-STDB's ``Δt`` (steps since the last spike) is recomputed in the backward from the spikes ``z``
-implies. The gradient equals autograd's through the step loop up to float rounding (tested). It applies
-to ``IF`` and ``LIF`` with a fixed threshold; any other neuron (ParametricLIF, a trainable
-``v_th``, subclasses with their own charge) runs the step loop.
+STDB's ``Δt`` (steps since the last spike) is recomputed in the backward from the spikes implied
+by ``z``. The gradient equals autograd's through the step loop up to float rounding (tested). It
+applies to ``IF`` and ``LIF`` with a fixed threshold; any other neuron (ParametricLIF, a trainable
+``v_th``, subclasses with their own charge, fire or reset) runs the step loop.
 """
 from __future__ import annotations
 
 import torch
 
-from .neurons import IF, LIF
+from .neurons import IF, LIF, Neuron
 
 
 def step_loop(neuron, x_seq):
@@ -50,8 +50,10 @@ def linear_charge(neuron):
 
 
 def fusable(neuron) -> bool:
-    v_th = neuron.v_th
-    return linear_charge(neuron) is not None and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad)
+    v_th, cls = neuron.v_th, type(neuron)
+    return (linear_charge(neuron) is not None and cls.fire is Neuron.fire
+            and cls.reset_membrane is Neuron.reset_membrane
+            and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad))
 
 
 def _charge(neuron, v, x, decay):
