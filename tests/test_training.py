@@ -131,11 +131,13 @@ def _free_port():
 def test_ddp_two_gloo_processes_gradients_agree(tmp_path):
     d = digits()
     x, y = d.x_train[:16], d.y_train[:16]
-    # fork: the workers need no fresh interpreter (spawn re-imports torch: 10+ s on a busy CPU);
-    # DDP's constructor imports torch._dynamo: do it once here, not once per worker
-    import torch._dynamo  # noqa: F401
+    # forkserver: workers fork from a clean single-threaded server (plain fork from this process,
+    # whose thread pools earlier tests used, can deadlock); torch and DDP's torch._dynamo import
+    # are preloaded there once instead of once per spawned worker
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "snnc"])
     mp.start_processes(_ddp_worker, args=(2, _free_port(), x, y, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="forkserver")
     grads = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _ddp_net()
     nn.functional.cross_entropy(single(x), y).backward()
