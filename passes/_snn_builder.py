@@ -188,7 +188,7 @@ class Builder:
             self.unconverted.add(node)
             return
         if isinstance(scale, str) and scale == RECORD:
-            name = self._put_module(node, nn.Identity(), "record")
+            name = self._put_module(node, nn.Identity(), f"record_{node.name}")
             self.env[node] = self.graph.call_module(name, (self.env[src],))
             self.recorders[node.name] = (name, u_in)
             self.unit[node] = u_in
@@ -210,7 +210,7 @@ class Builder:
                                 "input is a residual add of spikes with channel-wise scales) and v_init must "
                                 "be a float: use channel_wise=False or v_init_fraction=0 for this network")
         neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
-        name = self._put_module(node, neuron, "if")
+        name = self._put_module(node, neuron, f"if_{node.name}")
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.unit[node] = scale
         self.spiking.add(node)
