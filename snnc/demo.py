@@ -63,7 +63,26 @@ def stage_torch_target(state):
     print(f"[torch] target torch: accuracy {acc:.2f}%, {ms:.1f} ms for the test set")
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target]
+def stage_convert(state):
+    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T, two methods."""
+    data, ann = state["data"], state["ann"]
+    calib = data.x_train[:256]
+    t0 = time.perf_counter()
+    rows = []
+    for method, opts in (("percentile", {}), ("mse", {"channel_wise": True})):
+        accs = []
+        for T in (4, 8, 32):
+            g = snnc.convert(ann, calib, T=T, method=method, **opts)
+            accs.append(accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test))
+        rows.append(f"{method:>10}: " + "  ".join(f"T={T}: {a:.2f}%" for T, a in zip((4, 8, 32), accs)))
+    state["snn"] = snnc.convert(ann, calib, T=8, method="mse", channel_wise=True)
+    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout), "
+          f"{time.perf_counter() - t0:.1f}s:")
+    for row in rows:
+        print("          " + row)
+
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert]
 
 
 def main():
