@@ -223,7 +223,7 @@ def main(argv=None):
             runs = HYBRID_QUICK if args.quick else HYBRID
             for kind, T, lr in runs:
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, 1 if args.quick else 5, lr, kind)
-    qcfs_curve(data, calib, Ts, epochs, results)
+    ann_acc["cnn-qcfs"] = qcfs_curve(data, calib, Ts, epochs, results)
     checks(results, ann_acc, hybrid_acc, Ts)
     plot(results, ann_acc, args.plot)
 
