@@ -16,7 +16,8 @@ Guarantees (per-step graph: run it T times, or ``unroll_timesteps(g, T)``):
   * **weights are scaled, not thresholds** (Rueckauer 2017 eq. 7-8): the layer producing an IF's
     input is divided by lambda_l and the layer reading its spikes multiplied by lambda_l, so
     v_th = 1 -- except where a residual add brings in spikes no layer can rescale; that IF gets
-    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise).
+    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise; a
+    per-channel v_th with v_init_fraction > 0 is refused, since the IF's v_init is a float).
     See ``passes/_snn_builder.py``. With direct input, the rate of an IF at large T is
     clamp(a / lambda, 0, 1) up to 1/T, so the readout reproduces the ANN when lambda >= max(a).
 
@@ -27,7 +28,10 @@ Scales lambda (times ``scale``), from the calibration data (tqdm progress bar):
     half-threshold start (threshold search of Li 2021 with the quantiser of Bu 2022); low latency;
   * ``"spiking"``: Rathi 2020 / Sengupta 2019 layer-by-layer balancing: layer l's lambda is the
     max input current it receives over ``T_calib`` steps in the SNN converted up to layer l-1,
-    driven by the chosen encoding (Poisson in the papers); ``scale=0.7`` is Rathi's factor;
+    driven by the chosen encoding (Poisson in the papers); ``scale=0.7`` is Rathi's factor.
+    The first layer with direct input gets exactly the max scale; deeper layers get *larger*
+    scales than "max" (one step's current from bursty spikes exceeds its time average), which
+    is why the papers scale them down and need long T;
   * ``"qcfs"``: the trained thresholds of ``QCFS`` activations (Bu 2022), no calibration.
 ``channel_wise=True`` gives one lambda per channel (max / percentile / mse / spiking).
 ``v_init_fraction`` (default 0.5 for "mse" and "qcfs", else 0) starts membranes at a fraction of
@@ -44,7 +48,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from snnc.errors import InputError, SnncError
-from snnc.ir import annotate, graph_spec, info
+from snnc.ir import annotate, graph_spec
 from snnc.runtime import reset as reset_state
 from snnc.ops.qcfs import QCFS
 
