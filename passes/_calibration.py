@@ -120,7 +120,7 @@ def reduce_scales(acts: torch.Tensor, method: str, q: float, channel_wise: bool,
     return torch.tensor(out, dtype=torch.float32)
 
 
-def fill_dead(scales: torch.Tensor, node) -> torch.Tensor:
+def fill_dead(scales: torch.Tensor) -> torch.Tensor:
     """Channels that never fired in calibration get the layer's largest scale (any positive value
     is exact for them on the calibration data; the largest keeps rare activity representable)."""
     if (scales > 0).any():

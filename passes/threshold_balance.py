@@ -85,7 +85,7 @@ def _ann_scales(gm, nodes, batches, method, q, channel_wise, T_target):
     acts = cal.record_activations(gm, batches, nodes, desc=f"calibrating ({method})")
     out = {}
     for n in nodes:
-        s = cal.fill_dead(cal.reduce_scales(acts[n], method, q, channel_wise, T_target), n)
+        s = cal.fill_dead(cal.reduce_scales(acts[n], method, q, channel_wise, T_target))
         out[n] = cal.shape_scale(s, n)
     return out
 
@@ -115,7 +115,7 @@ def _spiking_scales(gm, nodes, batches, channel_wise, T_calib, scale, opts):
         h.remove()
         reset_state(snn)
         s = torch.stack(peak).max(dim=0).values.clamp(min=0)
-        scales[n] = cal.shape_scale(cal.fill_dead(s * scale, n), n)
+        scales[n] = cal.shape_scale(cal.fill_dead(s * scale), n)
     bar.close()
     return scales
 
