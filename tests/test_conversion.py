@@ -59,3 +59,12 @@ def test_pass_manager_pipeline_equals_convert(tmp_path):
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(snnc.run(g, x), snnc.run(snnc.convert(ann, calib, T=3), x), atol=1e-6)
     assert "snn.if" in (tmp_path / "02_threshold_balance.ir").read_text()
+
+
+def test_convert_accepts_datasets_and_data_splits():
+    from snnc.data import digits, from_spec
+    ann = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    a = snnc.convert(ann, from_spec("digits", "train"), T=2)
+    b = snnc.convert(ann, digits(), T=2)
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(snnc.run(a, x), snnc.run(b, x), atol=1e-6)
