@@ -1,13 +1,14 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics."""
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
+from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .neurons import IF, LIF, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
+from .qcfs import QCFS, use_qcfs
 from .voting import Voting
 
-__all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime", "DSRIF", "DSRLIF", "TDBatchNorm", "NeuNorm",
-           "Voting"]
+# every op class and helper imported above (one import line per ops file is the registration)
+__all__ = sorted(n for n, v in dict(globals()).items() if not n.startswith("_") and (isinstance(v, type) or callable(v)))
 
 
 def is_snnc_op(module) -> bool:
