@@ -30,7 +30,7 @@ from tvm import relax
 from snnc.compiled import CompiledModule, output_meaning
 from snnc.errors import SnncError
 from snnc.fileio import atomic_write
-from snnc.ir import annotate, graph_spec
+from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
 from .tvm_hybrid import bind_kernels, hybrid_graph, run_hybrid
@@ -130,7 +130,18 @@ def _prepare(gm, T):
         from snnc.passes import unroll_timesteps
         g = unroll_timesteps(g, T=int(T))
     g.eval()
-    return annotate(g)
+    return g if _annotated(g) else annotate(g)
+
+
+def _annotated(g) -> bool:
+    """Whether every node carries metadata matching the spec (passes end with ``annotate``, and a
+    deepcopy keeps it), so the graph need not be run again: that run costs as much as inference."""
+    placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(s) for s, _ in graph_spec(g)["inputs"]]
+    if len(placeholders) != len(shapes) or any(info(n) is None or info(n).shape != s
+                                                for n, s in zip(placeholders, shapes)):
+        return False
+    return all("snnc" in n.meta for n in g.graph.nodes if n.op not in ("output", "get_attr"))
 
 
 def _dump(dump_dir, target, relax_mod):
