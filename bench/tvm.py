@@ -5,7 +5,8 @@ measured in the same run (median of interleaved runs).
 
 * bench net (3x3 conv + LIF, 3->64->128->128, 32x32, T=4, N=16): torch eager (the unrolled
   graph, target ``torch``), spikingjelly multi-step (same weights, ``LIFNode(step_mode="m")``),
-  snnc ``tvm:llvm`` (default = hybrid), and with ``--relax`` the standalone Relax module;
+  snnc ``tvm:llvm`` (default = hybrid), and with ``--relax`` the standalone Relax module (the
+  exported artefact) built for the host CPU and for portable x86-64;
 * a converted-style digits CNN (``digits_cnn`` with ReLU -> IF, direct input, membrane readout,
   T=8, N=256): the same peers;
 * compile time of the bench net, cold (fresh cache) and cached;
@@ -94,9 +95,14 @@ def bench_model(name, model, x, T, runs, relax, static_input):
         emit(bench=name, check="spikingjelly_vs_eager", max_abs_diff=float((ref - got).abs().max()))
     diff = float((tvm_hybrid(x) - eager(x)).abs().max())
     emit(bench=name, check="tvm_vs_eager", max_abs_diff=diff)
-    if relax:
+    if relax:  # the exportable artefact: host ISA (default) and portable x86-64 (mcpu=None)
         standalone = snnc.compile(g, target="tvm:llvm", mode="relax")
+        portable = snnc.compile(g, target="tvm:llvm", mode="relax", mcpu=None)
         fns["snnc_tvm_llvm_relax"] = lambda: standalone(x)
+        fns["snnc_tvm_llvm_relax_portable"] = lambda: portable(x)
+        emit(bench=name, check="tvm_relax_vs_eager_spike_agreement" if not static_input else
+             "tvm_relax_vs_eager_max_abs_diff", value=float((standalone(x) == eager(x)).float().mean()
+                                                           if not static_input else (standalone(x) - eager(x)).abs().max()))
     t = race(fns, runs if not relax else max(3, runs // 3))
     for k, v in t.items():
         emit(bench=name, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_eager=round(v / t["torch_eager"], 3))

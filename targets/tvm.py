@@ -6,13 +6,15 @@
 
 Two ways to run, one artefact:
   * ``mode="relax"``: the whole graph as one Relax module (``tvm_lower.to_relax``: TVM's torch
-    frontend for standard layers, one fused TIR scan per neuron layer) run by the Relax VM. This
+    frontend for standard layers, one fused TIR scan per neuron layer, hand-scheduled convs from
+    ``tvm_schedule.py`` on CPU) run by the Relax VM. This
     is what ``export`` writes (``export_library``) and what ``snnc.load`` and ``run_remote`` run:
     standalone, no torch model needed. ``tvm:cuda`` always runs this way (dlight GPU schedules).
   * ``mode="hybrid"`` (``tvm:llvm`` only): torch/oneDNN runs conv/linear/pooling in process and
     TVM runs the fused neuron kernels on the same buffers (``tvm_hybrid.py``). On this CPU it is
     the fast one by far (bench/tvm.py), so ``mode="auto"`` (default) picks it for ``tvm:llvm``.
-Options: ``mcpu`` (None, "host" or an LLVM CPU name), ``num_cores``, ``arch`` (cuda, default
+Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
+CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
 """
@@ -168,7 +170,7 @@ def cuda_source(lib) -> str:
     return "\n".join(seen)
 
 
-def compile(gm, target="tvm:llvm", *, mode="auto", mcpu=None, num_cores=None, arch=None, T=None,
+def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")

@@ -197,3 +197,25 @@ def test_shared_neuron_module_called_twice():
     x = torch.randn(4, 2, 3, 4, 4) * 2
     g = _graph(Twice(), x[0], T=4)
     _agree(snnc.compile(g, target="tvm:llvm")(x), snnc.run(g, x), spikes=True)
+
+
+@pytest.mark.parametrize("stride,cout", [(1, 32), (2, 12)])
+def test_conv_schedule_applies_and_is_exact_enough(stride, cout):
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_fx
+    from snnc.targets import tvm_build as tb
+    from snnc.targets.tvm_schedule import schedule_conv2d
+    conv = nn.Conv2d(8, cout, 3, padding=1, stride=stride)
+    g = snnc.trace(nn.Sequential(conv), torch.zeros(2, 8, 12, 12))
+    mod = from_fx(g, [((2, 8, 12, 12), "float32")])
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    name, func = next((gv.name_hint, f) for gv, f in mod.functions.items() if "conv2d" in gv.name_hint)
+    scheduled = schedule_conv2d(func)
+    assert scheduled is not None, f"{name} was left unscheduled"
+    text = scheduled.script()
+    assert "T.parallel" in text and "T.vectorized" in text and '"local"' in text
+    lib = tb.build_kernels({"conv": scheduled}, tb.llvm_target())
+    x, out = torch.randn(2, 8, 12, 12), torch.empty(2, cout, *conv(torch.zeros(1, 8, 12, 12)).shape[2:])
+    lib["conv"](x, conv.weight.detach().contiguous(), conv.bias.detach().view(1, -1, 1, 1).contiguous(), out)
+    assert (out - conv(x).detach()).abs().max().item() < 1e-4
