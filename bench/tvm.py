@@ -109,6 +109,33 @@ def bench_model(name, model, x, T, runs, relax, static_input):
     return g
 
 
+def bench_profile(g, x, runs):
+    """Where the hybrid's time goes: each node of the hybrid graph timed alone (median)."""
+    from torch import fx
+
+    from snnc.targets.tvm_hybrid import TVMKernelCall
+    m = snnc.compile(g, target="tvm:llvm")
+    hg = m._hybrid
+    times = {}
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            times.setdefault(n.name, []).append(time.perf_counter() - t0)
+            return out
+    with torch.no_grad():
+        for _ in range(runs):
+            Timed(hg).run(x)
+    total = sum(statistics.median(v) for v in times.values())
+    for n in hg.graph.nodes:
+        if n.name in times and n.op == "call_module":
+            mod = hg.get_submodule(n.target)
+            kind = f"tvm {mod.name}" if isinstance(mod, TVMKernelCall) else type(mod).__name__
+            ms = statistics.median(times[n.name]) * 1e3
+            emit(bench="hybrid_profile", node=n.name, op=kind, ms=round(ms, 2), share=round(ms / 1e3 / total, 3))
+
+
 def bench_compile(g):
     from snnc.targets import tvm_build
     with tempfile.TemporaryDirectory() as d:
@@ -182,6 +209,7 @@ def main(argv=None):
     g = bench_model("bench_net", bench_net(), x, 4, runs, args.relax, static_input=False)
     bench_model("converted_digits_cnn", converted_digits_net(), torch.rand(64 if args.quick else 256, 1, 8, 8),
                 8, runs, args.relax, static_input=True)
+    bench_profile(g, x, runs)
     bench_compile(g)
     bench_lif_kernel(runs)
 

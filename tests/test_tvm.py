@@ -1,6 +1,8 @@
 """tvm:llvm / tvm:cuda: differential tests against the reference interpreter, export/load, cache,
 CUDA source checks (built with nvcc, not run: no GPU here), RPC on loopback, error messages."""
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,6 +121,11 @@ def test_export_load_round_trip(digits, tmp_path):
         loaded(torch.rand(2, 1, 8, 8))  # the standalone Relax module has static shapes
     with pytest.raises(SnncError, match="exists"):
         m.export(path)
+    torch.save(digits["x"], tmp_path / "x.pt")
+    script = (f"import torch, snnc; m = snnc.load({str(path)!r}); "
+              f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)  # no model code there
+    _agree(torch.load(tmp_path / "y.pt"), digits["ref"], spikes=False)
 
 
 def test_second_compile_hits_the_cache(digits):
@@ -150,6 +157,11 @@ def test_cuda_builds_one_fused_kernel_per_neuron_layer(digits, tmp_path):
     assert "for (int t = 0; t < 4; ++t)" in body  # the time loop is inside the kernel
     assert body.count("S_ptr[") == 1  # spikes written once per step, membrane in a register
     assert "snn_readout_kernel" in src
+    if tvm.cuda(0).exist:  # a lent GPU: run it
+        _agree(m(digits["x"]), digits["ref"], spikes=False)
+    else:
+        with pytest.raises(SnncError, match="no CUDA device"):
+            m(digits["x"])
     with pytest.raises(SnncError, match="arch"):
         snnc.compile(g, target="tvm:cuda", arch="ampere")
 
