@@ -104,6 +104,16 @@ def _seq_shape(node):
     return tuple(int(s) for s in i.shape), str(i.dtype).replace("torch.", "")
 
 
+def _reshape(bb, x, shape):
+    """``reshape(x, shape)``, looking through a reshape that produced ``x``: the time merge /
+    split around every neuron would otherwise leave reshape-of-reshape chains that FuseOps turns
+    into copy kernels instead of the free views RewriteDataflowReshape makes of single reshapes."""
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    if isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.reshape"):
+        x = bound.args[0]
+    return bb.emit(relax.op.reshape(x, shape))
+
+
 def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
     (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
@@ -113,10 +123,10 @@ def _convert_neuron(imp, node):
     func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
     gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
-    flat = bb.emit(relax.op.reshape(x, (steps, M)))
+    flat = _reshape(bb, x, (steps, M))
     args = [flat] if th is None else [flat, relax.const(th.numpy().astype(dtype))]
     s = bb.emit(relax.call_tir(gv, args, relax.TensorType((steps, M), dtype)))
-    return bb.emit(relax.op.reshape(s, shape))
+    return _reshape(bb, s, shape)
 
 
 def _convert_readout(imp, node):
@@ -125,9 +135,9 @@ def _convert_readout(imp, node):
     name = "snn_readout"
     gv = imp.block_builder.add_func(opaque(readout_kernel(steps, M, dtype, device=imp.snnc_device)), name)
     bb = imp.block_builder
-    flat = bb.emit(relax.op.reshape(x, (steps, M)))
+    flat = _reshape(bb, x, (steps, M))
     y = bb.emit(relax.call_tir(gv, [flat], relax.TensorType((M,), dtype)))
-    return bb.emit(relax.op.reshape(y, shape[1:]))
+    return _reshape(bb, y, shape[1:])
 
 
 def _convert_direct_encoder(imp, node):
@@ -138,7 +148,7 @@ def _convert_direct_encoder(imp, node):
 
 
 def _convert_reshape(imp, node):
-    return imp.block_builder.emit(relax.op.reshape(imp.env[node.args[0]], _seq_shape(node)[0]))
+    return _reshape(imp.block_builder, imp.env[node.args[0]], _seq_shape(node)[0])
 
 
 def _convert_batch_norm(imp, node):
