@@ -10,9 +10,12 @@ Two ways to run, one artefact:
     ``tvm_schedule.py`` on CPU) run by the Relax VM. This
     is what ``export`` writes (``export_library``) and what ``snnc.load`` and ``run_remote`` run:
     standalone, no torch model needed. ``tvm:cuda`` always runs this way (dlight GPU schedules).
-  * ``mode="hybrid"`` (``tvm:llvm`` only): torch/oneDNN runs conv/linear/pooling in process and
-    TVM runs the fused neuron kernels on the same buffers (``tvm_hybrid.py``). On this CPU it is
-    the fast one by far (bench/tvm.py), so ``mode="auto"`` (default) picks it for ``tvm:llvm``.
+  * ``mode="hybrid"`` (``tvm:llvm`` only): torch runs linear/pooling/BN in process and TVM runs
+    the fused neuron kernels on the same buffers (``tvm_hybrid.py``); each Conv2d runs in torch
+    (oneDNN) or as the hand-scheduled TVM kernel, whichever was faster in a race at compile time
+    (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
+    On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
+    ``tvm:llvm``.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
@@ -35,10 +38,11 @@ from snnc.fileio import atomic_write
 from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
-from .tvm_hybrid import bind_kernels, hybrid_graph, run_hybrid
+from .tvm_hybrid import TVMConvCall, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, run_hybrid
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
+CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
 
 
 def _to_tvm(x: torch.Tensor, dev):
@@ -171,9 +175,11 @@ def cuda_source(lib) -> str:
 
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
-            dump_dir=None, cache=True):
+            dump_dir=None, cache=True, convs="auto"):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
+    if convs not in CONV_CHOICES:
+        raise SnncError(f"{target}: convs={convs!r}; expected one of {CONV_CHOICES}")
     if target == "tvm:cuda":
         if mode == "hybrid":
             raise SnncError("tvm:cuda has no hybrid mode (torch here is CPU-only); use mode='relax'")
@@ -198,8 +204,15 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
     hg, make_kernels = hybrid_graph(g, device)
-    lib, _ = tb.cached(tb.graph_key(g, tdict, "hybrid"), lambda: tb.build_kernels(make_kernels(), tdict), cache)
+    key = tb.graph_key(g, tdict, "hybrid")
+    lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
+    if convs == "auto":
+        choices = tb.cached_json(f"{key}.convs", lambda: race_convs(hg), cache)
+    else:
+        choices = {m.name: convs for m in hg.modules() if isinstance(m, TVMConvCall)}
+    apply_conv_choices(hg, choices)
+    meta["hybrid_convs"] = choices
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 

@@ -136,6 +136,28 @@ def cached(key: str, build, use_cache: bool = True) -> tuple[Built, bool]:
     return built, False
 
 
+def cached_json(key: str, compute, use_cache: bool = True):
+    """A small JSON-able result (e.g. the hybrid's per-conv choices) cached like the libraries."""
+    import json
+    path = cache_dir() / f"{key}.json"
+    if use_cache and key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key]
+    if use_cache and path.exists():
+        try:
+            _MEMORY_CACHE[key] = json.loads(path.read_text())
+            return _MEMORY_CACHE[key]
+        except (OSError, ValueError):
+            pass
+    value = compute()
+    if use_cache:
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value)), overwrite=True)
+        except OSError:
+            pass
+        _MEMORY_CACHE[key] = value
+    return value
+
+
 def build_relax(relax_mod, target: dict):
     """``tvm.compile`` of a Relax module. On GPU the default pipeline applies the dlight rules
     (Matmul, GEMV, Reduction, GeneralReduction, Fallback) to every unscheduled function; on CPU

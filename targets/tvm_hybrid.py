@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 from torch import fx, nn
@@ -21,6 +22,7 @@ from snnc.ops import Neuron, Readout
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import neuron_scan
+from .tvm_schedule import conv2d_kernel
 
 
 class TVMKernelCall(nn.Module):
@@ -62,6 +64,52 @@ class TVMKernelCall(nn.Module):
         return out
 
 
+class TVMConvCall(TVMKernelCall):
+    """A 3x3-style ``nn.Conv2d`` run by the hand-scheduled TVM kernel (``tvm_schedule.py``) when
+    the input has the compiled shape and the compile-time race chose TVM; otherwise torch."""
+
+    def __init__(self, conv, name, in_shape, reuse_output=True):
+        super().__init__("conv", name, reuse_output=reuse_output)
+        self.conv, self.in_shape, self.use_tvm = conv, tuple(in_shape), False
+        self.weight = conv.weight.detach().contiguous()
+        self.bias = None if conv.bias is None else conv.bias.detach().reshape(1, -1, 1, 1).contiguous()
+        self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
+
+    def bind(self, lib):
+        try:
+            self.lib, self.fn = lib, lib[self.name]
+        except AttributeError:  # the schedule did not apply at build time: torch runs it
+            self.fn = None
+
+    def forward(self, x):
+        if not self.use_tvm or self.fn is None or tuple(x.shape) != self.in_shape:
+            return self.conv(x)
+        out = self._out((x.shape[0], *self.out_shape), x.dtype)
+        args = (x.contiguous(), self.weight) + (() if self.bias is None else (self.bias,)) + (out,)
+        self.fn(*args)
+        return out
+
+    def race(self, runs=3) -> str:
+        """Time torch and TVM on this layer's shape (spike-like input); the faster one runs."""
+        if self.fn is None:
+            return "torch"
+        x = (torch.rand(self.in_shape) < 0.2).float()
+        best = {}
+        for choice in ("torch", "tvm"):
+            self.use_tvm = choice == "tvm"
+            with torch.no_grad():
+                self(x)
+                best[choice] = min(_seconds(lambda: self(x)) for _ in range(runs))
+        self.buffers.clear()
+        return min(best, key=best.get)
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
     """``(graph, make_kernels)``: a copy of the annotated multi-step graph whose spiking modules
     call TVM kernels, and a function returning the PrimFuncs to build (name -> PrimFunc, symbolic
@@ -83,6 +131,11 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
                              dict(device=device, lanes=pick_lanes(math.prod(sample))))
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
+        elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
+            in_shape = info(node.args[0]).shape
+            name = f"conv_{len(kernels)}"
+            kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
+            g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
         elif isinstance(mod, Readout):
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
@@ -90,10 +143,27 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
                              dict(device=device, lanes=pick_lanes(math.prod(shape[2:]))))
             g.add_submodule(node.target, TVMKernelCall("readout", name, reuse_output=once))
     g.recompile()
-    return g, lambda: {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
+
+    def make_kernels():
+        built = {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
+        # conv2d_kernel returns (func, has_bias) or None (not schedulable: torch keeps it)
+        return {name: (f[0] if isinstance(f, tuple) else f) for name, f in built.items() if f is not None}
+    return g, make_kernels
+
+
+def race_convs(g: fx.GraphModule) -> dict:
+    """``{kernel name: "torch" | "tvm"}`` for every conv of the hybrid graph (see ``race``)."""
+    return {m.name: m.race() for m in g.modules() if isinstance(m, TVMConvCall)}
+
+
+def apply_conv_choices(g: fx.GraphModule, choices: dict) -> None:
+    for m in g.modules():
+        if isinstance(m, TVMConvCall):
+            m.use_tvm = choices.get(m.name) == "tvm"
 
 
 def bind_kernels(g: fx.GraphModule, lib) -> None:
+    """Point every kernel call of the hybrid graph at its function in ``lib``."""
     for m in g.modules():
         if isinstance(m, TVMKernelCall):
             m.bind(lib)

@@ -87,3 +87,21 @@ def schedule_cpu_convs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def conv2d_kernel(conv, in_shape):
+    """``(PrimFunc, has_bias)`` of one ``nn.Conv2d`` on inputs of ``in_shape``, scheduled as above,
+    or ``None`` when the schedule does not apply (grouped / dilated convs keep torch). The
+    function's arguments are ``(x, weight, [bias [1, C, 1, 1]], out)``."""
+    from torch import fx, nn
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_fx
+    gm = fx.symbolic_trace(nn.Sequential(conv))
+    mod = from_fx(gm, [(tuple(in_shape), "float32")])
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    funcs = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    if len(funcs) != 1 or len(funcs[0].params) != (4 if conv.bias is not None else 3):
+        return None
+    scheduled = schedule_conv2d(funcs[0])
+    return None if scheduled is None else (scheduled, conv.bias is not None)

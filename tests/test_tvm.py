@@ -231,3 +231,23 @@ def test_conv_schedule_applies_and_is_exact_enough(stride, cout):
     x, out = torch.randn(2, 8, 12, 12), torch.empty(2, cout, *conv(torch.zeros(1, 8, 12, 12)).shape[2:])
     lib["conv"](x, conv.weight.detach().contiguous(), conv.bias.detach().view(1, -1, 1, 1).contiguous(), out)
     assert (out - conv(x).detach()).abs().max().item() < 1e-4
+
+
+def test_hybrid_convs_in_tvm_or_torch_agree():
+    net = bench_net((3, 16, 16))
+    with torch.no_grad():
+        for conv in net[0::2]:
+            conv.weight *= 6
+    x = torch.randn(2, 2, 3, 8, 8) * 2
+    g = _graph(net, x[0], T=2)
+    ref = snnc.run(g, x)
+    forced = snnc.compile(g, target="tvm:llvm", convs="tvm")
+    assert forced.meta["hybrid_convs"] == {"conv_0": "tvm", "conv_2": "tvm"}
+    _agree(forced(x), ref, spikes=True)
+    other = torch.randn(2, 3, 3, 8, 8) * 2  # another batch size: torch runs the convs
+    _agree(forced(other), snnc.run(g, other), spikes=True)
+    auto = snnc.compile(g, target="tvm:llvm")
+    assert set(auto.meta["hybrid_convs"].values()) <= {"tvm", "torch"}
+    _agree(auto(x), ref, spikes=True)
+    with pytest.raises(SnncError, match="convs="):
+        snnc.compile(g, target="tvm:llvm", convs="gpu")
