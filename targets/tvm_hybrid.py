@@ -1,12 +1,13 @@
-"""The in-process fast path of ``tvm:llvm``: torch (oneDNN) runs conv/linear/pooling, TVM runs the
-fused neuron scans and readouts, on the same buffers.
+"""The in-process fast path of ``tvm:llvm``: torch runs linear/pooling/BN, TVM runs the fused
+neuron scans and readouts, on the same buffers; each Conv2d runs in whichever of torch (oneDNN)
+and the hand-scheduled TVM conv (``tvm_schedule.py``) won a race on its shape at compile time.
 
-Why: this TVM wheel has no oneDNN offload and no tuned x86 conv schedules, so Relax convolutions
-are 25-40x slower than torch's (TVM-NOTES.md (a)-(e)), while the fused neuron kernel is about 10x
-faster than torch's per-step elementwise sequence. The graph here is the unrolled spiking IR
-itself, with each neuron / readout module swapped for a ``TVMKernelCall`` that hands the
-torch tensors to the TVM function through DLPack (zero copies) and writes into an output buffer
-preallocated per shape (fresh allocations measured 5-20% slower end to end).
+Why: the fused neuron kernel is 10-25x faster than torch's per-step elementwise sequence, while
+for convolutions oneDNN is usually the better code (TVM-NOTES.md (a)-(e); with the hand schedule
+TVM wins some layers, e.g. the 3-channel first conv). The graph here is the unrolled spiking IR
+itself with each neuron / readout / conv module swapped for a call that hands the torch tensors
+to the TVM function through DLPack (zero copies) and writes into an output buffer preallocated
+per shape (fresh allocations measured 5-20% slower end to end, TVM-NOTES.md (f)).
 """
 from __future__ import annotations
 
