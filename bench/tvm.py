@@ -113,7 +113,7 @@ def bench_profile(g, x, runs):
     """Where the hybrid's time goes: each node of the hybrid graph timed alone (median)."""
     from torch import fx
 
-    from snnc.targets.tvm_hybrid import TVMKernelCall
+    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
     m = snnc.compile(g, target="tvm:llvm")
     hg = m._hybrid
     times = {}
@@ -131,7 +131,10 @@ def bench_profile(g, x, runs):
     for n in hg.graph.nodes:
         if n.name in times and n.op == "call_module":
             mod = hg.get_submodule(n.target)
-            kind = f"tvm {mod.name}" if isinstance(mod, TVMKernelCall) else type(mod).__name__
+            if isinstance(mod, TVMConvCall):
+                kind = f"conv2d in {'tvm' if mod.use_tvm else 'torch'}"
+            else:
+                kind = f"tvm {mod.name}" if isinstance(mod, TVMKernelCall) else type(mod).__name__
             ms = statistics.median(times[n.name]) * 1e3
             emit(bench="hybrid_profile", node=n.name, op=kind, ms=round(ms, 2), share=round(ms / 1e3 / total, 3))
 
@@ -160,7 +163,7 @@ def bench_compile(g):
 
 def bench_lif_kernel(runs):
     from snnc.targets import tvm_build as tb
-    from snnc.targets.tvm_hybrid import TVMKernelCall
+    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
     from snnc.targets.tvm_kernels import neuron_scan_kernel, pick_lanes
     from snnc.targets.tvm_lower import neuron_scan
     shape = (4, 16, 128, 32, 32)

@@ -90,7 +90,7 @@ class TVMConvCall(TVMKernelCall):
         self.fn(*args)
         return out
 
-    def race(self, runs=3) -> str:
+    def race(self, runs=2) -> str:
         """Time torch and TVM on this layer's shape (spike-like input); the faster one runs."""
         if self.fn is None:
             return "torch"
