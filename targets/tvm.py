@@ -191,7 +191,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     check_supported(g)
     spec = graph_spec(g)
     meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
-            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode}
+            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
+            "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
     relax_key = tb.graph_key(g, tdict, "relax")
     get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
