@@ -1,9 +1,11 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics."""
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
+from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .neurons import IF, LIF, Neuron, ParametricLIF
 
 __all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime"]
+           "Readout", "MergeTime", "SplitTime", "IntConv2d", "IntLinear", "IntSumPool2d", "IntMaxPool2d",
+           "IntAdd", "IntIF", "IntLIF", "IntReadout"]
 
 
 def is_snnc_op(module) -> bool:
