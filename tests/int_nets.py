@@ -86,10 +86,15 @@ def rect(z, neuron):
 def trained_snn(width=8, tau=2.0):
     """A per-step conv SNN without BN (directly trainable with the surrogate above)."""
     def lif():
-        return LIF(tau=tau, surrogate=rect)
-    return nn.Sequential(DirectEncoder(), nn.Conv2d(1, width, 3, padding=1), lif(),
-                         nn.Conv2d(width, 2 * width, 3, padding=1), lif(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(2 * width * 16, 64), lif(), nn.Linear(64, 10), Readout("membrane"))
+        return LIF(tau=tau, v_th=0.5, surrogate=rect)
+    net = nn.Sequential(DirectEncoder(), nn.Conv2d(1, width, 3, padding=1), lif(),
+                        nn.Conv2d(width, 2 * width, 3, padding=1), lif(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * width * 16, 64), lif(), nn.Linear(64, 10), Readout("membrane"))
+    for m in net:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):  # He init: spikes from the first step
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.constant_(m.bias, 0.1)
+    return net
 
 
 def unrolled(model, T):

@@ -37,10 +37,11 @@ def _to_int32(acc: torch.Tensor, op: str) -> torch.Tensor:
 
 
 def _set_int(module: nn.Module, name: str, value) -> None:
-    """An integer constant: a plain int when scalar, else an int32 buffer (per channel)."""
+    """An integer constant: a plain int when all its elements are equal, else an int32 buffer
+    (per channel)."""
     t = torch.as_tensor(value)
-    if t.numel() == 1:
-        setattr(module, name, int(t.reshape(())))
+    if t.numel() == 1 or bool((t == t.reshape(-1)[0]).all()):
+        setattr(module, name, int(t.reshape(-1)[0]))
     else:
         module.register_buffer(name, t.to(torch.int32).clone())
 
