@@ -169,6 +169,7 @@ class IntIF(nn.Module):
 
     op_name = "int.if"
     spiking_output = "yes"
+    step_mode = "m"  # always multi-step: [T, N, ...] in, [T, N, ...] spikes out
 
     def __init__(self, v_th, v_reset=0, v_init=0, state_bits=16, reset="subtract", compare=">="):
         super().__init__()
@@ -266,6 +267,7 @@ class IntReadout(nn.Module):
 
     op_name = "int.readout"
     output_layout = "step"
+    step_mode = "m"
 
     def __init__(self, mode="membrane"):
         super().__init__()
