@@ -159,3 +159,36 @@ def test_saturation_in_the_kernels(codegen):
     ref = snnc.run(g, x)
     assert torch.equal(ref[2, 0].long(), (torch.cat([delta, delta]) >= 0).long())
     assert torch.equal(snnc.compile(g, target="tvm:int", codegen=codegen)(x), ref)
+
+
+def _digits_int_graph(width, T, epochs):
+    from int_nets import ann, convert_by_max, train, unrolled
+
+    from snnc.data import digits
+    d = digits()
+    model = ann(width)
+    if epochs:
+        model = train(model, d, epochs=epochs)
+    g = unrolled(convert_by_max(model.eval(), d.x_train), T)
+    return d, g, quantize_integer(g)
+
+
+def test_bit_exact_on_the_digits_test_set():
+    d, _, q = _digits_int_graph(width=4, T=8, epochs=0)   # calibrated but untrained: spikes, not accuracy
+    xq = quantize_input(q, d.x_test)
+    ref = snnc.run(q, xq)
+    y = snnc.compile(q, target="tvm:int")(xq)
+    assert len(xq) == 450 and torch.equal(y, ref)
+
+
+@pytest.mark.slow
+def test_trained_digits_bit_exact_and_accurate_llvm_and_c():
+    d, g, q = _digits_int_graph(width=8, T=32, epochs=15)
+    xq = quantize_input(q, d.x_test)
+    ref = snnc.run(q, xq)
+    float_acc = (snnc.run(g, d.x_test).argmax(-1) == d.y_test).float().mean().item() * 100
+    for cg in ("llvm", "c"):
+        y = snnc.compile(q, target="tvm:int", codegen=cg)(xq)
+        assert torch.equal(y, ref), cg
+        acc = (y.argmax(-1) == d.y_test).float().mean().item() * 100
+        assert float_acc > 90 and abs(acc - float_acc) <= 1.0, (cg, acc, float_acc)
