@@ -13,7 +13,7 @@ spikes, same int32 readout sums. Inputs are the integer graph's int8 input
 
 ``export(path)`` writes one tar: ``manifest.json`` (plan, codegen, integer metadata),
 ``params/<name>.npy`` (int8 weights, int32 biases and per-channel constants),
-``kernels.so`` (the built library), ``kernels.tir.py`` (TVMScript) and, for ``codegen="c"``,
+``kernels.so`` (the built library), ``kernels.tir.py`` (the TIR module as TVMScript) and, for ``codegen="c"``,
 ``kernels.c``. ``snnc.load(path)`` needs neither the Python model nor a compiler.
 """
 from __future__ import annotations
@@ -31,26 +31,16 @@ from snnc.compiled import CompiledModule, output_meaning
 from snnc.errors import FileFormatError, SnncError
 from snnc.ir import graph_spec
 
+from .tvm_build import build_kernels
 from .tvm_int_lower import lower, shape_at
 
 CODEGENS = ("llvm", "c")
 
 
-def _parse(source: str):
-    import tvm
-    from tvm.script import tirx as T
-    funcs = {}
-    for chunk in source.split("\n\n@T.prim_func\n"):
-        chunk = chunk if chunk.startswith("@T.prim_func") else "@T.prim_func\n" + chunk
-        f = tvm.script.parse(chunk, extra_vars={"T": T})
-        funcs[str(f.attrs["global_symbol"])] = f
-    return tvm.IRModule(funcs)
-
-
-def _build(source: str, codegen: str, workdir: str):
-    """Build the kernels and write ``kernels.so`` (and ``kernels.c``) into ``workdir``."""
-    import tvm
-    ex = tvm.compile(_parse(source), target=tvm.target.Target({"kind": codegen}))
+def _build(mod, codegen: str, workdir: str):
+    """Build the kernels (``tvm_build.build_kernels``, shared with the float targets) and write
+    ``kernels.so`` (and ``kernels.c``, the source it was compiled from) into ``workdir``."""
+    ex = build_kernels({str(gv.name_hint): f for gv, f in mod.functions.items()}, {"kind": codegen})
     c_source = ex.mod.inspect_source() if codegen == "c" else None
     if c_source is not None:
         with open(os.path.join(workdir, "kernels.c"), "w") as f:
@@ -78,6 +68,8 @@ class IntModule(CompiledModule):
         for st in self.plan["steps"]:
             if st["op"] == "view":
                 env[st["out"]] = env[st["src"]].reshape(shape_at(st["out_shape"], n))
+            elif st["op"] == "cast":
+                env[st["out"]] = env[st["src"]].to(getattr(torch, st["dtype"]))
             elif st["op"] == "broadcast":
                 src = env[st["src"]]
                 env[st["out"]] = src.unsqueeze(0).expand(st["T"], *src.shape).contiguous()
@@ -86,7 +78,7 @@ class IntModule(CompiledModule):
                 out = torch.empty(shape_at(st["out_kernel_shape"], n), dtype=getattr(torch, st["dtype"]))
                 self.kernels[st["kernel"]](*args, *[self.params[p] for p in st["params"]], out)
                 env[st["out"]] = out.reshape(shape_at(st["out_shape"], n))
-        return env[self.plan["output"]]
+        return env[self.plan["output"]].to(getattr(torch, self.plan["output_dtype"]))  # int32 spikes -> int8
 
     def _write(self, path):
         manifest = {"format": "snnc-tvm-int", "version": 1, "codegen": self.codegen, "plan": self.plan,
@@ -109,9 +101,10 @@ class IntModule(CompiledModule):
 def compile(gm, target="tvm:int", codegen: str = "llvm"):
     if codegen not in CODEGENS:
         raise SnncError(f"tvm:int: codegen={codegen!r}: expected one of {CODEGENS}")
-    source, plan, params = lower(gm)
+    mod, plan, params = lower(gm, codegen)
+    source = mod.script()
     with tempfile.TemporaryDirectory() as d:
-        c_source = _build(source, codegen, d)
+        c_source = _build(mod, codegen, d)
         with open(os.path.join(d, "kernels.so"), "rb") as f:
             library = f.read()
     meta = {"output": output_meaning(gm), "codegen": codegen, "integer": dict(gm.snnc_integer)}

@@ -1,9 +1,14 @@
 """Lowering of the integer IR (``snnc/ops/integer.py``) to TVM TIR: one PrimFunc per layer and a
 host plan that calls them in graph order.
 
-Each kernel is written as TVMScript text from a converter table (op name -> emitter), parsed
-with TVM's script parser and built for ``llvm`` or ``c``. Every kernel is batch-agnostic (one
-symbolic leading extent per kernel) and integer-only: int8 spikes/weights/input, int32 currents
+Neuron layers use the fused scan kernel that the float TVM targets use
+(``tvm_kernels.neuron_scan_kernel``, one pass over T per layer) with dtype int32 and an integer
+charge rule (leak by shift or fixed-point multiply, saturation), so both targets share one
+neuron kernel. Its spikes come out in the membrane dtype (int32 0/1); the host casts the graph
+output back to the reference's int8 when it is spikes. The layers the float targets hand to
+torch or to TVM's Relax frontend (conv, linear, pooling, add, the summing readout) have integer
+kernels here, written as TVMScript text from a converter table (op -> emitter). Every kernel is
+batch-agnostic (one symbolic extent per kernel) and integer-only: int8 spikes/weights/input, int32 currents
 and membranes, int64 for the membrane update (so ``state_bits=32`` cannot wrap before the
 saturation), and the exact operations of the reference ops: ``>>`` is TIR's ``shift_right`` (an
 arithmetic shift on signed ints, ``ashr`` in LLVM and ``>>`` in C), saturation is ``max(min())``.
@@ -24,7 +29,8 @@ from torch import fx
 from snnc.errors import SnncError, UnsupportedOp, node_ref
 from snnc.ir import example_inputs, graph_spec, info, op_name
 from snnc.ops import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
-from snnc.printer import dtype_str
+
+from .tvm_kernels import NeuronScan, neuron_scan_kernel, pick_lanes
 
 _TIR_DTYPE = {torch.int8: "int8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64"}
 VIEW_OPS = ("time.merge", "time.split", "nn.flatten", "flatten", "view", "reshape", "contiguous")
@@ -102,39 +108,78 @@ def _i64(v):
     return f"T.int64({int(v)})"
 
 
-def _const(name, value, sample, params, what):
-    """A per-neuron integer constant: an int64 literal, or a parameter buffer over one sample read
-    at ``e % sample`` (per-channel constants are expanded to the sample's shape on the host)."""
-    if isinstance(value, int):
-        return _i64(value)
-    key = f"{name}_{what}"
-    params[key] = value.to(torch.int32).expand(*sample).contiguous().reshape(-1)
-    return f'T.Cast("int64", {what}[e % {math.prod(sample)}])', (what, key)
+def _parse(lines):
+    import tvm
+    from tvm.script import tirx as T
+    return tvm.script.parse("\n".join(lines), extra_vars={"T": T})
+
+
+def _threshold_layout(v_th, sample):
+    """``(NeuronScan threshold fields, buffer or None)``: a scalar, per channel (``[C, 1, 1]``:
+    C values read at ``(i // inner) % C``), or any other pattern expanded to one sample. Integer
+    version of ``tvm_lower.threshold_layout`` (that one goes through float32, which would round
+    thresholds above 2**24)."""
+    if isinstance(v_th, int):
+        return {"v_th": v_th}, None
+    full = torch.broadcast_to(v_th, tuple(sample)).to(torch.int32)
+    rows = full.reshape(full.shape[0], -1)
+    if bool((rows == rows[:, :1]).all()):
+        values, inner = rows[:, 0].contiguous(), rows.shape[1]
+    else:
+        values, inner = full.reshape(-1).contiguous(), 1
+    return {"v_th": "buffer", "threshold_size": values.numel(), "threshold_inner": inner}, values
+
+
+def _charge_rule(mod):
+    """``charge(v, x)`` on int32 TIR values, op for op as ``IntIF.forward`` / ``IntLIF.leak``:
+    the update in int64, then saturation to ``state_bits`` and back to int32."""
+    from tvm.script import tirx as T
+    lo, hi = (T.int64(b) for b in mod.state_range)
+
+    def leak(v):
+        if not isinstance(mod, IntLIF):
+            return v
+        vl = T.int64(mod.v_leak)
+        d = v - vl
+        if mod.leak_mode == "shift":
+            return vl + d - (d >> T.int64(mod.shift))
+        return vl + ((d * T.int64(mod.decay_q) + T.int64(1 << (mod.frac_bits - 1))) >> T.int64(mod.frac_bits))
+
+    return lambda v, x: T.Cast("int32", T.max(T.min(leak(T.Cast("int64", v)) + T.Cast("int64", x), hi), lo))
 
 
 class KernelBuilder:
-    """Collects PrimFunc sources, parameters and plan steps while walking the graph."""
+    """Collects PrimFuncs, parameters and plan steps while walking the graph."""
 
-    def __init__(self, gm):
-        self.gm = gm
+    def __init__(self, gm, codegen):
+        self.gm, self.codegen = gm, codegen
         self.sym = symbolic_shapes(gm)
-        self.sources: list[str] = []
+        self.funcs: dict = {}
         self.params: dict[str, torch.Tensor] = {}
         self.steps: list[dict] = []
+        self.dtype: dict = {}  # node -> TIR dtype of its value at run time
         self.T = graph_spec(gm)["T"]
 
     def value(self, node):
         return f"v_{node.name}"
 
-    def kernel(self, node, lines, args, params, out_sym):
-        """Record a kernel: ``args`` = [(value node, kernel-view shape as sym)], ``params`` =
+    def kernel(self, node, name, func, args, params, out_sym, dtype=None):
+        """Record a kernel: ``args`` = [(value name, kernel-view shape as sym)], ``params`` =
         param keys in signature order, ``out_sym`` = the kernel's output view shape."""
-        self.sources.append("\n".join(lines))
-        name = lines[1].split("(")[0][4:]
+        self.funcs[name] = func
+        self.dtype[node] = dtype or _TIR_DTYPE[info(node).dtype]
         self.steps.append({"op": "kernel", "kernel": name,
-                           "args": [[self.value(a), s] for a, s in args], "params": params,
-                           "out": self.value(node), "out_kernel_shape": out_sym,
-                           "out_shape": self.sym[node], "dtype": _TIR_DTYPE[info(node).dtype]})
+                           "args": [[a if isinstance(a, str) else self.value(a), s] for a, s in args],
+                           "params": params, "out": self.value(node), "out_kernel_shape": out_sym,
+                           "out_shape": self.sym[node], "dtype": self.dtype[node]})
+
+    def as_int32(self, node):
+        """The value of ``node`` as int32 (a host-side cast step when it is narrower)."""
+        if self.dtype[node] == "int32":
+            return self.value(node)
+        name = f"{self.value(node)}_i32"
+        self.steps.append({"op": "cast", "src": self.value(node), "out": name, "dtype": "int32"})
+        return name
 
 
 def _name(node, op):
@@ -148,7 +193,7 @@ def _emit_conv2d(b: KernelBuilder, node, mod: IntConv2d):
     _, _, Ho, Wo = (d[0] for d in b.sym[node])
     s, p = mod.stride, mod.padding
     name = _name(node, "int.conv2d")
-    xdt = _TIR_DTYPE[info(x).dtype]
+    xdt = b.dtype[x]
     lines = _header(name, [("X", ("m", C[0], H[0], W[0]), xdt), ("Wt", (O, C[0], K, K), "int8")]
                     + ([("Bs", (O,), "int32")] if mod.bias is not None else [])
                     + [("Y", ("m", O, Ho, Wo), "int32")])
@@ -169,7 +214,7 @@ def _emit_conv2d(b: KernelBuilder, node, mod: IntConv2d):
     if mod.bias is not None:
         b.params[keys[1]] = mod.bias
     bsym = [B[0], B[1]]
-    b.kernel(node, lines, [(x, [bsym, C, H, W])], keys, [bsym, [O, 0], [Ho, 0], [Wo, 0]])
+    b.kernel(node, name, _parse(lines), [(x, [bsym, C, H, W])], keys, [bsym, [O, 0], [Ho, 0], [Wo, 0]])
 
 
 def _emit_linear(b: KernelBuilder, node, mod: IntLinear):
@@ -177,7 +222,7 @@ def _emit_linear(b: KernelBuilder, node, mod: IntLinear):
     *lead, F = b.sym[x]
     O = mod.weight.shape[0]
     name = _name(node, "int.linear")
-    lines = _header(name, [("X", ("m", F[0]), _TIR_DTYPE[info(x).dtype]), ("Wt", (O, F[0]), "int8")]
+    lines = _header(name, [("X", ("m", F[0]), b.dtype[x]), ("Wt", (O, F[0]), "int8")]
                     + ([("Bs", (O,), "int32")] if mod.bias is not None else []) + [("Y", ("m", O), "int32")])
     init = "Bs[o]" if mod.bias is not None else "0"
     lines += ["    for bi in T.parallel(m):",
@@ -190,7 +235,7 @@ def _emit_linear(b: KernelBuilder, node, mod: IntLinear):
     if mod.bias is not None:
         b.params[keys[1]] = mod.bias
     rows = _numel_sym(lead)
-    b.kernel(node, lines, [(x, [rows, F])], keys, [rows, [O, 0]])
+    b.kernel(node, name, _parse(lines), [(x, [rows, F])], keys, [rows, [O, 0]])
 
 
 def _emit_pool(b: KernelBuilder, node, mod):
@@ -199,7 +244,7 @@ def _emit_pool(b: KernelBuilder, node, mod):
     _, _, Ho, Wo = (d[0] for d in b.sym[node])
     k, s = mod.kernel, mod.stride
     is_sum = isinstance(mod, IntSumPool2d)
-    xdt, ydt = _TIR_DTYPE[info(x).dtype], _TIR_DTYPE[info(node).dtype]
+    xdt, ydt = b.dtype[x], ("int32" if is_sum else b.dtype[x])
     name = _name(node, "int.sum_pool2d" if is_sum else "int.max_pool2d")
     lines = _header(name, [("X", ("m", C[0], H[0], W[0]), xdt), ("Y", ("m", C[0], Ho, Wo), ydt)])
     first = f"X[bi, c, i * {s}, j * {s}]"
@@ -212,64 +257,41 @@ def _emit_pool(b: KernelBuilder, node, mod):
               f"            for u, v in T.grid({k}, {k}):",
               f"                Y[bi, c, i, j] = {upd}"]
     bsym = [B[0], B[1]]
-    b.kernel(node, lines, [(x, [bsym, C, H, W])], [], [bsym, C, [Ho, 0], [Wo, 0]])
+    b.kernel(node, name, _parse(lines), [(x, [bsym, C, H, W])], [], [bsym, C, [Ho, 0], [Wo, 0]], ydt)
 
 
 def _emit_add(b: KernelBuilder, node, mod: IntAdd):
     a, c = node.args[:2]
     n = _numel_sym(b.sym[node])
     name = _name(node, "int.add")
-    lines = _header(name, [("A", ("m",), _TIR_DTYPE[info(a).dtype]), ("B", ("m",), _TIR_DTYPE[info(c).dtype]),
+    lines = _header(name, [("A", ("m",), b.dtype[a]), ("B", ("m",), b.dtype[c]),
                            ("Y", ("m",), "int32")])
     lines += ["    for e in T.parallel(m):",
               '        Y[e] = T.Cast("int32", A[e]) + T.Cast("int32", B[e])']
-    b.kernel(node, lines, [(a, [n]), (c, [n])], [], [n])
+    b.kernel(node, name, _parse(lines), [(a, [n]), (c, [n])], [], [n])
 
 
 def _emit_neuron(b: KernelBuilder, node, mod: IntIF):
-    """The scan over T of ``IntIF`` / ``IntLIF`` (their docstrings are the spec), one neuron per
-    iteration of a parallel loop; V[e] carries the membrane between steps."""
+    """``IntIF`` / ``IntLIF`` (their docstrings are the spec) as the shared fused scan kernel."""
     x = node.args[0]
     Tn, *rest = b.sym[x]
     sample = tuple(d[0] for d in rest[1:])
-    m_sym = _numel_sym(rest)
+    for attr in ("v_reset", "v_init", "v_leak"):
+        if not isinstance(getattr(mod, attr, 0), int):
+            raise UnsupportedOp(f"tvm:int: {node_ref(node)} has a per-channel {attr}; the neuron scan kernel "
+                                "takes one value per layer (quantize with per_channel=False)")
+    th_fields, th_values = _threshold_layout(mod.v_th, sample)
+    rule = NeuronScan(charge=_charge_rule(mod), compare=mod.compare, reset=mod.reset_mode,
+                      v_reset=mod.v_reset, v_init=mod.v_init, **th_fields)
+    lanes = pick_lanes(math.prod(sample)) if b.codegen == "llvm" else 1  # C: no vector types
     name = _name(node, mod.op_name)
-    params, extra = {}, []
-
-    def const(attr):
-        r = _const(node.name, getattr(mod, attr), sample, params, attr)
-        if isinstance(r, tuple):
-            extra.append(r[1])
-            return r[0]
-        return r
-    th, vr, vi = const("v_th"), const("v_reset"), const("v_init")
-    lo, hi = mod.state_range
-    if isinstance(mod, IntLIF):
-        vl = const("v_leak")
-        if mod.leak_mode == "shift":
-            leaked = f"{vl} + d - (d >> {_i64(mod.shift)})"
-        else:
-            leaked = f"{vl} + ((d * {_i64(mod.decay_q)} + {_i64(1 << (mod.frac_bits - 1))}) >> {_i64(mod.frac_bits)})"
-        leak_lines = [f'            d: T.int64 = T.Cast("int64", V[e]) - {vl}',
-                      f"            h: T.int64 = T.max(T.min({leaked} + T.Cast(\"int64\", X[t, e]), {_i64(hi)}), {_i64(lo)})"]
-    else:
-        leak_lines = [f'            h: T.int64 = T.max(T.min(T.Cast("int64", V[e]) + T.Cast("int64", X[t, e]), '
-                      f"{_i64(hi)}), {_i64(lo)})"]
-    cmp = ">=" if mod.compare == ">=" else ">"
-    after = f"h - {th}" if mod.reset_mode == "subtract" else vr
-    args = [("X", (Tn[0], "m"), _TIR_DTYPE[info(x).dtype])]
-    args += [(attr, (math.prod(sample),), "int32") for attr, _ in extra]
-    args += [("S", (Tn[0], "m"), "int8")]
-    lines = _header(name, args)
-    lines += ['    V = T.alloc_buffer((m,), "int32")',
-              "    for e in T.parallel(m):",
-              f'        V[e] = T.Cast("int32", {vi})',
-              f"        for t in range({Tn[0]}):", *leak_lines,
-              f"            s: T.bool = h {cmp} {th}",
-              "            S[t, e] = T.Select(s, T.int8(1), T.int8(0))",
-              f'            V[e] = T.Cast("int32", T.Select(s, {after}, h))']
-    b.params.update(params)
-    b.kernel(node, lines, [(x, [Tn, m_sym])], [key for _, key in extra], [Tn, m_sym])
+    func = neuron_scan_kernel(Tn[0], None, "int32", rule, lanes=lanes).with_attr("global_symbol", name)
+    params = []
+    if th_values is not None:
+        params = [f"{node.name}_v_th"]
+        b.params[params[0]] = th_values
+    m_sym = _numel_sym(rest)
+    b.kernel(node, name, func, [(b.as_int32(x), [Tn, m_sym])], params, [Tn, m_sym], dtype="int32")
 
 
 def _emit_readout(b: KernelBuilder, node, mod: IntReadout):
@@ -277,29 +299,33 @@ def _emit_readout(b: KernelBuilder, node, mod: IntReadout):
     Tn, *rest = b.sym[x]
     m_sym = _numel_sym(rest)
     name = _name(node, "int.readout")
-    lines = _header(name, [("X", (Tn[0], "m"), _TIR_DTYPE[info(x).dtype]), ("Y", ("m",), "int32")])
+    lines = _header(name, [("X", (Tn[0], "m"), b.dtype[x]), ("Y", ("m",), "int32")])
     lines += ["    for e in T.parallel(m):",
               "        Y[e] = 0",
               f"        for t in range({Tn[0]}):",
               '            Y[e] = Y[e] + T.Cast("int32", X[t, e])']
-    b.kernel(node, lines, [(x, [Tn, m_sym])], [], [m_sym])
+    b.kernel(node, name, _parse(lines), [(x, [Tn, m_sym])], [], [m_sym])
 
 
 EMITTERS = {IntConv2d: _emit_conv2d, IntLinear: _emit_linear, IntSumPool2d: _emit_pool, IntMaxPool2d: _emit_pool,
             IntAdd: _emit_add, IntIF: _emit_neuron, IntLIF: _emit_neuron, IntReadout: _emit_readout}
 
 
-def lower(gm: fx.GraphModule):
-    """``(tvmscript_source, plan, params)`` for integer-IR graph ``gm``; raises ``UnsupportedOp``
-    naming the first node that has no integer kernel."""
+def lower(gm: fx.GraphModule, codegen: str = "llvm"):
+    """``(IRModule, plan, params)`` for integer-IR graph ``gm``; raises ``UnsupportedOp`` naming
+    the first node that has no integer kernel."""
+    import tvm
     spec = graph_spec(gm)
     if not getattr(gm, "snnc_integer", None):
         raise UnsupportedOp("tvm:int compiles the integer IR: run snnc.passes.quantize_integer(gm) first")
-    b = KernelBuilder(gm)
+    b = KernelBuilder(gm, codegen)
     inputs, output = [], None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             inputs.append(b.value(node))
+            b.dtype[node] = _TIR_DTYPE.get(info(node).dtype)
+            if b.dtype[node] is None:
+                raise UnsupportedOp(f"tvm:int: input {node_ref(node)} is {info(node).dtype}, not an integer")
             continue
         if node.op == "output":
             output = node.args[0]
@@ -312,16 +338,17 @@ def lower(gm: fx.GraphModule):
         if emit is not None:
             emit(b, node, mod)
         elif name == "snn.direct_encoder":
+            b.dtype[node] = b.dtype[node.args[0]]
             b.steps.append({"op": "broadcast", "src": b.value(node.args[0]), "out": b.value(node),
                             "T": b.T, "out_shape": b.sym[node]})
         elif name in VIEW_OPS:
+            b.dtype[node] = b.dtype[node.args[0]]
             b.steps.append({"op": "view", "src": b.value(node.args[0]), "out": b.value(node),
                             "out_shape": b.sym[node]})
         else:
             raise UnsupportedOp(f"tvm:int: {node_ref(node)} ({name}) has no integer kernel; supported: "
                                 f"{', '.join(supported_ops())}")
     plan = {"inputs": inputs, "input_shapes": [b.sym[n] for n in gm.graph.nodes if n.op == "placeholder"],
-            "output": b.value(output), "output_dtype": dtype_str(info(output).dtype), "steps": b.steps,
+            "output": b.value(output), "output_dtype": str(info(output).dtype).replace("torch.", ""), "steps": b.steps,
             "layout": spec["layout"], "T": b.T}
-    source = "\n\n".join(b.sources)
-    return source, plan, b.params
+    return tvm.IRModule(b.funcs), plan, b.params

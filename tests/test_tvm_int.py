@@ -24,7 +24,7 @@ class _Res(nn.Module):
         self.enc, self.c1, self.n1 = DirectEncoder(), nn.Conv2d(2, 4, 3, padding=1, stride=1), IF(v_th=0.4)
         self.c2, self.n2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), LIF(tau=2.0, v_th=0.3, reset="zero", compare=">")
         self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(4 * 9, 5)
-        self.n3, self.out = ParametricLIF(init_tau=3.0, v_th=0.2, v_init=0.05), nn.Linear(5, 3)
+        self.n3, self.out = ParametricLIF(init_tau=3.0, v_th=0.2), nn.Linear(5, 3)
         self.read = Readout("membrane")
 
     def forward(self, x):
@@ -38,7 +38,7 @@ def _graphs():
     """(name, integer graph, input) triples covering every integer kernel and option."""
     torch.manual_seed(3)
     res = unroll_timesteps(snnc.trace(_Res(), torch.zeros(1, 2, 6, 6)), T=5)
-    seq = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(6, 8), LIF(tau=4.0, v_th=0.3), nn.Linear(8, 4),
+    seq = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(6, 8), LIF(tau=4.0, v_th=0.3, v_init=0.1), nn.Linear(8, 4),
                                                     IF(v_th=0.2)), torch.zeros(1, 6)), T=3)
     return [("res_fixed_per_channel", quantize_integer(res, leak="fixed", per_channel=True, state_bits=32),
              (torch.rand(7, 2, 6, 6) * 2 - 1,)),
