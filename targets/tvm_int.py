@@ -9,7 +9,9 @@ outputs checked against the reference come from exactly the exported source.
 
 Outputs are bit-exact against the integer reference (``snnc.run`` on the same graph): same
 spikes, same int32 readout sums. Inputs are the integer graph's int8 input
-(``snnc.passes.quantize_integer.quantize_input``); any batch size.
+(``m.quantize_input(x)`` or ``snnc.passes.quantize_integer.quantize_input``); any batch size.
+A float unrolled graph is quantized first: ``snnc.compile(g, "tvm:int", weight_bits=8,
+state_bits=24, leak="shift", ...)`` passes the options to ``quantize_integer``.
 
 ``export(path)`` writes one tar: ``manifest.json`` (plan, codegen, integer metadata),
 ``params/<name>.npy`` (int8 weights, int32 biases and per-channel constants),
@@ -62,6 +64,12 @@ class IntModule(CompiledModule):
             self.lib = tvm.runtime.load_module(path)
         self.kernels = {st["kernel"]: self.lib[st["kernel"]] for st in plan["steps"] if st["op"] == "kernel"}
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Float input -> the int8 input this module takes (``quantize_integer.quantize_input``)."""
+        meta = self.meta["integer"]
+        q = 2 ** (meta["input_bits"] - 1) - 1
+        return torch.round(x.double() / meta["input_scale"]).clamp(-q, q).to(torch.int8)
+
     def forward(self, *inputs):
         n = inputs[0].shape[1 if self.plan["layout"] == "seq" else 0]
         env = {name: x.contiguous() for name, x in zip(self.plan["inputs"], inputs)}
@@ -98,9 +106,18 @@ class IntModule(CompiledModule):
                 tar.addfile(ti, io.BytesIO(data))
 
 
-def compile(gm, target="tvm:int", codegen: str = "llvm"):
+def compile(gm, target="tvm:int", codegen: str = "llvm", weight_bits: int | None = None, **quantize_options):
+    """Compile integer IR ``gm``; a float (unrolled) graph is first quantized with
+    ``quantize_integer(gm, weight_bits=weight_bits or 8, **quantize_options)``."""
     if codegen not in CODEGENS:
         raise SnncError(f"tvm:int: codegen={codegen!r}: expected one of {CODEGENS}")
+    integer = getattr(gm, "snnc_integer", None)
+    if integer is None:
+        from snnc.passes.quantize_integer import quantize_integer
+        gm = quantize_integer(gm, weight_bits=weight_bits or 8, **quantize_options)
+    elif quantize_options or weight_bits not in (None, integer["weight_bits"]):
+        raise SnncError(f"tvm:int: the graph is already integer IR ({integer['weight_bits']}-bit weights); "
+                        f"quantize options {sorted(quantize_options) or ['weight_bits']} do not apply")
     mod, plan, params = lower(gm, codegen)
     source = mod.script()
     with tempfile.TemporaryDirectory() as d:

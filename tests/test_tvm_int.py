@@ -66,14 +66,16 @@ def test_bit_exact_against_integer_reference(compiled):
         assert torch.equal(mods["llvm"](bigger), snnc.run(q, bigger)), name  # any batch size
 
 
-def test_spikes_are_bit_exact_too():
+def test_spikes_are_bit_exact_too_and_float_graphs_are_quantized_first():
     g = unroll_timesteps(snnc.trace(nn.Sequential(DirectEncoder(), nn.Conv2d(1, 3, 3), LIF(tau=2.0, v_th=0.2)),
                                     torch.zeros(1, 1, 5, 5)), T=6)
-    q = quantize_integer(g)
-    xq = quantize_input(q, torch.rand(4, 1, 5, 5))
+    q = quantize_integer(g, weight_bits=6, leak="fixed")
+    x = torch.rand(4, 1, 5, 5)
+    xq = quantize_input(q, x)
     ref = snnc.run(q, xq)
     assert ref.dtype == torch.int8 and 0 < ref.float().mean() < 1
-    assert torch.equal(snnc.compile(q, target="tvm:int", codegen="c")(xq), ref)
+    m = snnc.compile(g, target="tvm:int", codegen="c", weight_bits=6, leak="fixed")  # quantizes g itself
+    assert torch.equal(m.quantize_input(x), xq) and torch.equal(m(xq), ref)
 
 
 def test_generated_c_has_no_floating_point(compiled):
@@ -111,8 +113,11 @@ def test_clear_errors(compiled):
     with pytest.raises(InputError, match="int8"):
         mods["llvm"](xq.float())
     float_graph = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(4, 2), IF()), torch.zeros(1, 4)), T=2)
-    with pytest.raises(UnsupportedOp, match="quantize_integer"):
-        snnc.compile(float_graph, target="tvm:int")
+    bn = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), IF()), torch.zeros(2, 4)), T=2)
+    with pytest.raises(UnsupportedOp, match=r"node %_1 .*nn.batch_norm.*fold_bn"):
+        snnc.compile(bn, target="tvm:int")
+    with pytest.raises(snnc.SnncError, match="already integer IR"):
+        snnc.compile(q, target="tvm:int", weight_bits=4)
     q2 = quantize_integer(float_graph)
     node = next(n for n in q2.graph.nodes if n.op == "call_module")
     with q2.graph.inserting_after(node):
