@@ -18,6 +18,9 @@ Guarantees (the *scale* of a value v is the float s with real value ~= s * v):
     scale keeps the integer logits comparable across classes), ``Wq = round(W' / s_w)``,
     ``bq = round(b / s_w)`` (int32); the output current has scale ``s_w``;
   * avg_pool2d becomes an integer sum pool; its ``1/k**2`` goes into the scale;
+  * a residual add of two values on different scales is aligned: a conv/linear that feeds only
+    the add is requantized onto the other operand's scale (or ``1/m`` of it, m an integer), so
+    the add is ``a * ka + b * kb`` with small integer multipliers (``int.add {mul_b=m}``);
   * neurons: the membrane takes the input's scale (times the LIF input gain when
     ``decay_input``), so ``v_th``, ``v_reset``, ``v_init``, ``v_leak`` become integers
     ``round(v / s)`` (per channel when the scale is); the leak becomes
@@ -100,6 +103,8 @@ class _Quantizer:
         self.input_q = 2 ** (input_bits - 1) - 1
         self.input_scale = input_range / self.input_q
         self.values: dict[fx.Node, _Value] = {}
+        self.float_mods: dict[fx.Node, nn.Module] = {}  # quantized conv/linear -> its float layer
+        self.finest: dict[fx.Node, float] = {}          # the smallest per-layer weight scale it allows
         self.counter = 0
 
     # -- helpers -----------------------------------------------------------------------------
@@ -127,7 +132,9 @@ class _Quantizer:
         return False
 
     # -- layers ------------------------------------------------------------------------------
-    def weighted(self, node, mod):
+    def weighted(self, node, mod, scale=None):
+        """Quantize a conv/linear (``scale``: a given per-layer weight scale, for residual adds)."""
+        self.float_mods[node] = mod
         x = self.values[node.args[0]]
         w = mod.weight.detach().double()
         cin = w.shape[1]
@@ -135,7 +142,10 @@ class _Quantizer:
         w = w * s_x
         qmax = 2 ** (self.weight_bits - 1) - 1
         reduce_dims = tuple(range(1, w.dim()))
-        if self.per_channel and not self.reaches_readout(node):
+        self.finest[node] = float(w.abs().max()) / qmax if w.numel() else 0.0
+        if scale is not None:
+            s_w = s_wv = torch.tensor(scale, dtype=torch.float64)
+        elif self.per_channel and not self.reaches_readout(node):
             s_w = w.abs().amax(reduce_dims) / qmax
             s_w = torch.where(s_w > 0, s_w, torch.ones_like(s_w))
             s_wv = s_w.reshape(-1, *([1] * (w.dim() - 1)))
@@ -158,16 +168,16 @@ class _Quantizer:
         self.values[node] = _Value(s_w, int(lo.min()), int(hi.max()), why)
         return wq, bq
 
-    def conv(self, node, mod):
+    def conv(self, node, mod, scale=None):
         if mod.groups != 1 or any(d != 1 for d in mod.dilation) or mod.padding_mode != "zeros" \
                 or isinstance(mod.padding, str) or len(set(mod.padding)) != 1 or len(set(mod.stride)) != 1:
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: int.conv2d supports groups=1, "
                                 "dilation 1, zero padding and equal stride/padding per axis only")
-        wq, bq = self.weighted(node, mod)
+        wq, bq = self.weighted(node, mod, scale)
         self.replace(node, IntConv2d(wq, bq, mod.stride[0], mod.padding[0], self.weight_bits))
 
-    def linear(self, node, mod):
-        wq, bq = self.weighted(node, mod)
+    def linear(self, node, mod, scale=None):
+        wq, bq = self.weighted(node, mod, scale)
         self.replace(node, IntLinear(wq, bq, self.weight_bits))
 
     def pool(self, node, mod):
@@ -198,23 +208,58 @@ class _Quantizer:
             x = dataclasses.replace(x, scale=x.scale.repeat_interleave(math.prod(src.shape[cd + 1:])))
         self.values[node] = x
 
+    def _requantize(self, node, scale):
+        mod = self.float_mods[node]
+        (self.conv if isinstance(mod, nn.Conv2d) else self.linear)(node, mod, scale)
+
+    def _align(self, node, a, b):
+        """Integer multipliers ``(ka, kb)`` with ``a*ka + b*kb`` on one scale: a weighted layer
+        that only feeds this add is requantized onto the other operand's scale (both such layers:
+        onto the coarser of the two; the other operand a spike train: onto ``1/m`` for the largest
+        integer m its weights allow), else the scales must be integer multiples of each other."""
+        def adjustable(n):
+            return n in self.float_mods and len(n.users) == 1
+        for n in (a, b):
+            if self.values[n].scale.numel() > 1 and not adjustable(n):
+                raise UnsupportedOp(f"quantize_integer: {node_ref(node)} adds a per-channel-scaled value "
+                                    f"({node_ref(n)}); use per_channel=False")
+        sa, sb = (float(self.values[n].scale.max()) for n in (a, b))
+        if adjustable(a) and adjustable(b):
+            scale = max(sa, sb)
+            self._requantize(a, scale)
+            self._requantize(b, scale)
+            return 1, 1
+        for p, q, sq in ((a, b, sb), (b, a, sa)):
+            if adjustable(p) and self.finest[p] > 0 and sq / self.finest[p] >= 1 - 1e-9:
+                m = max(1, math.floor(sq / self.finest[p] + 1e-9))
+                self._requantize(p, sq / m)
+                return (1, m) if p is a else (m, 1)
+        for ratio, ks in ((sa / sb, lambda k: (k, 1)), (sb / sa, lambda k: (1, k))):
+            if ratio >= 1 and abs(ratio - round(ratio)) < 1e-9:
+                return ks(round(ratio))
+        raise UnsupportedOp(f"quantize_integer: {node_ref(node)} adds values on integer scales {sa:.6g} and "
+                            f"{sb:.6g} ({op_name(self.gm, a)} and {op_name(self.gm, b)}) that no requantization "
+                            "of a layer feeding only this add can align")
+
     def add(self, node):
         a, b = node.args[:2]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and not node.kwargs):
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: int.add needs two tensor operands")
         va, vb = self.values[a], self.values[b]
-        if va.scale.shape != vb.scale.shape or not torch.allclose(va.scale, vb.scale, rtol=1e-12, atol=0):
-            raise UnsupportedOp(f"quantize_integer: {node_ref(node)} adds values on different integer scales "
-                                f"({op_name(self.gm, a)} and {op_name(self.gm, b)}); the integer target adds "
-                                "spikes to spikes or currents of one scale only")
+        same = va.scale.shape == vb.scale.shape and torch.allclose(va.scale, vb.scale, rtol=1e-12, atol=0)
+        ka, kb = (1, 1) if same else self._align(node, a, b)
+        va, vb = self.values[a], self.values[b]
         self.counter += 1
         name = f"int_add_{self.counter}"
-        self.gm.add_submodule(name, IntAdd())
+        self.gm.add_submodule(name, IntAdd(ka, kb))
         with self.gm.graph.inserting_after(node):
             new = self.gm.graph.call_module(name, (a, b))
         node.replace_all_uses_with(new)
         self.gm.graph.erase_node(node)
-        self.values[new] = _Value(va.scale, va.lo + vb.lo, va.hi + vb.hi, f"{va.why} + {vb.why}")
+        lo, hi = va.lo * ka + vb.lo * kb, va.hi * ka + vb.hi * kb
+        if max(hi, -lo) > INT32_MAX:
+            raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: the int32 sum can reach [{lo}, {hi}]")
+        self.values[new] = _Value(va.scale / ka, lo, hi, f"({va.why}) x {ka} + ({vb.why}) x {kb}")
 
     # -- neurons and readouts ----------------------------------------------------------------
     def _leak(self, node, decay):

@@ -267,7 +267,7 @@ def _emit_add(b: KernelBuilder, node, mod: IntAdd):
     lines = _header(name, [("A", ("m",), b.dtype[a]), ("B", ("m",), b.dtype[c]),
                            ("Y", ("m",), "int32")])
     lines += ["    for e in T.parallel(m):",
-              '        Y[e] = T.Cast("int32", A[e]) + T.Cast("int32", B[e])']
+              f'        Y[e] = T.Cast("int32", A[e]) * {mod.mul_a} + T.Cast("int32", B[e]) * {mod.mul_b}']
     b.kernel(node, name, _parse(lines), [(a, [n]), (c, [n])], [], [n])
 
 

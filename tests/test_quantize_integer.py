@@ -165,3 +165,28 @@ def test_int8_accuracy_within_one_point_of_float_snn_on_digits():
             int_acc = _accuracy(q, quantize_input(q, d.x_test), d.y_test)
             print(name, kw, float_acc, int_acc)
             assert float_acc > 85 and abs(int_acc - float_acc) <= 1.0, (name, kw, float_acc, int_acc)
+
+
+def test_residual_adds_are_aligned_by_integer_multipliers():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.c1, self.n1 = DirectEncoder(), nn.Conv2d(1, 4, 3, padding=1), IF(v_th=0.5)
+            self.c2, self.c3, self.sc = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 1)
+            self.n2, self.n3, self.out = IF(v_th=2.0), IF(v_th=8.0), Readout("spike_count")
+
+        def forward(self, x):
+            a = self.n1(self.c1(self.enc(x)))
+            b = self.n2(self.c2(a) + a)                 # identity shortcut: current + spikes
+            return self.out(self.n3(self.c3(b) + self.sc(b)))  # projection shortcut: current + current
+
+    g = unroll_timesteps(snnc.trace(_fill(Res(), 1), torch.zeros(1, 1, 6, 6)), T=8)
+    q = quantize_integer(g)
+    dump = snnc.dump(q)
+    assert "int.add(%" in dump and dump.count("int.add") == 2
+    m = int(dump.split("mul_b=")[1].split("}")[0])
+    w2 = q.get_submodule("c2").weight
+    assert m > 1 and 100 <= int(w2.abs().max()) <= 127  # the largest m whose weights still fit int8
+    x = torch.rand(16, 1, 6, 6)
+    y_float, y_int = snnc.run(g, x), dequantize_output(q, snnc.run(q, quantize_input(q, x)))
+    assert (y_float - y_int).abs().max() <= 0.25 and y_float.std() > 0.05   # spike-count rates, 1/T = 0.125

@@ -29,7 +29,7 @@ class _Res(nn.Module):
 
     def forward(self, x):
         a = self.n1(self.c1(self.enc(x)))
-        b = self.n2(self.c2(a)) + a
+        b = self.n2(self.c2(a) + a) + a   # current + spikes (aligned by a multiplier), spikes + spikes
         h = self.n3(self.fc(self.pool(b).flatten(1)))
         return self.read(self.out(h))
 

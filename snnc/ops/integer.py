@@ -141,15 +141,20 @@ class IntMaxPool2d(nn.Module):
 
 
 class IntAdd(nn.Module):
-    """``y = a + b`` as int32 (both operands on the same integer scale; the pass checks that)."""
+    """``y = a * mul_a + b * mul_b`` as int32: a residual add with the operands' scales aligned by
+    small positive integer multipliers (``quantize_integer`` picks them)."""
 
     op_name = "int.add"
 
+    def __init__(self, mul_a: int = 1, mul_b: int = 1):
+        super().__init__()
+        self.mul_a, self.mul_b = int(mul_a), int(mul_b)
+
     def forward(self, a, b):
-        return _to_int32(a.long() + b.long(), self.op_name)
+        return _to_int32(a.long() * self.mul_a + b.long() * self.mul_b, self.op_name)
 
     def attrs(self):
-        return {}
+        return {k: v for k, v in (("mul_a", self.mul_a), ("mul_b", self.mul_b)) if v != 1}
 
 
 class IntIF(nn.Module):
