@@ -190,3 +190,23 @@ def test_residual_adds_are_aligned_by_integer_multipliers():
     x = torch.rand(16, 1, 6, 6)
     y_float, y_int = snnc.run(g, x), dequantize_output(q, snnc.run(q, quantize_input(q, x)))
     assert (y_float - y_int).abs().max() <= 0.25 and y_float.std() > 0.05   # spike-count rates, 1/T = 0.125
+
+
+@pytest.mark.slow
+def test_int8_converted_resnet_within_one_point_and_bit_exact_in_tvm():
+    from snnc.data import digits
+    from snnc.demo import train_ann
+    from snnc.passes import fold_bn, threshold_balance
+    from snnc.zoo.resnet import digits_resnet
+    d = digits()
+    torch.manual_seed(0)
+    ann = train_ann(digits_resnet(8), d, epochs=10)
+    g = unroll_timesteps(threshold_balance(fold_bn(snnc.trace(ann, d.x_test[:1])), d.x_train[:512]), T=16)
+    q = quantize_integer(g)
+    assert snnc.dump(q).count("int.add") == 2
+    xq = quantize_input(q, d.x_test)
+    float_acc, int_acc = _accuracy(g, d.x_test, d.y_test), _accuracy(q, xq, d.y_test)
+    print("resnet", float_acc, int_acc)
+    assert float_acc > 90 and abs(int_acc - float_acc) <= 1.0
+    pytest.importorskip("tvm")
+    assert torch.equal(snnc.compile(q, target="tvm:int")(xq), snnc.run(q, xq))
