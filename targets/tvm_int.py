@@ -9,7 +9,8 @@ outputs checked against the reference come from exactly the exported source.
 
 Outputs are bit-exact against the integer reference (``snnc.run`` on the same graph): same
 spikes, same int32 readout sums. Inputs are the integer graph's int8 input
-(``m.quantize_input(x)`` or ``snnc.passes.quantize_integer.quantize_input``); any batch size.
+(float inputs are quantized on the host with the graph's input scale: ``m.quantize_input``,
+the same as ``snnc.passes.quantize_integer.quantize_input``); any batch size.
 A float unrolled graph is quantized first: ``snnc.compile(g, "tvm:int", weight_bits=8,
 state_bits=24, leak="shift", ...)`` passes the options to ``quantize_integer``.
 
@@ -69,6 +70,12 @@ class IntModule(CompiledModule):
         meta = self.meta["integer"]
         q = 2 ** (meta["input_bits"] - 1) - 1
         return torch.round(x.double() / meta["input_scale"]).clamp(-q, q).to(torch.int8)
+
+    def __call__(self, *inputs):
+        """Run on int8 inputs; float inputs are quantized first with the graph's input scale
+        (host side, ``quantize_input``), so ``snnc run`` can feed data sets as they are."""
+        return super().__call__(*(self.quantize_input(x) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                  else x for x in inputs))
 
     def forward(self, *inputs):
         n = inputs[0].shape[1 if self.plan["layout"] == "seq" else 0]

@@ -75,7 +75,7 @@ def test_spikes_are_bit_exact_too_and_float_graphs_are_quantized_first():
     ref = snnc.run(q, xq)
     assert ref.dtype == torch.int8 and 0 < ref.float().mean() < 1
     m = snnc.compile(g, target="tvm:int", codegen="c", weight_bits=6, leak="fixed")  # quantizes g itself
-    assert torch.equal(m.quantize_input(x), xq) and torch.equal(m(xq), ref)
+    assert torch.equal(m.quantize_input(x), xq) and torch.equal(m(xq), ref) and torch.equal(m(x), ref)
 
 
 def test_generated_c_has_no_floating_point(compiled):
@@ -111,7 +111,7 @@ def test_export_load_round_trip(compiled, tmp_path):
 def test_clear_errors(compiled):
     name, q, xq, mods = compiled[0]
     with pytest.raises(InputError, match="int8"):
-        mods["llvm"](xq.float())
+        mods["llvm"](xq.to(torch.int16))
     float_graph = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(4, 2), IF()), torch.zeros(1, 4)), T=2)
     bn = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), IF()), torch.zeros(2, 4)), T=2)
     with pytest.raises(UnsupportedOp, match=r"node %_1 .*nn.batch_norm.*fold_bn"):
