@@ -409,6 +409,8 @@ def quantize_integer(gm: fx.GraphModule, weight_bits: int = 8, state_bits: int =
         "input_scale": q.input_scale, "input_bits": input_bits, "weight_bits": weight_bits,
         "state_bits": state_bits, "leak": leak, "per_channel": per_channel,
         "output_scale": float(out_scale) if out_scale is not None and out_scale.numel() == 1 else None}
+    # fx's GraphModule.__deepcopy__ keeps only these user attributes (passes deepcopy their input)
+    out.meta.setdefault("_user_preserved_attributes", {})["snnc_integer"] = out.snnc_integer
     return annotate(out)
 
 

@@ -49,6 +49,8 @@ def test_golden_ir_per_channel():
     assert snnc.dump(q) == GOLDEN
     assert snnc.dump(g) == before  # the input graph is not modified
     snnc.verify(q)
+    import copy
+    assert copy.deepcopy(q).snnc_integer == q.snnc_integer  # survives the deepcopy every pass makes
     # the layer feeding the readout keeps one scale, so integer logits compare across classes
     assert q.snnc_integer["output_scale"] is not None
 
