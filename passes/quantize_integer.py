@@ -26,7 +26,8 @@ Guarantees (the *scale* of a value v is the float s with real value ~= s * v):
     ``round(v / s)`` (per channel when the scale is); the leak becomes
     ``leak="shift"``: ``D - (D >> k)`` with ``decay = 1 - 2**-k`` exactly (tau a power of two), or
     ``leak="fixed"``: ``(D * round(decay * 2**frac_bits) + 2**(frac_bits-1)) >> frac_bits``;
-    the membrane is ``state_bits`` wide and saturates (see ``snnc/ops/integer.py``);
+    the membrane is ``state_bits`` wide (default 24, Loihi's width: an int8 input times int8
+    weights over a 3x3 fan-in already needs 18 bits) and saturates (``snnc/ops/integer.py``);
   * readouts sum over T in int32; ``gm.snnc_integer["output_scale"]`` maps the sum back to the
     float readout's mean (``y_float ~= y_int * output_scale``).
   * errors, never silent wrap-around: an op the integer IR cannot express names its node; a
@@ -52,47 +53,15 @@ from snnc.ops import (IF, LIF, DirectEncoder, IntAdd, IntConv2d, IntIF, IntLIF, 
                       IntReadout, IntSumPool2d, MergeTime, Neuron, ParametricLIF, Readout, SplitTime)
 from snnc.ops.integer import INT32_MAX
 
+from ._integer_scales import (IntegerOverflowRisk, Value, channel_dim, dequantize_output,  # noqa: F401
+                              quantize_input, round_int, scale_view)
+
 SUPPORTED = ("nn.conv2d", "nn.linear", "nn.avg_pool2d", "nn.max_pool2d", "nn.flatten", "flatten", "view",
              "reshape", "nn.dropout", "nn.identity", "add", "snn.if", "snn.lif", "snn.plif",
              "snn.direct_encoder", "snn.readout", "time.merge", "time.split")
 _HINTS = {"nn.batch_norm": "fold it into the conv/linear first (snnc.passes.fold_bn)",
           "nn.relu": "this is an ANN op: convert the ANN to an SNN first (snnc.convert)",
           "snn.poisson_encoder": "encode spikes outside the graph and feed them as the input"}
-
-
-class IntegerOverflowRisk(SnncError):
-    """A setting (state_bits, weight_bits, T) lets a worst-case input overflow an integer value."""
-
-
-@dataclasses.dataclass
-class _Value:
-    """What the integer value of a node means: real ~= int * scale (scale [] or [C] over the
-    channel dim), integer range [lo, hi] over all inputs, and why (for error messages)."""
-
-    scale: torch.Tensor
-    lo: int
-    hi: int
-    why: str
-
-
-def _channel_dim(node):
-    return 2 if info(node).layout == "seq" else 1
-
-
-def _scale_view(scale, node):
-    """``scale`` shaped to broadcast against one sample ``[C, ...]`` of ``node``'s value."""
-    if scale.numel() == 1:
-        return scale.reshape(())
-    rest = len(info(node).shape) - _channel_dim(node) - 1
-    return scale.reshape(-1, *([1] * rest))
-
-
-def _round_int(x, what, node, lo=-INT32_MAX, hi=INT32_MAX):
-    q = torch.round(torch.as_tensor(x, dtype=torch.float64))
-    if q.numel() and (q.min() < lo or q.max() > hi):
-        raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: {what} quantizes to "
-                                  f"[{int(q.min())}, {int(q.max())}], outside [{lo}, {hi}]")
-    return q.long()
 
 
 class _Quantizer:
@@ -102,7 +71,7 @@ class _Quantizer:
         self.per_channel, self.frac_bits = per_channel, frac_bits
         self.input_q = 2 ** (input_bits - 1) - 1
         self.input_scale = input_range / self.input_q
-        self.values: dict[fx.Node, _Value] = {}
+        self.values: dict[fx.Node, Value] = {}
         self.float_mods: dict[fx.Node, nn.Module] = {}  # quantized conv/linear -> its float layer
         self.finest: dict[fx.Node, float] = {}          # the smallest per-layer weight scale it allows
         self.counter = 0
@@ -154,7 +123,7 @@ class _Quantizer:
             s_w = torch.tensor(amax / qmax if amax > 0 else 1.0, dtype=torch.float64)
             s_wv = s_w
         wq = torch.round(w / s_wv).clamp(-qmax, qmax).long()
-        bq = None if mod.bias is None else _round_int(mod.bias.detach().double() / s_w, "the bias", node)
+        bq = None if mod.bias is None else round_int(mod.bias.detach().double() / s_w, "the bias", node)
         flat = wq.flatten(1)
         hi = (torch.maximum(flat * x.hi, flat * x.lo)).sum(1)
         lo = (torch.minimum(flat * x.hi, flat * x.lo)).sum(1)
@@ -165,7 +134,7 @@ class _Quantizer:
         if max(int(hi.max()), -int(lo.min())) > INT32_MAX:
             raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: the int32 accumulator can "
                                       f"reach [{int(lo.min())}, {int(hi.max())}] ({why})")
-        self.values[node] = _Value(s_w, int(lo.min()), int(hi.max()), why)
+        self.values[node] = Value(s_w, int(lo.min()), int(hi.max()), why)
         return wq, bq
 
     def conv(self, node, mod, scale=None):
@@ -191,7 +160,7 @@ class _Quantizer:
                                 "kernel, equal strides, no padding, no ceil_mode/dilation/divisor_override")
         x = self.values[node.args[0]]
         if isinstance(mod, nn.AvgPool2d):
-            self.values[node] = _Value(x.scale / (k * k), x.lo * k * k, x.hi * k * k, x.why + f" x pool {k}x{k}")
+            self.values[node] = Value(x.scale / (k * k), x.lo * k * k, x.hi * k * k, x.why + f" x pool {k}x{k}")
             self.replace(node, IntSumPool2d(k, s))
         else:
             self.values[node] = x
@@ -201,7 +170,7 @@ class _Quantizer:
         x = self.values[node.args[0]]
         src, dst = info(node.args[0]), info(node)
         if x.scale.numel() > 1:
-            cd = _channel_dim(node.args[0])
+            cd = channel_dim(node.args[0])
             if tuple(dst.shape[:cd]) != tuple(src.shape[:cd]) or dst.shape[cd] != math.prod(src.shape[cd:]):
                 raise UnsupportedOp(f"quantize_integer: {node_ref(node)} reshapes a per-channel-scaled value "
                                     "other than by flattening its channel dims; use per_channel=False")
@@ -259,7 +228,7 @@ class _Quantizer:
         lo, hi = va.lo * ka + vb.lo * kb, va.hi * ka + vb.hi * kb
         if max(hi, -lo) > INT32_MAX:
             raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: the int32 sum can reach [{lo}, {hi}]")
-        self.values[new] = _Value(va.scale / ka, lo, hi, f"({va.why}) x {ka} + ({vb.why}) x {kb}")
+        self.values[new] = Value(va.scale / ka, lo, hi, f"({va.why}) x {ka} + ({vb.why}) x {kb}")
 
     # -- neurons and readouts ----------------------------------------------------------------
     def _leak(self, node, decay):
@@ -285,19 +254,19 @@ class _Quantizer:
             decay, gain, v_leak = 1.0, 1.0, 0.0
         if gain <= 0:
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: input gain 0 (decay_input with decay=1)")
-        s_m = _scale_view(x.scale * gain, node)
+        s_m = scale_view(x.scale * gain, node)
         v_th = torch.as_tensor(mod.v_th.detach() if isinstance(mod.v_th, torch.Tensor) else mod.v_th,
                                dtype=torch.float64)
         if (v_th <= 0).any():
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: v_th must be > 0 for an integer threshold")
         lo, hi = -(2 ** (self.state_bits - 1)), 2 ** (self.state_bits - 1) - 1
-        th = _round_int(v_th / s_m, "the threshold", node)
+        th = round_int(v_th / s_m, "the threshold", node)
         if (th < 1).any():
             raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: the threshold rounds to 0 on the "
                                       "input's integer scale; use more weight_bits")
-        const = {n: _round_int(getattr(mod, n) / s_m, n, node, lo, hi)
+        const = {n: round_int(getattr(mod, n) / s_m, n, node, lo, hi)
                  for n in ("v_reset", "v_init")}
-        vl = _round_int(v_leak / s_m, "v_leak", node, lo, hi)
+        vl = round_int(v_leak / s_m, "v_leak", node, lo, hi)
         below = int(th.max()) - (1 if mod.compare == ">=" else 0)
         peak = max(below, int(const["v_init"].max()), int(vl.max()),
                    int(const["v_reset"].max()) if mod.reset_mode == "zero" else below) + max(x.hi, 0)
@@ -313,7 +282,7 @@ class _Quantizer:
         new = IntIF(**kw) if decay == 1.0 and int(vl.abs().max()) == 0 else \
             IntLIF(v_leak=vl, **self._leak(node, decay), **kw)
         self.replace(node, new)
-        self.values[node] = _Value(torch.tensor(1.0, dtype=torch.float64), 0, 1, "spikes")
+        self.values[node] = Value(torch.tensor(1.0, dtype=torch.float64), 0, 1, "spikes")
 
     def readout(self, node, mod):
         x = self.values[node.args[0]]
@@ -324,7 +293,7 @@ class _Quantizer:
         if max(hi, -lo) > INT32_MAX:
             raise IntegerOverflowRisk(f"quantize_integer: {node_ref(node)}: the readout sum over T={self.T} "
                                       f"can reach [{lo}, {hi}], outside int32")
-        self.values[node] = _Value(scale, lo, hi, "readout")
+        self.values[node] = Value(scale, lo, hi, "readout")
         self.replace(node, IntReadout(mod.mode))
 
     # -- driver ------------------------------------------------------------------------------
@@ -342,7 +311,7 @@ class _Quantizer:
                     raise SnncError(f"quantize_integer: {node_ref(node)} is already {info(node).dtype}; "
                                     "expected the float graph input")
                 q = self.input_q
-                self.values[node] = _Value(torch.tensor(self.input_scale, dtype=torch.float64), -q, q,
+                self.values[node] = Value(torch.tensor(self.input_scale, dtype=torch.float64), -q, q,
                                            f"int{self.input_q.bit_length() + 1} input")
                 continue
             if node.op == "output":
@@ -412,26 +381,3 @@ def quantize_integer(gm: fx.GraphModule, weight_bits: int = 8, state_bits: int =
     # fx's GraphModule.__deepcopy__ keeps only these user attributes (passes deepcopy their input)
     out.meta.setdefault("_user_preserved_attributes", {})["snnc_integer"] = out.snnc_integer
     return annotate(out)
-
-
-def quantize_input(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    """The int8 graph input for float ``x``: ``clamp(round(x / input_scale), -Q, Q)`` (torch.round:
-    half to even). Host-side encoding, done before the integer graph runs."""
-    meta = _integer_meta(gm)
-    q = 2 ** (meta["input_bits"] - 1) - 1
-    return torch.round(x.double() / meta["input_scale"]).clamp(-q, q).to(torch.int8)
-
-
-def dequantize_output(gm: fx.GraphModule, y: torch.Tensor) -> torch.Tensor:
-    """The float readout the integer sum stands for: ``y * output_scale`` (float64)."""
-    meta = _integer_meta(gm)
-    if meta["output_scale"] is None:
-        raise SnncError("dequantize_output: the graph's output has no single integer scale")
-    return y.double() * meta["output_scale"]
-
-
-def _integer_meta(gm):
-    meta = getattr(gm, "snnc_integer", None)
-    if meta is None:
-        raise SnncError("graph is not an integer IR (no gm.snnc_integer): run quantize_integer first")
-    return meta
