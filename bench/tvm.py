@@ -5,7 +5,8 @@ measured in the same run (median of interleaved runs).
 
 * bench net (3x3 conv + LIF, 3->64->128->128, 32x32, T=4, N=16): torch eager (the unrolled
   graph, target ``torch``), spikingjelly multi-step (same weights, ``LIFNode(step_mode="m")``),
-  snnc ``tvm:llvm`` (default = hybrid), and with ``--relax`` the standalone Relax module;
+  snnc ``tvm:llvm`` (default = hybrid), and with ``--relax`` the standalone Relax module (the
+  exported artefact) built for the host CPU and for portable x86-64;
 * a converted-style digits CNN (``digits_cnn`` with ReLU -> IF, direct input, membrane readout,
   T=8, N=256): the same peers;
 * compile time of the bench net, cold (fresh cache) and cached;
@@ -94,13 +95,48 @@ def bench_model(name, model, x, T, runs, relax, static_input):
         emit(bench=name, check="spikingjelly_vs_eager", max_abs_diff=float((ref - got).abs().max()))
     diff = float((tvm_hybrid(x) - eager(x)).abs().max())
     emit(bench=name, check="tvm_vs_eager", max_abs_diff=diff)
-    if relax:
+    if relax:  # the exportable artefact: host ISA (default) and portable x86-64 (mcpu=None)
         standalone = snnc.compile(g, target="tvm:llvm", mode="relax")
+        portable = snnc.compile(g, target="tvm:llvm", mode="relax", mcpu=None)
         fns["snnc_tvm_llvm_relax"] = lambda: standalone(x)
+        fns["snnc_tvm_llvm_relax_portable"] = lambda: portable(x)
+        emit(bench=name, check="tvm_relax_vs_eager_spike_agreement" if not static_input else
+             "tvm_relax_vs_eager_max_abs_diff", value=float((standalone(x) == eager(x)).float().mean()
+                                                           if not static_input else (standalone(x) - eager(x)).abs().max()))
     t = race(fns, runs if not relax else max(3, runs // 3))
     for k, v in t.items():
         emit(bench=name, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_eager=round(v / t["torch_eager"], 3))
     return g
+
+
+def bench_profile(g, x, runs):
+    """Where the hybrid's time goes: each node of the hybrid graph timed alone (median)."""
+    from torch import fx
+
+    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
+    m = snnc.compile(g, target="tvm:llvm")
+    hg = m._hybrid
+    times = {}
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            times.setdefault(n.name, []).append(time.perf_counter() - t0)
+            return out
+    with torch.no_grad():
+        for _ in range(runs):
+            Timed(hg).run(x)
+    total = sum(statistics.median(v) for v in times.values())
+    for n in hg.graph.nodes:
+        if n.name in times and n.op == "call_module":
+            mod = hg.get_submodule(n.target)
+            if isinstance(mod, TVMConvCall):
+                kind = f"conv2d in {'tvm' if mod.use_tvm else 'torch'}"
+            else:
+                kind = f"tvm {mod.name}" if isinstance(mod, TVMKernelCall) else type(mod).__name__
+            ms = statistics.median(times[n.name]) * 1e3
+            emit(bench="hybrid_profile", node=n.name, op=kind, ms=round(ms, 2), share=round(ms / 1e3 / total, 3))
 
 
 def bench_compile(g):
@@ -127,7 +163,7 @@ def bench_compile(g):
 
 def bench_lif_kernel(runs):
     from snnc.targets import tvm_build as tb
-    from snnc.targets.tvm_hybrid import TVMKernelCall
+    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
     from snnc.targets.tvm_kernels import neuron_scan_kernel, pick_lanes
     from snnc.targets.tvm_lower import neuron_scan
     shape = (4, 16, 128, 32, 32)
@@ -176,6 +212,7 @@ def main(argv=None):
     g = bench_model("bench_net", bench_net(), x, 4, runs, args.relax, static_input=False)
     bench_model("converted_digits_cnn", converted_digits_net(), torch.rand(64 if args.quick else 256, 1, 8, 8),
                 8, runs, args.relax, static_input=True)
+    bench_profile(g, x, runs)
     bench_compile(g)
     bench_lif_kernel(runs)
 

@@ -6,13 +6,18 @@
 
 Two ways to run, one artefact:
   * ``mode="relax"``: the whole graph as one Relax module (``tvm_lower.to_relax``: TVM's torch
-    frontend for standard layers, one fused TIR scan per neuron layer) run by the Relax VM. This
+    frontend for standard layers, one fused TIR scan per neuron layer, hand-scheduled convs from
+    ``tvm_schedule.py`` on CPU) run by the Relax VM. This
     is what ``export`` writes (``export_library``) and what ``snnc.load`` and ``run_remote`` run:
     standalone, no torch model needed. ``tvm:cuda`` always runs this way (dlight GPU schedules).
-  * ``mode="hybrid"`` (``tvm:llvm`` only): torch/oneDNN runs conv/linear/pooling in process and
-    TVM runs the fused neuron kernels on the same buffers (``tvm_hybrid.py``). On this CPU it is
-    the fast one by far (bench/tvm.py), so ``mode="auto"`` (default) picks it for ``tvm:llvm``.
-Options: ``mcpu`` (None, "host" or an LLVM CPU name), ``num_cores``, ``arch`` (cuda, default
+  * ``mode="hybrid"`` (``tvm:llvm`` only): torch runs linear/pooling/BN in process and TVM runs
+    the fused neuron kernels on the same buffers (``tvm_hybrid.py``); each Conv2d runs in torch
+    (oneDNN) or as the hand-scheduled TVM kernel, whichever was faster in a race at compile time
+    (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
+    On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
+    ``tvm:llvm``.
+Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
+CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
 """
@@ -33,10 +38,11 @@ from snnc.fileio import atomic_write
 from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
-from .tvm_hybrid import bind_kernels, hybrid_graph, run_hybrid
+from .tvm_hybrid import TVMConvCall, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, run_hybrid
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
+CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
 
 
 def _to_tvm(x: torch.Tensor, dev):
@@ -95,17 +101,22 @@ class TVMModule(CompiledModule):
     def _write(self, path):
         self.relax_lib.write(path)
 
-    def run_remote(self, host: str, port: int, *inputs, session_timeout: int = 60):
-        """Upload the exported library to a ``tvm.rpc`` server (or a tracker's device) at
-        ``host:port``, run it there on ``inputs``, and return the outputs as torch tensors."""
+    def run_remote(self, host: str, port: int, *inputs, key: str | None = None, session_timeout: int = 60):
+        """Upload the exported library to a ``tvm.rpc`` server at ``host:port`` (with ``key``: a
+        device of that key from the RPC tracker at ``host:port``), run it there on ``inputs``,
+        and return the outputs as torch tensors. The remote runs the standalone Relax module."""
         from tvm import rpc
         self.check_inputs(inputs)
         if self.target == "tvm:cuda":
             raise SnncError("run_remote: only tvm:llvm modules run over RPC here (cuda needs a remote GPU)")
+        where = f"tracker {host}:{port} key {key!r}" if key else f"server {host}:{port}"
         try:
-            remote = rpc.connect(host, int(port), session_timeout=session_timeout)
+            if key:
+                remote = rpc.connect_tracker(host, int(port)).request(key, session_timeout=session_timeout)
+            else:
+                remote = rpc.connect(host, int(port), session_timeout=session_timeout)
         except Exception as e:  # tvm raises TVMError subclasses with long backtraces
-            raise SnncError(f"run_remote: cannot reach a TVM RPC server at {host}:{port}: {str(e).splitlines()[0]}") from None
+            raise SnncError(f"run_remote: cannot reach the TVM RPC {where}: {str(e).splitlines()[0]}") from None
         with tempfile.TemporaryDirectory() as d:
             lib_path = os.path.join(d, "snnc_module.so")
             self.relax_lib.write(lib_path)
@@ -163,10 +174,12 @@ def cuda_source(lib) -> str:
     return "\n".join(seen)
 
 
-def compile(gm, target="tvm:llvm", *, mode="auto", mcpu=None, num_cores=None, arch=None, T=None,
-            dump_dir=None, cache=True):
+def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
+            dump_dir=None, cache=True, convs="auto"):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
+    if convs not in CONV_CHOICES:
+        raise SnncError(f"{target}: convs={convs!r}; expected one of {CONV_CHOICES}")
     if target == "tvm:cuda":
         if mode == "hybrid":
             raise SnncError("tvm:cuda has no hybrid mode (torch here is CPU-only); use mode='relax'")
@@ -178,7 +191,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu=None, num_cores=None, ar
     check_supported(g)
     spec = graph_spec(g)
     meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
-            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode}
+            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
+            "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
     relax_key = tb.graph_key(g, tdict, "relax")
     get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
@@ -191,8 +205,15 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu=None, num_cores=None, ar
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
     hg, make_kernels = hybrid_graph(g, device)
-    lib, _ = tb.cached(tb.graph_key(g, tdict, "hybrid"), lambda: tb.build_kernels(make_kernels(), tdict), cache)
+    key = tb.graph_key(g, tdict, "hybrid")
+    lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
+    if convs == "auto":
+        choices = tb.cached_json(f"{key}.convs", lambda: race_convs(hg), cache)
+    else:
+        choices = {m.name: convs for m in hg.modules() if isinstance(m, TVMConvCall)}
+    apply_conv_choices(hg, choices)
+    meta["hybrid_convs"] = choices
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 

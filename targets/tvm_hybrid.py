@@ -1,17 +1,19 @@
-"""The in-process fast path of ``tvm:llvm``: torch (oneDNN) runs conv/linear/pooling, TVM runs the
-fused neuron scans and readouts, on the same buffers.
+"""The in-process fast path of ``tvm:llvm``: torch runs linear/pooling/BN, TVM runs the fused
+neuron scans and readouts, on the same buffers; each Conv2d runs in whichever of torch (oneDNN)
+and the hand-scheduled TVM conv (``tvm_schedule.py``) won a race on its shape at compile time.
 
-Why: this TVM wheel has no oneDNN offload and no tuned x86 conv schedules, so Relax convolutions
-are 25-40x slower than torch's (TVM-NOTES.md (a)-(e)), while the fused neuron kernel is about 10x
-faster than torch's per-step elementwise sequence. The graph here is the unrolled spiking IR
-itself, with each neuron / readout module swapped for a ``TVMKernelCall`` that hands the
-torch tensors to the TVM function through DLPack (zero copies) and writes into an output buffer
-preallocated per shape (fresh allocations measured 5-20% slower end to end).
+Why: the fused neuron kernel is 10-25x faster than torch's per-step elementwise sequence, while
+for convolutions oneDNN is usually the better code (TVM-NOTES.md (a)-(e); with the hand schedule
+TVM wins some layers, e.g. the 3-channel first conv). The graph here is the unrolled spiking IR
+itself with each neuron / readout / conv module swapped for a call that hands the torch tensors
+to the TVM function through DLPack (zero copies) and writes into an output buffer preallocated
+per shape (fresh allocations measured 5-20% slower end to end, TVM-NOTES.md (f)).
 """
 from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 from torch import fx, nn
@@ -21,15 +23,16 @@ from snnc.ops import Neuron, Readout
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import neuron_scan
+from .tvm_schedule import conv2d_kernel
 
 
 class TVMKernelCall(nn.Module):
     """Calls one compiled TVM kernel on ``[T, N, ...]``: a neuron scan (-> ``[T, N, ...]``) or a
     readout (-> ``[N, ...]``). The kernel is looked up by name in the shared library."""
 
-    def __init__(self, kind: str, name: str, threshold=None):
+    def __init__(self, kind: str, name: str, threshold=None, reuse_output=True):
         super().__init__()
-        self.kind, self.name = kind, name
+        self.kind, self.name, self.reuse_output = kind, name, reuse_output
         self.threshold = threshold
         self.lib = None
         self.fn = None
@@ -39,6 +42,8 @@ class TVMKernelCall(nn.Module):
         self.lib, self.fn = lib, lib[self.name]
 
     def _out(self, shape, dtype):
+        if not self.reuse_output:  # a module called twice per run: each call needs its own output
+            return torch.empty(shape, dtype=dtype)
         key = (tuple(shape), dtype)
         buf = self.buffers.get(key)
         if buf is None:
@@ -60,6 +65,52 @@ class TVMKernelCall(nn.Module):
         return out
 
 
+class TVMConvCall(TVMKernelCall):
+    """A 3x3-style ``nn.Conv2d`` run by the hand-scheduled TVM kernel (``tvm_schedule.py``) when
+    the input has the compiled shape and the compile-time race chose TVM; otherwise torch."""
+
+    def __init__(self, conv, name, in_shape, reuse_output=True):
+        super().__init__("conv", name, reuse_output=reuse_output)
+        self.conv, self.in_shape, self.use_tvm = conv, tuple(in_shape), False
+        self.weight = conv.weight.detach().contiguous()
+        self.bias = None if conv.bias is None else conv.bias.detach().reshape(1, -1, 1, 1).contiguous()
+        self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
+
+    def bind(self, lib):
+        try:
+            self.lib, self.fn = lib, lib[self.name]
+        except AttributeError:  # the schedule did not apply at build time: torch runs it
+            self.fn = None
+
+    def forward(self, x):
+        if not self.use_tvm or self.fn is None or tuple(x.shape) != self.in_shape:
+            return self.conv(x)
+        out = self._out((x.shape[0], *self.out_shape), x.dtype)
+        args = (x.contiguous(), self.weight) + (() if self.bias is None else (self.bias,)) + (out,)
+        self.fn(*args)
+        return out
+
+    def race(self, runs=2) -> str:
+        """Time torch and TVM on this layer's shape (spike-like input); the faster one runs."""
+        if self.fn is None:
+            return "torch"
+        x = (torch.rand(self.in_shape) < 0.2).float()
+        best = {}
+        for choice in ("torch", "tvm"):
+            self.use_tvm = choice == "tvm"
+            with torch.no_grad():
+                self(x)
+                best[choice] = min(_seconds(lambda: self(x)) for _ in range(runs))
+        self.buffers.clear()
+        return min(best, key=best.get)
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
     """``(graph, make_kernels)``: a copy of the annotated multi-step graph whose spiking modules
     call TVM kernels, and a function returning the PrimFuncs to build (name -> PrimFunc, symbolic
@@ -67,10 +118,12 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
     g = copy.deepcopy(gm)
     g.snnc_spec = gm.snnc_spec
     kernels = {}
+    calls = [n.target for n in g.graph.nodes if n.op == "call_module"]
     for node in g.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or isinstance(g.get_submodule(node.target), TVMKernelCall):
             continue
         mod = g.get_submodule(node.target)
+        once = calls.count(node.target) == 1
         if isinstance(mod, Neuron):
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
@@ -78,18 +131,40 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"scan_{len(kernels)}"
             kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
                              dict(device=device, lanes=pick_lanes(math.prod(sample))))
-            g.add_submodule(node.target, TVMKernelCall("scan", name, th))
+            g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
+        elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
+            in_shape = info(node.args[0]).shape
+            name = f"conv_{len(kernels)}"
+            kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
+            g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
         elif isinstance(mod, Readout):
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
                              dict(device=device, lanes=pick_lanes(math.prod(shape[2:]))))
-            g.add_submodule(node.target, TVMKernelCall("readout", name))
+            g.add_submodule(node.target, TVMKernelCall("readout", name, reuse_output=once))
     g.recompile()
-    return g, lambda: {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
+
+    def make_kernels():
+        built = {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
+        # conv2d_kernel returns (func, has_bias) or None (not schedulable: torch keeps it)
+        return {name: (f[0] if isinstance(f, tuple) else f) for name, f in built.items() if f is not None}
+    return g, make_kernels
+
+
+def race_convs(g: fx.GraphModule) -> dict:
+    """``{kernel name: "torch" | "tvm"}`` for every conv of the hybrid graph (see ``race``)."""
+    return {m.name: m.race() for m in g.modules() if isinstance(m, TVMConvCall)}
+
+
+def apply_conv_choices(g: fx.GraphModule, choices: dict) -> None:
+    for m in g.modules():
+        if isinstance(m, TVMConvCall):
+            m.use_tvm = choices.get(m.name) == "tvm"
 
 
 def bind_kernels(g: fx.GraphModule, lib) -> None:
+    """Point every kernel call of the hybrid graph at its function in ``lib``."""
     for m in g.modules():
         if isinstance(m, TVMKernelCall):
             m.bind(lib)

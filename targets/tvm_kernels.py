@@ -26,6 +26,12 @@ dtype, e.g. int32, for spikes).
 
 GPU kernel: one thread per neuron, the membrane in a register (a ``local`` buffer of one element,
 which is a register in CUDA), spikes written once per step; no per-timestep launches.
+
+Integer use (tested with int32: bit-exact against a torch loop)::
+
+    rule = NeuronScan(charge=lambda v, x: v - (v >> 3) + x, v_th=64, reset="subtract")
+    f = neuron_scan_kernel(T, None, "int32", rule, lanes=16)   # symbolic M, any batch
+    readout_kernel(T, None, "int32")                            # floor(sum / T)
 """
 from __future__ import annotations
 

@@ -41,10 +41,12 @@ def _f(dtype, value):
 
 
 def charge_rule(neuron, dtype="float32"):
-    """``charge(v, x)`` for an snnc neuron, op for op as its ``charge`` method (same rounding)."""
-    if isinstance(neuron, IF):
+    """``charge(v, x)`` for an snnc neuron, op for op as its ``charge`` method (same rounding).
+    Exact types only: a subclass may redefine ``charge``, and must not be lowered as its base."""
+    kind = type(neuron)
+    if kind is IF:
         return lambda v, x: v + x
-    if isinstance(neuron, LIF):
+    if kind is LIF:
         decay, gain, leak = _f(dtype, neuron.decay), _f(dtype, neuron.gain), _f(dtype, neuron.v_leak)
         if neuron.v_leak == 0.0:
             leaked = lambda v: v * decay
@@ -53,7 +55,7 @@ def charge_rule(neuron, dtype="float32"):
         if neuron.decay_input:
             return lambda v, x: leaked(v) + x * gain
         return lambda v, x: leaked(v) + x
-    if isinstance(neuron, ParametricLIF):
+    if kind is ParametricLIF:
         k = _f(dtype, neuron.w.detach().float().sigmoid().item())
         leak = _f(dtype, neuron.v_leak)
         return lambda v, x: v + (x - (v - leak)) * k
@@ -102,6 +104,16 @@ def _seq_shape(node):
     return tuple(int(s) for s in i.shape), str(i.dtype).replace("torch.", "")
 
 
+def _reshape(bb, x, shape):
+    """``reshape(x, shape)``, looking through a reshape that produced ``x``: the time merge /
+    split around every neuron would otherwise leave reshape-of-reshape chains that FuseOps turns
+    into copy kernels instead of the free views RewriteDataflowReshape makes of single reshapes."""
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    if isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.reshape"):
+        x = bound.args[0]
+    return bb.emit(relax.op.reshape(x, shape))
+
+
 def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
     (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
@@ -111,10 +123,10 @@ def _convert_neuron(imp, node):
     func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
     gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
-    flat = bb.emit(relax.op.reshape(x, (steps, M)))
+    flat = _reshape(bb, x, (steps, M))
     args = [flat] if th is None else [flat, relax.const(th.numpy().astype(dtype))]
     s = bb.emit(relax.call_tir(gv, args, relax.TensorType((steps, M), dtype)))
-    return bb.emit(relax.op.reshape(s, shape))
+    return _reshape(bb, s, shape)
 
 
 def _convert_readout(imp, node):
@@ -123,9 +135,9 @@ def _convert_readout(imp, node):
     name = "snn_readout"
     gv = imp.block_builder.add_func(opaque(readout_kernel(steps, M, dtype, device=imp.snnc_device)), name)
     bb = imp.block_builder
-    flat = bb.emit(relax.op.reshape(x, (steps, M)))
+    flat = _reshape(bb, x, (steps, M))
     y = bb.emit(relax.call_tir(gv, [flat], relax.TensorType((M,), dtype)))
-    return bb.emit(relax.op.reshape(y, shape[1:]))
+    return _reshape(bb, y, shape[1:])
 
 
 def _convert_direct_encoder(imp, node):
@@ -136,7 +148,7 @@ def _convert_direct_encoder(imp, node):
 
 
 def _convert_reshape(imp, node):
-    return imp.block_builder.emit(relax.op.reshape(imp.env[node.args[0]], _seq_shape(node)[0]))
+    return _reshape(imp.block_builder, imp.env[node.args[0]], _seq_shape(node)[0])
 
 
 def _convert_batch_norm(imp, node):

@@ -1,6 +1,8 @@
 """tvm:llvm / tvm:cuda: differential tests against the reference interpreter, export/load, cache,
 CUDA source checks (built with nvcc, not run: no GPU here), RPC on loopback, error messages."""
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,6 +121,11 @@ def test_export_load_round_trip(digits, tmp_path):
         loaded(torch.rand(2, 1, 8, 8))  # the standalone Relax module has static shapes
     with pytest.raises(SnncError, match="exists"):
         m.export(path)
+    torch.save(digits["x"], tmp_path / "x.pt")
+    script = (f"import torch, snnc; m = snnc.load({str(path)!r}); "
+              f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)  # no model code there
+    _agree(torch.load(tmp_path / "y.pt"), digits["ref"], spikes=False)
 
 
 def test_second_compile_hits_the_cache(digits):
@@ -150,6 +157,11 @@ def test_cuda_builds_one_fused_kernel_per_neuron_layer(digits, tmp_path):
     assert "for (int t = 0; t < 4; ++t)" in body  # the time loop is inside the kernel
     assert body.count("S_ptr[") == 1  # spikes written once per step, membrane in a register
     assert "snn_readout_kernel" in src
+    if tvm.cuda(0).exist:  # a lent GPU: run it
+        _agree(m(digits["x"]), digits["ref"], spikes=False)
+    else:
+        with pytest.raises(SnncError, match="no CUDA device"):
+            m(digits["x"])
     with pytest.raises(SnncError, match="arch"):
         snnc.compile(g, target="tvm:cuda", arch="ampere")
 
@@ -179,3 +191,63 @@ def test_run_remote_over_loopback_rpc(digits):
     finally:
         server.terminate()
     _agree(out, digits["ref"], spikes=False)
+
+
+def test_run_remote_names_an_unreachable_server(digits):
+    with pytest.raises(SnncError, match="cannot reach the TVM RPC server 127.0.0.1:1"):
+        digits["hybrid"].run_remote("127.0.0.1", 1, digits["x"], session_timeout=2)
+
+
+def test_shared_neuron_module_called_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = LIF(tau=2.0)
+
+        def forward(self, x):
+            return self.lif(x) + self.lif(x * 2)
+    x = torch.randn(4, 2, 3, 4, 4) * 2
+    g = _graph(Twice(), x[0], T=4)
+    _agree(snnc.compile(g, target="tvm:llvm")(x), snnc.run(g, x), spikes=True)
+
+
+@pytest.mark.parametrize("stride,cout", [(1, 32), (2, 12)])
+def test_conv_schedule_applies_and_is_exact_enough(stride, cout):
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_fx
+    from snnc.targets import tvm_build as tb
+    from snnc.targets.tvm_schedule import schedule_conv2d
+    conv = nn.Conv2d(8, cout, 3, padding=1, stride=stride)
+    g = snnc.trace(nn.Sequential(conv), torch.zeros(2, 8, 12, 12))
+    mod = from_fx(g, [((2, 8, 12, 12), "float32")])
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    name, func = next((gv.name_hint, f) for gv, f in mod.functions.items() if "conv2d" in gv.name_hint)
+    scheduled = schedule_conv2d(func)
+    assert scheduled is not None, f"{name} was left unscheduled"
+    text = scheduled.script()
+    assert "T.parallel" in text and "T.vectorized" in text and '"local"' in text
+    lib = tb.build_kernels({"conv": scheduled}, tb.llvm_target())
+    x, out = torch.randn(2, 8, 12, 12), torch.empty(2, cout, *conv(torch.zeros(1, 8, 12, 12)).shape[2:])
+    lib["conv"](x, conv.weight.detach().contiguous(), conv.bias.detach().view(1, -1, 1, 1).contiguous(), out)
+    assert (out - conv(x).detach()).abs().max().item() < 1e-4
+
+
+def test_hybrid_convs_in_tvm_or_torch_agree():
+    net = bench_net((3, 16, 16))
+    with torch.no_grad():
+        for conv in net[0::2]:
+            conv.weight *= 6
+    x = torch.randn(2, 2, 3, 8, 8) * 2
+    g = _graph(net, x[0], T=2)
+    ref = snnc.run(g, x)
+    forced = snnc.compile(g, target="tvm:llvm", convs="tvm")
+    assert forced.meta["hybrid_convs"] == {"conv_0": "tvm", "conv_2": "tvm"}
+    _agree(forced(x), ref, spikes=True)
+    other = torch.randn(2, 3, 3, 8, 8) * 2  # another batch size: torch runs the convs
+    _agree(forced(other), snnc.run(g, other), spikes=True)
+    auto = snnc.compile(g, target="tvm:llvm")
+    assert set(auto.meta["hybrid_convs"].values()) <= {"tvm", "torch"}
+    _agree(auto(x), ref, spikes=True)
+    with pytest.raises(SnncError, match="convs="):
+        snnc.compile(g, target="tvm:llvm", convs="gpu")
