@@ -1,0 +1,98 @@
+"""Target onnx: outputs equal the reference interpreter, dynamic batch, export/load round trip,
+clear errors for ops it cannot lower."""
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import snnc
+from snnc.errors import SnncError, UnsupportedOp
+from snnc.ops import IF, LIF, DirectEncoder, PoissonEncoder, Readout
+from snnc.passes import unroll_timesteps
+from snnc.zoo import bench_net, digits_snn
+
+
+@pytest.fixture(scope="module")
+def digits_graph():
+    torch.manual_seed(1)
+    return unroll_timesteps(snnc.trace(digits_snn(4).eval(), torch.zeros(2, 1, 8, 8)), T=4)
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(digits_graph):
+    return snnc.compile(digits_graph, target="onnx")
+
+
+def test_digits_snn_matches_reference_at_other_batch_sizes(digits_graph, digits_onnx):
+    for batch in (1, 2, 7):  # traced with batch 2: the ONNX batch dimension is symbolic
+        x = torch.rand(batch, 1, 8, 8) * 3
+        ref = snnc.run(digits_graph, x)
+        out = digits_onnx(x)
+        assert out.shape == ref.shape == (batch, 10)
+        assert (out - ref).abs().max() < 1e-5
+
+
+def test_model_is_standard_onnx_at_documented_opset(digits_onnx):
+    proto = onnx.load_from_string(digits_onnx.model_bytes)
+    onnx.checker.check_model(proto)
+    assert {(o.domain, o.version) for o in proto.opset_import} == {("", 18)}
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Conv", "GreaterOrEqual"} <= ops  # neurons lowered to standard elementwise ops
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch
+
+
+def test_sequence_input_net_spikes_equal_reference():
+    net = bench_net((3, 6, 6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4)  # default init is too weak to make the second layer fire
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(2, 3, 8, 8)), T=3)
+    m = snnc.compile(g, target="onnx")
+    x = torch.rand(3, 5, 3, 8, 8) * 2
+    ref = snnc.run(g, x)
+    assert ref.mean() > 0.01  # the net spikes, so the comparison means something
+    assert torch.equal(m(x), ref)
+
+
+def test_export_load_round_trip(digits_graph, digits_onnx, tmp_path):
+    path = digits_onnx.export(tmp_path / "net.onnx")
+    loaded = snnc.load(path)
+    assert loaded.target == "onnx" and loaded.meta["opset"] == 18
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(loaded(x), digits_onnx(x))
+
+
+def test_per_step_graph_needs_T_or_unrolls_itself():
+    g = snnc.trace(nn.Sequential(DirectEncoder(), nn.Linear(4, 3), IF(), Readout()), torch.zeros(2, 4))
+    with pytest.raises(SnncError, match="per-step.*unroll_timesteps"):
+        snnc.compile(g, target="onnx")
+    m = snnc.compile(g, target="onnx", T=3)
+    x = torch.rand(2, 4) * 2
+    assert torch.allclose(m(x), snnc.run(g, x, T=3), atol=1e-6)
+
+
+def test_surrogate_is_dropped_forward_unchanged():
+    class Rect(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return (z >= 0).float()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def rect(z, neuron):
+        return Rect.apply(z)
+
+    net = nn.Sequential(nn.Linear(4, 5), LIF(decay=0.5, surrogate=rect, reset="zero"), nn.Linear(5, 2))
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(2, 4)), T=4)
+    x = torch.rand(4, 3, 4) * 3
+    assert torch.allclose(snnc.compile(g, target="onnx")(x), snnc.run(g, x), atol=1e-6)
+
+
+def test_poisson_encoder_is_refused_with_reason():
+    g = unroll_timesteps(snnc.trace(nn.Sequential(PoissonEncoder(), nn.Linear(4, 2), IF()), torch.zeros(2, 4)), T=2)
+    with pytest.raises(UnsupportedOp, match=r"node %.* op snn.poisson_encoder has no onnx lowering "
+                                            r"\(torch's random stream.*supported: .*snn.lif"):
+        snnc.compile(g, target="onnx")
