@@ -160,15 +160,15 @@ def _compare(ref, got, spiking, exact, rtol, atol) -> tuple[float, float]:
     return (float(same.double().mean()) if same.numel() else 1.0), max_diff
 
 
-def _available(name: str):
-    """The target's module, or the reason it cannot run here."""
+def unavailable_reason(name: str) -> str | None:
+    """Why target ``name`` cannot run on this machine (module absent, no GPU...), or None.
+    A target module may define its own ``unavailable_reason(target)``."""
     try:
         mod = importlib.import_module(TARGETS[name])
     except ImportError as e:
-        return None, f"target module {TARGETS[name]} cannot be imported here: {e}"
+        return f"target module {TARGETS[name]} cannot be imported here: {e}"
     check = getattr(mod, "unavailable_reason", None)
-    reason = check(name) if callable(check) else (_no_cuda() if "cuda" in name else None)
-    return (None, reason) if reason else (mod, None)
+    return check(name) if callable(check) else (_no_cuda() if "cuda" in name else None)
 
 
 def _no_cuda() -> str | None:
@@ -224,8 +224,8 @@ def differential(gm: fx.GraphModule, inputs, targets=None, T: int | None = None,
         if name in INTEGER_ONLY_TARGETS and not integer:
             res.reason = "integer-only target; this is a float graph"
             continue
-        mod, why = _available(name)
-        if mod is None:
+        why = unavailable_reason(name)
+        if why:
             res.reason = why
             continue
         try:

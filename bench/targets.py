@@ -1,0 +1,84 @@
+"""Latency of every available target against torch eager, in one run (ratios, JSON lines).
+
+    .venv/bin/python bench/targets.py [--quick]
+
+Nets: the bench net (3x3 conv + LIF, 3->64->128->128, 32x32, T=4, N=16, sequence input) and the
+digits CNN turned SNN (ReLU -> IF, direct encoding, membrane readout, T=8, N=64). Each target is
+compiled from the same unrolled graph; the calls are interleaved round-robin (torch, onnx, tvm...,
+torch, ...) so that machine load hits every target alike, and each line reports the median over
+the rounds and ``ratio_vs_torch`` = median target time / median torch-eager time (< 1: faster).
+``max_diff`` is the largest output difference against the reference interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import snnc
+from snnc.compiled import TARGETS
+from snnc.differential import unavailable_reason
+from snnc.ops import IF, DirectEncoder, Readout
+from snnc.passes import unroll_timesteps
+from snnc.zoo import bench_net, digits_cnn
+
+
+def digits_if_snn(width=16):
+    """digits_cnn without BN, every ReLU an IF neuron: the shape of a converted digits CNN."""
+    ann = digits_cnn(width, bn=False)
+    layers = [IF() if isinstance(m, nn.ReLU) else m for m in ann if not isinstance(m, nn.Dropout)]
+    return nn.Sequential(DirectEncoder(), *layers, Readout("membrane")).eval()
+
+
+def nets(quick):
+    n = 4 if quick else 16
+    yield "bench_net", unroll_timesteps(snnc.trace(bench_net(), torch.zeros(n, 3, 32, 32)), T=4), \
+        torch.rand(4, n, 3, 32, 32) * 2
+    n = 16 if quick else 64
+    yield "digits_if_snn", unroll_timesteps(snnc.trace(digits_if_snn(), torch.zeros(n, 1, 8, 8)), T=8), \
+        torch.rand(n, 1, 8, 8)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer rounds")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="intra-op threads for torch and onnxruntime alike (1 is steadier on a busy machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)  # onnxruntime sessions take torch's thread count
+    rounds = args.rounds or (3 if args.quick else 9)
+    for name, g, x in nets(args.quick):
+        ref = snnc.run(g, x)
+        modules = {}
+        for target in TARGETS:
+            why = unavailable_reason(target) or ("integer-only target" if target == "tvm:int" else None)
+            if why:
+                print(json.dumps({"bench": "targets", "net": name, "target": target, "skipped": why}))
+                continue
+            t0 = time.perf_counter()
+            modules[target] = snnc.compile(g, target=target)
+            compile_s = time.perf_counter() - t0
+            diff = float((modules[target](x) - ref).abs().max())  # also the warm-up call
+            modules[target].compile_s, modules[target].max_diff = compile_s, diff
+        times = {t: [] for t in modules}
+        for _ in range(rounds):
+            for t, m in modules.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[t].append(time.perf_counter() - t0)
+        torch_ms = 1e3 * statistics.median(times["torch"])
+        for t, m in modules.items():
+            ms = 1e3 * statistics.median(times[t])
+            print(json.dumps({"bench": "targets", "net": name, "target": t, "input": list(x.shape),
+                              "T": g.snnc_spec["T"], "median_ms": round(ms, 2),
+                              "ratio_vs_torch": round(ms / torch_ms, 3), "rounds": rounds, "threads": args.threads,
+                              "compile_s": round(m.compile_s, 2), "max_diff": m.max_diff}))
+
+
+if __name__ == "__main__":
+    main()
