@@ -183,10 +183,10 @@ def _no_cuda() -> str | None:
     return "no CUDA device on this machine"
 
 
-def _run_target(name, probe_gm, gm, probes, inputs):
+def _run_target(name, probe_gm, gm, probes, inputs, options):
     """Outputs of every probe on target ``name``: one multi-output compile, else one per probe."""
     try:
-        outs = _as_list(compile_graph(probe_gm, target=name)(*inputs))
+        outs = _as_list(compile_graph(probe_gm, target=name, **options)(*inputs))
         if len(outs) == len(probes):
             return outs
     except UnsupportedOp:
@@ -195,13 +195,14 @@ def _run_target(name, probe_gm, gm, probes, inputs):
         pass
     except Exception:  # e.g. a backend that only builds single-output graphs: fall back below
         pass
-    return [compile_graph(_cut(gm, [k]), target=name)(*inputs) for k, _ in probes]
+    return [compile_graph(_cut(gm, [k]), target=name, **options)(*inputs) for k, _ in probes]
 
 
 def differential(gm: fx.GraphModule, inputs, targets=None, T: int | None = None,
-                 rtol: float = 1e-4, atol: float = 1e-5) -> Report:
+                 rtol: float = 1e-4, atol: float = 1e-5, options: dict | None = None) -> Report:
     """Run the reference and each target (default: all of ``snnc.compiled.TARGETS``) on
-    ``inputs``; compare per layer. ``T`` unrolls a per-step graph first."""
+    ``inputs``; compare per layer. ``T`` unrolls a per-step graph first; ``options`` maps a
+    target name to its compile options (``{"onnx": {"loop": "scan"}}``)."""
     if not graph_spec(gm).get("T") and any(isinstance(m, (Neuron, Readout)) for m in gm.modules()):
         if T is None:
             raise SnncError("differential: the graph is per-step; pass T= (or unroll it first)")
@@ -229,7 +230,7 @@ def differential(gm: fx.GraphModule, inputs, targets=None, T: int | None = None,
             res.reason = why
             continue
         try:
-            outs = _run_target(name, probe_gm, gm, probes, inputs)
+            outs = _run_target(name, probe_gm, gm, probes, inputs, (options or {}).get(name, {}))
         except UnsupportedOp as e:
             res.reason = f"UnsupportedOp: {e}"
             continue

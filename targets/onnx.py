@@ -9,9 +9,14 @@ and stateless layers become ``Conv``/``Gemm``/``AveragePool``... on the ``[T*N, 
 
 * **Opset 18** (``OPSET``), default domain only; ``onnx.checker`` validates every model built or
   loaded.
-* **The loop over T is unrolled** in the ONNX graph (T copies of a neuron's few elementwise
-  ops), not an ONNX ``Loop``/``Scan``: T is small (4-8), onnxruntime fuses and runs straight-line
-  elementwise ops without a subgraph call per step, and the graph stays readable in Netron.
+* **The loop over T**: ``loop="unroll"`` (default) writes T copies of a neuron's few elementwise
+  ops; ``loop="scan"`` writes one ONNX ``Scan`` per neuron whose body is the neuron's own
+  ``step`` (exported through ``torch._higher_order_ops.scan``), the membrane as loop state.
+  Both are bit-exact against the reference. Measured with onnxruntime 1.32, 1 thread
+  (``bench/onnx_loop_form.py``, ``bench/targets.py``): Scan wins on large layers (one LIF over
+  [8, 65536]: 0.26x the unrolled time; the bench net: about 0.95x) and loses on small ones (the
+  digits SNN: about 1.4x), because each Scan step is a subgraph call; unroll stays the default
+  since T is small (4-8) and small nets are the common case here.
 * **Dynamic batch**: the batch dimension (dim 1 of ``[T, N, ...]`` inputs, dim 0 of static
   ``[N, ...]`` inputs) is a symbolic ONNX dimension; a graph that hard-codes its batch (e.g. a
   ``view(2, -1)``) is exported with a fixed batch instead and the module says so.
@@ -29,7 +34,7 @@ import logging
 import warnings
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from snnc.compiled import CompiledModule, output_meaning
 from snnc.errors import FileFormatError, SnncError, UnsupportedOp, node_ref
@@ -65,12 +70,33 @@ def _needs_unroll(gm) -> bool:
     return not graph_spec(gm).get("T") and any(isinstance(m, stateful) for m in gm.modules())
 
 
-def _export_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy in inference form: eval mode (BN running stats, no dropout), no surrogates."""
+class _ScanNeuron(nn.Module):
+    """A neuron's multi-step form written as ``scan`` over T: exported as one ONNX ``Scan``
+    whose body is ``neuron.step`` (the reference update itself), the membrane as carry."""
+
+    def __init__(self, neuron: Neuron):
+        super().__init__()
+        self.neuron = neuron
+
+    def forward(self, x_seq):
+        from torch._higher_order_ops.scan import scan
+
+        def one_step(v, x):
+            s, v_next = self.neuron.step(x, v)
+            return v_next, s
+        return scan(one_step, self.neuron.initial_membrane(x_seq[0]), x_seq)[1]
+
+
+def _export_copy(gm: fx.GraphModule, loop: str = "unroll") -> fx.GraphModule:
+    """A copy in inference form: eval mode (BN running stats, no dropout), no surrogates, and
+    with ``loop="scan"`` every neuron wrapped in ``_ScanNeuron``."""
     out = copy.deepcopy(gm).eval()
-    for m in out.modules():
+    for name, m in list(out.named_modules()):
         if isinstance(m, Neuron):
             m.surrogate = None
+            if loop == "scan":
+                parent, _, leaf = name.rpartition(".")
+                setattr(out.get_submodule(parent) if parent else out, leaf, _ScanNeuron(m))
     return out
 
 
@@ -122,11 +148,17 @@ class OnnxModule(CompiledModule):
             f.write(self.model_bytes)
 
 
-def compile(gm, target="onnx", T=None):
+LOOPS = ("unroll", "scan")
+
+
+def compile(gm, target="onnx", T=None, loop="unroll"):
     """Export ``gm`` to ONNX and open an onnxruntime session on it.
 
     ``gm`` is a multi-step graph (``unroll_timesteps`` ran) or a stateless graph; a per-step SNN
-    graph is unrolled here when ``T`` is given."""
+    graph is unrolled here when ``T`` is given. ``loop``: how a neuron's loop over T is written
+    (``"unroll"`` or ``"scan"``, see the module docstring)."""
+    if loop not in LOOPS:
+        raise SnncError(f"onnx target: loop={loop!r}; expected one of {LOOPS}")
     if _needs_unroll(gm):
         if T is None:
             raise SnncError("onnx target: the graph is per-step (stateful ops, no T); unroll it with "
@@ -136,7 +168,7 @@ def compile(gm, target="onnx", T=None):
     _check_ops(gm)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     single = isinstance(out_node.args[0], fx.Node)
-    model = _export_copy(gm)
+    model = _export_copy(gm, loop)
     inputs = [torch.randn_like(x) if x.is_floating_point() else x
               for x in example_inputs(gm, batch=max(2, _spec_batch(gm)))]
     dynamic = True
@@ -153,7 +185,8 @@ def compile(gm, target="onnx", T=None):
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     import onnx
     onnx.checker.check_model(proto)
-    meta = {"output": output_meaning(gm), "opset": OPSET, "dynamic_batch": dynamic, "single_output": single}
+    meta = {"output": output_meaning(gm), "opset": OPSET, "loop": loop, "dynamic_batch": dynamic,
+            "single_output": single}
     return OnnxModule(proto.SerializeToString(), graph_spec(gm), meta)
 
 

@@ -7,7 +7,8 @@ from torch import nn
 
 import snnc
 from snnc.errors import SnncError, UnsupportedOp
-from snnc.ops import IF, LIF, DirectEncoder, PoissonEncoder, Readout
+from snnc.differential import differential
+from snnc.ops import IF, LIF, DirectEncoder, ParametricLIF, PoissonEncoder, Readout
 from snnc.passes import unroll_timesteps
 from snnc.zoo import bench_net, digits_snn
 
@@ -96,3 +97,24 @@ def test_poisson_encoder_is_refused_with_reason():
     with pytest.raises(UnsupportedOp, match=r"node %.* op snn.poisson_encoder has no onnx lowering "
                                             r"\(torch's random stream.*supported: .*snn.lif"):
         snnc.compile(g, target="onnx")
+
+
+@pytest.mark.parametrize("loop", ["unroll", "scan"])
+def test_every_neuron_variant_bit_exact_in_both_loop_forms(loop):
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), IF(v_th=torch.tensor([0.5, 1.0, 1.5]).view(3, 1, 1), compare=">"),
+        nn.Conv2d(3, 3, 1), LIF(tau=2.0, decay_input=True, v_leak=0.1, reset="zero", v_reset=-0.2, v_init=0.3),
+        nn.Conv2d(3, 3, 1), ParametricLIF(init_tau=3.0), nn.Flatten(), nn.Linear(48, 4), Readout())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3)
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(2, 2, 4, 4)), T=5)
+    m = snnc.compile(g, target="onnx", loop=loop)
+    ops = {n.op_type for n in onnx.load_from_string(m.model_bytes).graph.node}
+    assert ("Scan" in ops) == (loop == "scan")
+    x = torch.rand(5, 3, 2, 4, 4) * 2
+    assert torch.allclose(m(x), snnc.run(g, x), atol=1e-5)
+    res = differential(g, x, targets=["onnx"], options={"onnx": {"loop": loop}}).targets["onnx"]
+    spikes = [r for r in res.layers if r.spiking]
+    assert len(spikes) == 3 and all(r.agreement == 1.0 for r in spikes), str(res)
