@@ -218,6 +218,8 @@ def _out_layout(gm, node, tins):
     mod = module_of(gm, node)
     name = getattr(type(mod), "op_name", "") if mod is not None else ""
     mode = getattr(mod, "step_mode", "s")
+    if getattr(mod, "output_layout", None):  # ops whose output layout is fixed (int.readout: "step")
+        return mod.output_layout
     if name == "time.merge":
         return "flat"
     if name == "time.split":

@@ -1,0 +1,206 @@
+"""Targets ``tvm:llvm`` and ``tvm:cuda``: the spiking IR compiled with TVM 0.27.
+
+    m = snnc.compile(g, target="tvm:llvm")            # g: multi-step graph (unroll_timesteps)
+    m(x); m.export("net.so"); snnc.load("net.so")(x)  # the export runs without the Python model
+    m = snnc.compile(g, target="tvm:cuda", arch="sm_90")
+
+Two ways to run, one artefact:
+  * ``mode="relax"``: the whole graph as one Relax module (``tvm_lower.to_relax``: TVM's torch
+    frontend for standard layers, one fused TIR scan per neuron layer) run by the Relax VM. This
+    is what ``export`` writes (``export_library``) and what ``snnc.load`` and ``run_remote`` run:
+    standalone, no torch model needed. ``tvm:cuda`` always runs this way (dlight GPU schedules).
+  * ``mode="hybrid"`` (``tvm:llvm`` only): torch/oneDNN runs conv/linear/pooling in process and
+    TVM runs the fused neuron kernels on the same buffers (``tvm_hybrid.py``). On this CPU it is
+    the fast one by far (bench/tvm.py), so ``mode="auto"`` (default) picks it for ``tvm:llvm``.
+Options: ``mcpu`` (None, "host" or an LLVM CPU name), ``num_cores``, ``arch`` (cuda, default
+sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
+cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import tvm
+from tvm import relax
+
+from snnc.compiled import CompiledModule, output_meaning
+from snnc.errors import SnncError
+from snnc.fileio import atomic_write
+from snnc.ir import annotate, graph_spec, info
+
+from . import tvm_build as tb
+from .tvm_hybrid import bind_kernels, hybrid_graph, run_hybrid
+from .tvm_lower import check_supported, to_relax
+
+MODES = ("auto", "hybrid", "relax")
+
+
+def _to_tvm(x: torch.Tensor, dev):
+    if dev.dlpack_device_type() == 1:
+        return tvm.runtime.from_dlpack(x.detach().contiguous())
+    return tvm.runtime.tensor(x.detach().cpu().numpy(), device=dev)
+
+
+def _to_torch(v):
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "Array":
+        return tuple(_to_torch(e) for e in v)
+    if v.device.dlpack_device_type() == 1:
+        return torch.from_dlpack(v)
+    return torch.from_numpy(v.numpy())
+
+
+class TVMModule(CompiledModule):
+    """A compiled graph; ``forward`` runs the hybrid graph or the Relax VM (see module doc)."""
+
+    def __init__(self, target, spec, meta, relax_lib: tb.Built | None = None, relax_build=None, hybrid=None):
+        super().__init__(target, spec, meta)
+        self._relax_lib = relax_lib
+        self._relax_build = relax_build  # () -> runtime module, for exports of a hybrid module
+        self._hybrid = hybrid
+        self._vm = None
+        self.dynamic_batch = hybrid is not None  # the Relax module has static shapes
+
+    @property
+    def mode(self):
+        return "hybrid" if self._hybrid is not None else "relax"
+
+    @property
+    def relax_lib(self):
+        if self._relax_lib is None:
+            self._relax_lib = self._relax_build()
+        return self._relax_lib
+
+    def _device(self):
+        if self.target == "tvm:cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise SnncError("tvm:cuda module: no CUDA device on this machine (the module builds and "
+                                "exports without one; run it where a GPU is present)")
+            return dev
+        return tvm.cpu(0)
+
+    def forward(self, *inputs):
+        if self._hybrid is not None:
+            return run_hybrid(self._hybrid, inputs)
+        dev = self._device()
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.relax_lib.module, dev)
+        out = self._vm["main"](*[_to_tvm(x, dev) for x in inputs])
+        return _to_torch(out)
+
+    def _write(self, path):
+        self.relax_lib.write(path)
+
+    def run_remote(self, host: str, port: int, *inputs, session_timeout: int = 60):
+        """Upload the exported library to a ``tvm.rpc`` server (or a tracker's device) at
+        ``host:port``, run it there on ``inputs``, and return the outputs as torch tensors."""
+        from tvm import rpc
+        self.check_inputs(inputs)
+        if self.target == "tvm:cuda":
+            raise SnncError("run_remote: only tvm:llvm modules run over RPC here (cuda needs a remote GPU)")
+        try:
+            remote = rpc.connect(host, int(port), session_timeout=session_timeout)
+        except Exception as e:  # tvm raises TVMError subclasses with long backtraces
+            raise SnncError(f"run_remote: cannot reach a TVM RPC server at {host}:{port}: {str(e).splitlines()[0]}") from None
+        with tempfile.TemporaryDirectory() as d:
+            lib_path = os.path.join(d, "snnc_module.so")
+            self.relax_lib.write(lib_path)
+            remote.upload(lib_path)
+        lib = remote.load_module("snnc_module.so")
+        dev = remote.cpu(0)
+        vm = relax.VirtualMachine(lib, dev)
+        args = [tvm.runtime.tensor(x.detach().contiguous().numpy(), device=dev) for x in inputs]
+        out = vm["main"](*args)
+        if isinstance(out, tvm.runtime.Tensor):
+            return torch.from_numpy(out.numpy())
+        return tuple(torch.from_numpy(o.numpy()) for o in out)
+
+
+def _prepare(gm, T):
+    g = copy.deepcopy(gm)
+    g.snnc_spec = copy.deepcopy(graph_spec(gm))  # a plain attribute: deepcopy of a GraphModule drops it
+    if not graph_spec(g).get("T"):
+        if T is None:
+            raise SnncError("the tvm targets compile multi-step graphs: run "
+                            "snnc.passes.unroll_timesteps(g, T) first, or pass T= to snnc.compile")
+        from snnc.passes import unroll_timesteps
+        g = unroll_timesteps(g, T=int(T))
+    g.eval()
+    return g if _annotated(g) else annotate(g)
+
+
+def _annotated(g) -> bool:
+    """Whether every node carries metadata matching the spec (passes end with ``annotate``, and a
+    deepcopy keeps it), so the graph need not be run again: that run costs as much as inference."""
+    placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(s) for s, _ in graph_spec(g)["inputs"]]
+    if len(placeholders) != len(shapes) or any(info(n) is None or info(n).shape != s
+                                                for n, s in zip(placeholders, shapes)):
+        return False
+    return all("snnc" in n.meta for n in g.graph.nodes if n.op not in ("output", "get_attr"))
+
+
+def _dump(dump_dir, target, relax_mod):
+    """Write the Relax module as TVMScript next to the snnc IR dumps (``tvm_llvm.relax.py``)."""
+    path = Path(dump_dir) / f"{target.replace(':', '_')}.relax.py"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(relax_mod.script()), overwrite=True)
+
+
+def cuda_source(lib) -> str:
+    """The generated CUDA C of a built ``tvm:cuda`` module (for inspection and tests)."""
+    todo, seen = [lib.mod if hasattr(lib, "mod") else lib], []
+    while todo:
+        m = todo.pop()
+        if m.kind == "cuda":
+            seen.append(m.inspect_source())
+        todo.extend(m.imports)
+    if not seen:
+        raise SnncError("cuda_source: the module holds no CUDA code (was it built for tvm:cuda?)")
+    return "\n".join(seen)
+
+
+def compile(gm, target="tvm:llvm", *, mode="auto", mcpu=None, num_cores=None, arch=None, T=None,
+            dump_dir=None, cache=True):
+    if mode not in MODES:
+        raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
+    if target == "tvm:cuda":
+        if mode == "hybrid":
+            raise SnncError("tvm:cuda has no hybrid mode (torch here is CPU-only); use mode='relax'")
+        tdict, device, mode = tb.cuda_target(arch), "gpu", "relax"
+    else:
+        tdict, device = tb.llvm_target(mcpu, num_cores), "cpu"
+        mode = "hybrid" if mode == "auto" else mode
+    g = _prepare(gm, T)
+    check_supported(g)
+    spec = graph_spec(g)
+    meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
+            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode}
+
+    relax_key = tb.graph_key(g, tdict, "relax")
+    get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
+    if dump_dir is not None:
+        _dump(dump_dir, target, to_relax(g, device))
+    if mode == "relax":
+        lib = get_relax()
+        if dump_dir is not None and target == "tvm:cuda":
+            atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
+                         overwrite=True)
+        return TVMModule(target, spec, meta, relax_lib=lib)
+    hg, make_kernels = hybrid_graph(g, device)
+    lib, _ = tb.cached(tb.graph_key(g, tdict, "hybrid"), lambda: tb.build_kernels(make_kernels(), tdict), cache)
+    bind_kernels(hg, lib.module)
+    return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
+
+
+def load(path, meta):
+    try:
+        lib = tvm.runtime.load_module(str(path))
+    except Exception as e:
+        from snnc.errors import FileFormatError
+        raise FileFormatError(f"{path} is not a loadable TVM library: {str(e).splitlines()[0]}") from None
+    meta = dict(meta)
+    return TVMModule(meta["target"], CompiledModule.spec_from_meta(meta), meta, relax_lib=tb.Built(lib, Path(path)))

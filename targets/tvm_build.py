@@ -1,0 +1,147 @@
+"""TVM build plumbing shared by the tvm targets: target dicts, host ISA detection, building a Relax
+module or a kernel library, and the compiled-module cache (in-process + on disk).
+
+Cache: the key hashes the graph's IR dump, every parameter and buffer, the input spec, the
+target dict, the build mode, the TVM version and the source of snnc's lowering files, so any
+change to the model or to the compiler misses. Entries are shared libraries in
+``$SNNC_CACHE_DIR`` (default ``~/.cache/snnc``) under ``tvm/``, written atomically; a second
+compile of the same graph loads the library instead of building it (tens of ms).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tvm
+
+from snnc.errors import SnncError
+from snnc.fileio import atomic_write
+
+_MEMORY_CACHE: dict[str, tuple] = {}  # key -> (runtime module, library path or None)
+_LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py")
+DEFAULT_CUDA_ARCH = "sm_80"
+
+
+def host_isa() -> dict:
+    """What LLVM sees on this CPU: its name (e.g. ``znver4``, ``sapphirerapids``) and the vector
+    extensions that matter for the kernels."""
+    from tvm.target import codegen
+    cpu = codegen.llvm_get_system_cpu()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return {"cpu": cpu, "features": [f for f in wanted if f in flags]}
+
+
+def llvm_target(mcpu: str | None = None, num_cores: int | None = None) -> dict:
+    """The ``tvm:llvm`` target dict. ``mcpu="host"`` uses the detected CPU; the default leaves
+    it unset, because untuned Relax convolutions ran 2x slower with ``mcpu`` (TVM-NOTES.md (a))."""
+    d = {"kind": "llvm", "num-cores": int(num_cores or os.cpu_count() or 1)}
+    if mcpu == "host":
+        mcpu = host_isa()["cpu"]
+    if mcpu:
+        d["mcpu"] = mcpu
+    return d
+
+
+def cuda_target(arch: str | None = None) -> dict:
+    arch = arch or DEFAULT_CUDA_ARCH
+    if not (arch.startswith("sm_") and arch[3:].isdigit()):
+        raise SnncError(f"tvm:cuda: arch={arch!r} is not a CUDA architecture like 'sm_80' or 'sm_90'")
+    return {"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}}
+
+
+def make_target(d: dict) -> tvm.target.Target:
+    return tvm.target.Target(d)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SNNC_CACHE_DIR") or Path.home() / ".cache" / "snnc"
+    return Path(root) / "tvm"
+
+
+def graph_key(gm, *parts) -> str:
+    """A hash of everything the built code depends on (see the module docstring)."""
+    from snnc.printer import dump
+    h = hashlib.sha256()
+    h.update(dump(gm).encode())
+    h.update(repr(gm.snnc_spec).encode())
+    for name, t in sorted(gm.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + repr(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    h.update(tvm.__version__.encode())
+    here = Path(__file__).parent
+    for f in _LOWERING_FILES:
+        p = here / f
+        if p.exists():
+            h.update(p.read_bytes())
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:32]
+
+
+def export_so(module, path) -> None:
+    """``export_library`` to ``path`` whatever its suffix (it picks the format from the suffix)."""
+    with tempfile.TemporaryDirectory() as d:
+        so = os.path.join(d, "lib.so")
+        module.export_library(so)
+        shutil.copyfile(so, path)
+
+
+class Built:
+    """A built TVM library: the loaded runtime module and, once written, its ``.so`` file (a
+    library loaded from a file cannot be re-exported, so exports copy the file)."""
+
+    def __init__(self, module, path=None):
+        self.module, self.path = module, path
+
+    def write(self, dest) -> None:
+        if self.path is not None:
+            shutil.copyfile(self.path, dest)
+        else:
+            export_so(self.module, dest)
+
+
+def cached(key: str, build, use_cache: bool = True) -> tuple[Built, bool]:
+    """``(built, hit)``: the library for ``key``, from memory, disk, or ``build()``."""
+    if use_cache and key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key], True
+    path = cache_dir() / f"{key}.so"
+    if use_cache and path.exists():
+        try:
+            _MEMORY_CACHE[key] = Built(tvm.runtime.load_module(str(path)), path)
+            return _MEMORY_CACHE[key], True
+        except Exception:  # a stale or truncated entry: rebuild it below
+            pass
+    built = Built(build())
+    if use_cache:
+        try:
+            atomic_write(path, built.write, overwrite=True)
+            built.path = path
+        except OSError:
+            pass  # a read-only cache folder only costs the next compile
+        _MEMORY_CACHE[key] = built
+    return built, False
+
+
+def build_relax(relax_mod, target: dict):
+    """``tvm.compile`` of a Relax module. On GPU the default pipeline applies the dlight rules
+    (Matmul, GEMV, Reduction, GeneralReduction, Fallback) to every unscheduled function; the
+    neuron kernels carry ``tir.is_scheduled`` and keep their own schedule."""
+    return tvm.compile(relax_mod, target=make_target(target))
+
+
+def build_kernels(funcs: dict, target: dict):
+    """One library holding the given PrimFuncs under their dict keys."""
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    return tvm.compile(mod, target=make_target(target))

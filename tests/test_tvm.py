@@ -1,0 +1,181 @@
+"""tvm:llvm / tvm:cuda: differential tests against the reference interpreter, export/load, cache,
+CUDA source checks (built with nvcc, not run: no GPU here), RPC on loopback, error messages."""
+import re
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import snnc
+from snnc.errors import InputError, SnncError, UnsupportedOp
+from snnc.ops import IF, LIF, DirectEncoder, ParametricLIF, PoissonEncoder, Readout
+from snnc.passes import unroll_timesteps
+from snnc.zoo import bench_net, digits_snn
+
+tvm = pytest.importorskip("tvm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """One fresh cache for this file: builds shared between tests hit it, nothing leaks out."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SNNC_CACHE_DIR", str(tmp_path_factory.mktemp("snnc_cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """digits_snn at width 4, T=4, batch 3, and its hybrid and standalone (Relax) modules."""
+    torch.manual_seed(1)
+    x = torch.rand(3, 1, 8, 8) * 3
+    g = _graph(digits_snn(4), x, T=4)
+    return {"x": x, "g": g, "ref": snnc.run(g, x),
+            "hybrid": snnc.compile(g, target="tvm:llvm"),
+            "relax": snnc.compile(g, target="tvm:llvm", mode="relax")}
+
+
+def _graph(model, x, T):
+    model.eval()
+    return unroll_timesteps(snnc.trace(model, x), T=T)
+
+
+def _agree(out, ref, spikes):
+    assert out.shape == ref.shape
+    if spikes:
+        assert (out == ref).float().mean().item() >= 0.999
+    else:
+        assert (out - ref).abs().max().item() <= 1e-4
+
+
+def _converted_if_net(width=4):
+    """A converted-style net: direct input, per-channel thresholds, IF with subtract reset,
+    membrane readout (what threshold balancing of digits_cnn produces)."""
+    return nn.Sequential(
+        DirectEncoder(), nn.Conv2d(1, width, 3, padding=1), IF(v_th=torch.rand(width, 1, 1) + 0.5),
+        nn.AvgPool2d(2), nn.Conv2d(width, width, 3, padding=1), IF(v_th=0.8, reset="zero", compare=">"),
+        nn.Flatten(), nn.Linear(width * 16, 10), Readout("membrane"))
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "relax"])
+def test_digits_snn_matches_reference(digits, mode):
+    m = digits[mode]
+    assert m.mode == mode
+    _agree(m(digits["x"]), digits["ref"], spikes=False)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "relax"])
+def test_bench_net_spikes_match_reference(mode):
+    x = torch.randn(3, 2, 3, 8, 8) * 2
+    net = bench_net((3, 8, 16))
+    with torch.no_grad():
+        for conv in net[0::2]:
+            conv.weight *= 8  # default init barely fires at 8 channels
+    g = _graph(net, x[0], T=3)
+    m = snnc.compile(g, target="tvm:llvm", mode=mode)
+    out, ref = m(x), snnc.run(g, x)
+    _agree(out, ref, spikes=True)
+    assert 0.01 < ref.mean().item() < 0.99  # the comparison is not between two all-zero tensors
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "relax"])
+def test_converted_if_net_per_channel_threshold(mode):
+    x = torch.rand(4, 1, 8, 8)
+    g = _graph(_converted_if_net(), x, T=6)
+    _agree(snnc.compile(g, target="tvm:llvm", mode=mode)(x), snnc.run(g, x), spikes=False)
+
+
+@pytest.mark.parametrize("neuron", [
+    LIF(decay=0.75, decay_input=True, v_leak=0.1, v_init=0.3),
+    LIF(tau=3.0, reset="zero", v_reset=-0.2, compare=">"),
+    ParametricLIF(init_tau=2.5, v_leak=-0.1),
+    IF(v_th=torch.tensor([0.5, 1.0, 1.5]).view(3, 1, 1)),
+])
+def test_neuron_variants_are_exact(neuron):
+    x = torch.randn(5, 2, 3, 4, 4) * 2
+    g = _graph(nn.Sequential(neuron), x[0], T=5)
+    ref = snnc.run(g, x)
+    assert 0.05 < ref.mean().item() < 0.95
+    assert torch.equal(snnc.compile(g, target="tvm:llvm")(x), ref)
+
+
+def test_hybrid_takes_any_batch_and_outputs_are_not_overwritten(digits):
+    x, g, m = digits["x"], digits["g"], digits["hybrid"]
+    big = torch.rand(7, 1, 8, 8)
+    a = m(big)
+    b = m(x)
+    _agree(a, snnc.run(g, big), spikes=False)
+    _agree(b, snnc.run(g, x), spikes=False)
+
+
+def test_export_load_round_trip(digits, tmp_path):
+    x, m = digits["x"], digits["hybrid"]
+    path = m.export(tmp_path / "digits.so")
+    loaded = snnc.load(path)
+    assert loaded.mode == "relax" and loaded.meta["T"] == 4 and loaded.meta["compiled_mode"] == "hybrid"
+    _agree(loaded(x), digits["ref"], spikes=False)
+    with pytest.raises(InputError, match=r"expected shape \[3, 1, 8, 8\]"):
+        loaded(torch.rand(2, 1, 8, 8))  # the standalone Relax module has static shapes
+    with pytest.raises(SnncError, match="exists"):
+        m.export(path)
+
+
+def test_second_compile_hits_the_cache(digits):
+    from snnc.targets import tvm_build
+    tvm_build._MEMORY_CACHE.clear()  # as in a new process: the disk cache serves it
+    t0 = time.perf_counter()
+    m = snnc.compile(digits["g"], target="tvm:llvm", mode="relax")
+    assert time.perf_counter() - t0 < 1.0
+    _agree(m(digits["x"]), digits["ref"], spikes=False)
+    changed = snnc.compile(_graph(digits_snn(4), digits["x"], T=4), target="tvm:llvm")  # new weights
+    assert not torch.equal(changed(digits["x"]), digits["ref"])
+
+
+def test_dump_dir_writes_relax_module(digits, tmp_path):
+    snnc.compile(digits["g"], target="tvm:llvm", dump_dir=tmp_path)
+    text = (tmp_path / "tvm_llvm.relax.py").read_text()
+    assert "R.call_tir" in text and "snn_lif_scan" in text and "R.nn.conv2d" in text
+
+
+def test_cuda_builds_one_fused_kernel_per_neuron_layer(digits, tmp_path):
+    from snnc.targets.tvm import cuda_source
+    g = digits["g"]
+    m = snnc.compile(g, target="tvm:cuda", arch="sm_80", dump_dir=tmp_path)
+    src = cuda_source(m.relax_lib.module)
+    assert src == (tmp_path / "tvm_cuda.cu").read_text()
+    scans = re.findall(r'__global__ void __launch_bounds__\(\d+\) (snn_lif_scan\w*_kernel)\([^)]*\) \{', src)
+    assert len(scans) == 3  # three LIF layers, one kernel each: no per-timestep kernels
+    body = src.split(f"{scans[0]}(")[2].split("\n}\n")[0]
+    assert "for (int t = 0; t < 4; ++t)" in body  # the time loop is inside the kernel
+    assert body.count("S_ptr[") == 1  # spikes written once per step, membrane in a register
+    assert "snn_readout_kernel" in src
+    with pytest.raises(SnncError, match="arch"):
+        snnc.compile(g, target="tvm:cuda", arch="ampere")
+
+
+def test_unsupported_op_names_node_and_lists_supported():
+    x = torch.rand(2, 1, 8, 8)
+    g = _graph(nn.Sequential(PoissonEncoder(seed=1), nn.Conv2d(1, 2, 3), LIF(tau=2.0)), x, T=2)
+    with pytest.raises(UnsupportedOp, match=r"node %\w+ .*snn\.poisson_encoder.*supported: .*nn\.conv2d.*snn\.lif"):
+        snnc.compile(g, target="tvm:llvm")
+
+
+def test_per_step_graph_needs_T():
+    x = torch.rand(2, 1, 8, 8) * 3
+    g = snnc.trace(digits_snn(4).eval(), x)
+    with pytest.raises(SnncError, match="unroll_timesteps"):
+        snnc.compile(g, target="tvm:llvm")
+    m = snnc.compile(g, target="tvm:llvm", T=3)
+    _agree(m(x), snnc.run(g, x, T=3), spikes=False)
+
+
+def test_run_remote_over_loopback_rpc(digits):
+    from tvm import rpc
+    x, m = digits["x"], digits["hybrid"]
+    server = rpc.Server(host="127.0.0.1", port=9091, port_end=9199)
+    try:
+        out = m.run_remote("127.0.0.1", server.port, x)
+    finally:
+        server.terminate()
+    _agree(out, digits["ref"], spikes=False)
