@@ -63,6 +63,55 @@ def stage_torch_target(state):
     print(f"[torch] target torch: accuracy {acc:.2f}%, {ms:.1f} ms for the test set")
 
 
+def _if_net(ann, calib):
+    """ReLU -> IF (subtract reset) with robust normalisation (Rueckauer 2017): each ReLU's 99.9th
+    percentile activation lam scales the layer before it by 1/lam and the next layer's weights by
+    lam, so IF firing rates approximate the ANN's activations. (A stand-in when the demo has no
+    threshold_balance stage; a state["snn"] graph from one is used instead.)"""
+    import copy
+    from snnc.ops import IF, DirectEncoder, Readout
+    snn = nn.Sequential(DirectEncoder(), *[IF() if isinstance(m, nn.ReLU) else m
+                                           for m in copy.deepcopy(ann)], Readout("membrane")).eval()
+    acts, prev, mods = [], 1.0, list(snn)
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.flatten())) for m in ann if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        ann(calib)
+        for h in hooks:
+            h.remove()
+        lams = iter([torch.quantile(a[:1 << 20], 0.999).item() for a in acts])
+        for i, m in enumerate(mods):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight *= prev
+            if isinstance(m, IF):
+                prev = next(lams)
+                before = next(a for a in reversed(mods[:i]) if isinstance(a, (nn.BatchNorm2d, nn.Linear, nn.Conv2d)))
+                before.weight /= prev
+                if before.bias is not None:
+                    before.bias /= prev
+    return snn
+
+
+def stage_tvm(state):
+    """The SNN compiled to tvm:llvm (torch convs + fused TVM neuron kernels), vs torch eager."""
+    from snnc.passes import unroll_timesteps
+    data, T = state["data"], 16
+    g = state.get("snn") or unroll_timesteps(snnc.trace(_if_net(state["ann"], data.x_train[:512]),
+                                                         data.x_test[:1]), T=T)
+    state["tvm_graph"] = g  # the unrolled SNN, for later stages (onnx)
+    t0 = time.perf_counter()
+    m = snnc.compile(g, target="tvm:llvm")
+    compile_s = time.perf_counter() - t0
+    eager = snnc.compile(g, target="torch")
+    times = {}
+    for name, fn in (("torch", eager), ("tvm", m)):
+        t0 = time.perf_counter()
+        times[name] = (accuracy(fn, data.x_test, data.y_test), time.perf_counter() - t0)
+    print(f"[tvm]   IF SNN (T={g.snnc_spec['T']}) on tvm:llvm: accuracy {times['tvm'][0]:.2f}% "
+          f"(torch eager {times['torch'][0]:.2f}%, ANN {state.get('ann_acc', float('nan')):.2f}%), "
+          f"test set in {1e3 * times['tvm'][1]:.0f} ms vs {1e3 * times['torch'][1]:.0f} ms eager, "
+          f"compiled in {compile_s:.1f}s")
+
+
 def stage_onnx(state):
     """Compile the newest graph of the demo (the unrolled SNN once one exists, else the traced
     ANN) to ONNX, export it, load it back without the model, and check it layer by layer."""
@@ -91,7 +140,7 @@ def stage_onnx(state):
           f"{report.targets['onnx'].status}, worst layer agreement {100 * worst:.3f}%")
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_onnx]
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_tvm, stage_onnx]
 
 
 def main():

@@ -95,17 +95,22 @@ class TVMModule(CompiledModule):
     def _write(self, path):
         self.relax_lib.write(path)
 
-    def run_remote(self, host: str, port: int, *inputs, session_timeout: int = 60):
-        """Upload the exported library to a ``tvm.rpc`` server (or a tracker's device) at
-        ``host:port``, run it there on ``inputs``, and return the outputs as torch tensors."""
+    def run_remote(self, host: str, port: int, *inputs, key: str | None = None, session_timeout: int = 60):
+        """Upload the exported library to a ``tvm.rpc`` server at ``host:port`` (with ``key``: a
+        device of that key from the RPC tracker at ``host:port``), run it there on ``inputs``,
+        and return the outputs as torch tensors. The remote runs the standalone Relax module."""
         from tvm import rpc
         self.check_inputs(inputs)
         if self.target == "tvm:cuda":
             raise SnncError("run_remote: only tvm:llvm modules run over RPC here (cuda needs a remote GPU)")
+        where = f"tracker {host}:{port} key {key!r}" if key else f"server {host}:{port}"
         try:
-            remote = rpc.connect(host, int(port), session_timeout=session_timeout)
+            if key:
+                remote = rpc.connect_tracker(host, int(port)).request(key, session_timeout=session_timeout)
+            else:
+                remote = rpc.connect(host, int(port), session_timeout=session_timeout)
         except Exception as e:  # tvm raises TVMError subclasses with long backtraces
-            raise SnncError(f"run_remote: cannot reach a TVM RPC server at {host}:{port}: {str(e).splitlines()[0]}") from None
+            raise SnncError(f"run_remote: cannot reach the TVM RPC {where}: {str(e).splitlines()[0]}") from None
         with tempfile.TemporaryDirectory() as d:
             lib_path = os.path.join(d, "snnc_module.so")
             self.relax_lib.write(lib_path)

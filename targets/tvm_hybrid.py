@@ -27,9 +27,9 @@ class TVMKernelCall(nn.Module):
     """Calls one compiled TVM kernel on ``[T, N, ...]``: a neuron scan (-> ``[T, N, ...]``) or a
     readout (-> ``[N, ...]``). The kernel is looked up by name in the shared library."""
 
-    def __init__(self, kind: str, name: str, threshold=None):
+    def __init__(self, kind: str, name: str, threshold=None, reuse_output=True):
         super().__init__()
-        self.kind, self.name = kind, name
+        self.kind, self.name, self.reuse_output = kind, name, reuse_output
         self.threshold = threshold
         self.lib = None
         self.fn = None
@@ -39,6 +39,8 @@ class TVMKernelCall(nn.Module):
         self.lib, self.fn = lib, lib[self.name]
 
     def _out(self, shape, dtype):
+        if not self.reuse_output:  # a module called twice per run: each call needs its own output
+            return torch.empty(shape, dtype=dtype)
         key = (tuple(shape), dtype)
         buf = self.buffers.get(key)
         if buf is None:
@@ -67,10 +69,12 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
     g = copy.deepcopy(gm)
     g.snnc_spec = gm.snnc_spec
     kernels = {}
+    calls = [n.target for n in g.graph.nodes if n.op == "call_module"]
     for node in g.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or isinstance(g.get_submodule(node.target), TVMKernelCall):
             continue
         mod = g.get_submodule(node.target)
+        once = calls.count(node.target) == 1
         if isinstance(mod, Neuron):
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
@@ -78,13 +82,13 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"scan_{len(kernels)}"
             kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
                              dict(device=device, lanes=pick_lanes(math.prod(sample))))
-            g.add_submodule(node.target, TVMKernelCall("scan", name, th))
+            g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif isinstance(mod, Readout):
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
                              dict(device=device, lanes=pick_lanes(math.prod(shape[2:]))))
-            g.add_submodule(node.target, TVMKernelCall("readout", name))
+            g.add_submodule(node.target, TVMKernelCall("readout", name, reuse_output=once))
     g.recompile()
     return g, lambda: {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
 

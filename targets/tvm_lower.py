@@ -41,10 +41,12 @@ def _f(dtype, value):
 
 
 def charge_rule(neuron, dtype="float32"):
-    """``charge(v, x)`` for an snnc neuron, op for op as its ``charge`` method (same rounding)."""
-    if isinstance(neuron, IF):
+    """``charge(v, x)`` for an snnc neuron, op for op as its ``charge`` method (same rounding).
+    Exact types only: a subclass may redefine ``charge``, and must not be lowered as its base."""
+    kind = type(neuron)
+    if kind is IF:
         return lambda v, x: v + x
-    if isinstance(neuron, LIF):
+    if kind is LIF:
         decay, gain, leak = _f(dtype, neuron.decay), _f(dtype, neuron.gain), _f(dtype, neuron.v_leak)
         if neuron.v_leak == 0.0:
             leaked = lambda v: v * decay
@@ -53,7 +55,7 @@ def charge_rule(neuron, dtype="float32"):
         if neuron.decay_input:
             return lambda v, x: leaked(v) + x * gain
         return lambda v, x: leaked(v) + x
-    if isinstance(neuron, ParametricLIF):
+    if kind is ParametricLIF:
         k = _f(dtype, neuron.w.detach().float().sigmoid().item())
         leak = _f(dtype, neuron.v_leak)
         return lambda v, x: v + (x - (v - leak)) * k

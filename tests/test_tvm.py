@@ -179,3 +179,21 @@ def test_run_remote_over_loopback_rpc(digits):
     finally:
         server.terminate()
     _agree(out, digits["ref"], spikes=False)
+
+
+def test_run_remote_names_an_unreachable_server(digits):
+    with pytest.raises(SnncError, match="cannot reach the TVM RPC server 127.0.0.1:1"):
+        digits["hybrid"].run_remote("127.0.0.1", 1, digits["x"], session_timeout=2)
+
+
+def test_shared_neuron_module_called_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = LIF(tau=2.0)
+
+        def forward(self, x):
+            return self.lif(x) + self.lif(x * 2)
+    x = torch.randn(4, 2, 3, 4, 4) * 2
+    g = _graph(Twice(), x[0], T=4)
+    _agree(snnc.compile(g, target="tvm:llvm")(x), snnc.run(g, x), spikes=True)
