@@ -189,12 +189,8 @@ def _run_target(name, probe_gm, gm, probes, inputs, options):
         outs = _as_list(compile_graph(probe_gm, target=name, **options)(*inputs))
         if len(outs) == len(probes):
             return outs
-    except UnsupportedOp:
-        raise
-    except SnncError:
-        pass
-    except Exception:  # e.g. a backend that only builds single-output graphs: fall back below
-        pass
+    except Exception:  # e.g. a backend that builds single-output graphs only: fall back below;
+        pass           # an op it cannot lower raises UnsupportedOp again there
     return [compile_graph(_cut(gm, [k]), target=name, **options)(*inputs) for k, _ in probes]
 
 

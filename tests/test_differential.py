@@ -9,7 +9,7 @@ from torch import nn
 
 import snnc
 from snnc.compiled import TARGETS
-from snnc.differential import FLOAT_AGREEMENT, differential
+from snnc.differential import FLOAT_AGREEMENT, INTEGER_ONLY_TARGETS, differential, unavailable_reason
 from snnc.errors import SnncError
 from snnc.ops import LIF, Neuron
 from snnc.passes import unroll_timesteps
@@ -37,13 +37,28 @@ def test_zoo_model_agrees_on_every_available_target(name):
     g, T, x = ZOO[name]()
     report = differential(g, x, T=T)
     assert report.ok, "\n" + report.failures()
-    assert {"torch", "onnx"} <= set(report.ran())
+    float_targets = {t for t in TARGETS if unavailable_reason(t) is None} - set(INTEGER_ONLY_TARGETS)
+    assert set(report.ran()) == float_targets >= {"torch", "onnx"}, str(report)  # none skipped as unsupported
     for t in report.ran():
         res = report.targets[t]
         spikes = [r for r in res.layers if r.spiking]
         assert len(spikes) == sum(isinstance(m, Neuron) for m in g.modules())
         assert all(r.agreement >= FLOAT_AGREEMENT for r in res.layers)
     assert "integer-only" in report.targets["tvm:int"].reason
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_integer_ir_is_bit_exact_on_integer_targets(name):
+    from snnc.passes import fold_bn, quantize_integer
+    from snnc.passes.quantize_integer import quantize_input
+    g, T, x = ZOO[name]()
+    q = quantize_integer(unroll_timesteps(fold_bn(g), T=T))
+    report = differential(q, quantize_input(q, x))
+    assert report.integer and report.ok, "\n" + report.failures()
+    assert all(t.required == 1.0 for t in report.targets.values())
+    want = {"torch"} | {t for t in INTEGER_ONLY_TARGETS if unavailable_reason(t) is None}
+    assert want <= set(report.ran()), str(report)
+    assert "int.conv2d has no onnx lowering" in report.targets["onnx"].reason
 
 
 # -- the harness itself, on fake targets registered for the test ----------------------------------
