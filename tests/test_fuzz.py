@@ -6,7 +6,9 @@ input kind (image or vector), static input + direct encoder or a ``[T, N, ...]``
 T, batch, then a list of blocks — conv (1x1 or 3x3, stride 1 or 2), BatchNorm with random running
 stats, average pooling, a residual block (conv-neuron-conv + skip add), a linear layer — each
 followed by an IF / LIF / ParametricLIF neuron with random threshold, reset, compare and leak, and
-an optional readout. The default run is short; ``-m slow`` runs 200 architectures.
+an optional readout. Half the recipes are quantized to the integer IR (``quantize_integer``), where
+every target that runs must be bit-exact. Every available target must run each graph (none may
+skip an op). The default run is short; ``-m slow`` runs 200 architectures.
 """
 import pytest
 import torch
@@ -15,9 +17,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import snnc
-from snnc.differential import differential
+from snnc.compiled import TARGETS
+from snnc.differential import INTEGER_ONLY_TARGETS, differential, unavailable_reason
 from snnc.ops import IF, LIF, DirectEncoder, ParametricLIF, Readout
-from snnc.passes import unroll_timesteps
+from snnc.passes import quantize_integer, unroll_timesteps
+from snnc.passes.quantize_integer import quantize_input
 
 neurons = st.fixed_dictionaries({
     "kind": st.sampled_from(["if", "lif_tau", "lif_decay", "plif"]),
@@ -42,6 +46,7 @@ recipes = st.fixed_dictionaries({
     "linear": st.lists(st.tuples(st.integers(1, 8), neurons), min_size=0, max_size=2),
     "readout": st.sampled_from([None, "membrane", "spike_count"]),
     "gain": st.sampled_from([1.0, 2.0, 4.0]),
+    "integer": st.booleans(),
 })
 
 
@@ -76,7 +81,7 @@ def build(recipe):
                 stride = b["stride"] if size >= 4 else 1
                 layers.append(nn.Conv2d(c, b["out"], b["kernel"], stride=stride, padding=b["kernel"] // 2))
                 c, size = b["out"], (size + stride - 1) // stride
-            elif b["op"] == "bn":
+            elif b["op"] == "bn" and not recipe["integer"]:  # the integer IR needs BN folded away
                 bn = nn.BatchNorm2d(c)
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
@@ -117,9 +122,14 @@ def check_recipe(recipe):
     T, batch = recipe["T"], recipe["batch"]
     g = unroll_timesteps(snnc.trace(model, torch.zeros(batch, *shape)), T=T)
     x = torch.rand(batch, *shape) * 2 if recipe["encoder"] else torch.rand(T, batch, *shape) * 2
+    if recipe["integer"]:  # the integer IR, compared bit for bit (tvm:int where it is built)
+        g = quantize_integer(g, leak="fixed", state_bits=32, input_range=2.0)
+        x = quantize_input(g, x)
     report = differential(g, x)
     assert report.ok, f"\n{snnc.dump(g)}\n{report.failures()}"
-    assert {"torch", "onnx"} <= set(report.ran()), str(report)
+    want = {t for t in TARGETS if unavailable_reason(t) is None}
+    want = want & {"torch", *INTEGER_ONLY_TARGETS} if recipe["integer"] else want - set(INTEGER_ONLY_TARGETS)
+    assert set(report.ran()) == want, str(report)  # no target skipped an op
 
 
 @settings(max_examples=5, deadline=None, database=None, suppress_health_check=list(HealthCheck))
