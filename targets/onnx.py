@@ -38,19 +38,26 @@ from torch import fx, nn
 
 from snnc.compiled import CompiledModule, output_meaning
 from snnc.errors import FileFormatError, SnncError, UnsupportedOp, node_ref
-from snnc.ir import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, example_inputs, graph_spec, op_name
+from snnc.ir import example_inputs, graph_spec, op_name
 from snnc.ops import Neuron, PoissonEncoder, Readout
 
 OPSET = 18
-# spiking-IR op names this target lowers; everything else raises UnsupportedOp
-_SNN_OPS = {"snn.if", "snn.lif", "snn.plif", "snn.direct_encoder", "snn.readout", "time.merge", "time.split"}
+# Every op of the spiking IR (the op tables plus every snnc.ops op) is exported from its reference
+# forward, except these, with why; ops the IR does not know raise UnsupportedOp as well.
 _REFUSED = {"snn.poisson_encoder": "torch's random stream cannot be reproduced in ONNX; feed encoded "
-                                   "spikes as the input instead"}
+                                   "spikes as the input instead",
+            "snn.neuron": "abstract base class"}
+_REFUSED_PREFIX = {"int.": "the integer IR runs on tvm:int or torch; ONNX has no saturating integer "
+                           "neuron arithmetic"}
+
+
+def _refusal(name: str) -> str | None:
+    return _REFUSED.get(name) or next((why for p, why in _REFUSED_PREFIX.items() if name.startswith(p)), None)
 
 
 def supported_ops() -> list[str]:
-    names = {s.name for s in (*MODULE_OPS.values(), *FUNCTION_OPS.values(), *METHOD_OPS.values())}
-    return sorted((names | _SNN_OPS) - set(_REFUSED))
+    from snnc.verifier import supported_ops as ir_ops
+    return [name for name in ir_ops() if _refusal(name) is None]
 
 
 def _check_ops(gm: fx.GraphModule) -> None:
@@ -60,7 +67,7 @@ def _check_ops(gm: fx.GraphModule) -> None:
             continue
         name = op_name(gm, n)
         if name not in ok:
-            why = f" ({_REFUSED[name]})" if name in _REFUSED else ""
+            why = f" ({_refusal(name)})" if _refusal(name) else ""
             raise UnsupportedOp(f"{node_ref(n)}: op {name} has no onnx lowering{why}; supported: "
                                 + ", ".join(supported_ops()))
 

@@ -118,3 +118,28 @@ def test_every_neuron_variant_bit_exact_in_both_loop_forms(loop):
     res = differential(g, x, targets=["onnx"], options={"onnx": {"loop": loop}}).targets["onnx"]
     spikes = [r for r in res.layers if r.spiking]
     assert len(spikes) == 3 and all(r.agreement == 1.0 for r in spikes), str(res)
+
+
+def test_other_snnc_ops_export_from_their_reference_forward():
+    """tdBN, NeuNorm, DSR neurons and QCFS need no ONNX code of their own: their forward is traced."""
+    from snnc.ops.dsr import DSRIF, DSRLIF
+    from snnc.ops.norm import NeuNorm, TDBatchNorm
+    from snnc.ops.qcfs import QCFS
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), TDBatchNorm(4), DSRIF(v_th=0.5), nn.Conv2d(4, 4, 3, padding=1),
+                        NeuNorm(4, 4, 4), DSRLIF(tau=2.0, v_th=0.5, alpha=0.5), nn.Conv2d(4, 4, 1), QCFS(), IF(),
+                        nn.Flatten(), nn.Linear(64, 3), Readout()).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.mul_(3)
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(2, 2, 4, 4)), T=4)
+    res = differential(g, torch.rand(4, 3, 2, 4, 4) * 2, targets=["onnx"]).targets["onnx"]
+    assert res.status == "ok" and len([r for r in res.layers if r.spiking]) == 3, str(res)
+
+
+def test_integer_ir_is_refused_with_reason():
+    from snnc.passes import quantize_integer
+    q = quantize_integer(unroll_timesteps(snnc.trace(bench_net((2, 3)), torch.zeros(1, 2, 4, 4)), T=2))
+    with pytest.raises(UnsupportedOp, match=r"op int.conv2d has no onnx lowering \(the integer IR runs on tvm:int"):
+        snnc.compile(q, target="onnx")
