@@ -62,9 +62,13 @@ def _neuron(r):
 
 
 class _Residual(nn.Module):
-    def __init__(self, c, neuron):
+    """``body(x) + x``; ``spiking=True`` ends the body in a neuron (spikes + spikes, SEW-ResNet's
+    ADD), the only residual the integer IR can add exactly (one scale on both sides)."""
+
+    def __init__(self, c, neuron, spiking=False):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), neuron, nn.Conv2d(c, c, 3, padding=1))
+        body = [nn.Conv2d(c, c, 3, padding=1), neuron, nn.Conv2d(c, c, 3, padding=1)]
+        self.body = nn.Sequential(*body, IF()) if spiking else nn.Sequential(*body)
 
     def forward(self, x):
         return self.body(x) + x
@@ -91,8 +95,8 @@ def build(recipe):
             elif b["op"] == "avgpool" and size % 2 == 0:
                 layers.append(nn.AvgPool2d(2))
                 size //= 2
-            elif b["op"] == "residual":
-                layers.append(_Residual(c, _neuron(b["neuron"])))
+            elif b["op"] == "residual" and not (recipe["integer"] and len(layers) <= int(recipe["encoder"])):
+                layers.append(_Residual(c, _neuron(b["neuron"]), spiking=recipe["integer"]))
             layers.append(_neuron(b["neuron"]))
         layers.append(nn.Flatten())
         features, shape = c * size * size, (recipe["channels"], recipe["size"], recipe["size"])
