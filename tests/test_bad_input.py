@@ -70,6 +70,16 @@ def test_nan_weights_are_refused_at_compile(graph, target):
         snnc.compile(bad, target=target)
 
 
+def test_nan_calibration_data_is_refused_naming_the_batch():
+    from snnc.passes import threshold_balance
+    from snnc.zoo import digits_cnn
+    g = snnc.trace(digits_cnn(4, bn=False).eval(), torch.zeros(2, 1, 8, 8))
+    calib = torch.rand(6, 1, 8, 8)
+    calib[4, 0, 2, 2] = float("nan")
+    with pytest.raises(InputError, match="calibration batch 1 contains 1 NaN/inf values"):
+        threshold_balance(g, [calib[:3], calib[3:]])
+
+
 def test_non_finite_neuron_attribute_is_refused():
     g = unroll_timesteps(snnc.trace(_net(), torch.zeros(2, 4)), T=3)
     lif = next(m for m in g.modules() if isinstance(m, LIF))
