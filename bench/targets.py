@@ -15,17 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from torch import nn
+# run as a script, bench/ is sys.path[0] and bench/tvm.py would shadow the tvm package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import snnc
-from snnc.compiled import TARGETS
-from snnc.differential import unavailable_reason
-from snnc.ops import IF, DirectEncoder, Readout
-from snnc.passes import unroll_timesteps
-from snnc.zoo import bench_net, digits_cnn
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import snnc  # noqa: E402
+from snnc.compiled import TARGETS  # noqa: E402
+from snnc.differential import unavailable_reason  # noqa: E402
+from snnc.ops import IF, DirectEncoder, Readout  # noqa: E402
+from snnc.passes import unroll_timesteps  # noqa: E402
+from snnc.zoo import bench_net, digits_cnn  # noqa: E402
 
 
 def digits_if_snn(width=16):
