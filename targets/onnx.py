@@ -12,11 +12,12 @@ and stateless layers become ``Conv``/``Gemm``/``AveragePool``... on the ``[T*N, 
 * **The loop over T**: ``loop="unroll"`` (default) writes T copies of a neuron's few elementwise
   ops; ``loop="scan"`` writes one ONNX ``Scan`` per neuron whose body is the neuron's own
   ``step`` (exported through ``torch._higher_order_ops.scan``), the membrane as loop state.
-  Both are bit-exact against the reference. Measured with onnxruntime 1.32, 1 thread
-  (``bench/onnx_loop_form.py``, ``bench/targets.py``): Scan wins on large layers (one LIF over
-  [8, 65536]: 0.26x the unrolled time; the bench net: about 0.95x) and loses on small ones (the
-  digits SNN: about 1.4x), because each Scan step is a subgraph call; unroll stays the default
-  since T is small (4-8) and small nets are the common case here.
+  Both are bit-exact against the reference. Measured with onnxruntime 1.32, 1 thread, on a
+  busy 2-core machine: on whole nets the two forms are within run-to-run noise (scan/unroll time
+  0.96-1.10 on the bench net, 1.05-1.38 on the digits SNN; ``bench/targets.py`` rows ``onnx`` and
+  ``onnx:scan``); on one large isolated LIF layer Scan was faster (0.26-0.73 for [8, 65536] and
+  [4, 2**21]; ``bench/onnx_loop_form.py``), on small ones equal. Unroll stays the default: the
+  same speed on real nets, and a flat graph every ONNX tool reads.
 * **Dynamic batch**: the batch dimension (dim 1 of ``[T, N, ...]`` inputs, dim 0 of static
   ``[N, ...]`` inputs) is a symbolic ONNX dimension; a graph that hard-codes its batch (e.g. a
   ``view(2, -1)``) is exported with a fixed batch instead and the module says so.
@@ -29,7 +30,6 @@ and stateless layers become ``Conv``/``Gemm``/``AveragePool``... on the ``[T*N, 
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import warnings
 
@@ -192,6 +192,8 @@ def compile(gm, target="onnx", T=None, loop="unroll"):
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     import onnx
     onnx.checker.check_model(proto)
+    # torch.export may also specialise the batch silently: trust the exported input shapes
+    dynamic = dynamic and all(not i.type.tensor_type.shape.dim[bdim].dim_value for i in proto.graph.input)
     meta = {"output": output_meaning(gm), "opset": OPSET, "loop": loop, "dynamic_batch": dynamic,
             "single_output": single}
     return OnnxModule(proto.SerializeToString(), graph_spec(gm), meta)

@@ -143,3 +143,21 @@ def test_integer_ir_is_refused_with_reason():
     q = quantize_integer(unroll_timesteps(snnc.trace(bench_net((2, 3)), torch.zeros(1, 2, 4, 4)), T=2))
     with pytest.raises(UnsupportedOp, match=r"op int.conv2d has no onnx lowering \(the integer IR runs on tvm:int"):
         snnc.compile(q, target="onnx")
+
+
+def test_hard_coded_batch_exports_fixed_batch_and_says_so():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.view(2, 4))  # the batch is baked into the graph
+
+    g = snnc.trace(Fixed(), torch.zeros(2, 1, 4))
+    m = snnc.compile(g, target="onnx")
+    assert m.meta["dynamic_batch"] is False
+    x = torch.rand(2, 1, 4)
+    assert torch.allclose(m(x), snnc.run(g, x), atol=1e-6)
+    with pytest.raises(SnncError, match=r"expected shape \[2, 1, 4\], got \[3, 1, 4\]"):
+        m(torch.rand(3, 1, 4))
