@@ -11,13 +11,15 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from .errors import FileFormatError, InputError, SnncError
+from .errors import FileFormatError, InputError, SnncError, VerifyError, node_ref
 from .fileio import OverwriteError, atomic_write, require_file
 from .ir import graph_spec
+from .ops import is_snnc_op
 
 TARGETS = {
     "torch": "snnc.targets.eager",
@@ -38,7 +40,26 @@ def _target_module(target: str):
 def compile(gm, target: str = "torch", **options) -> "CompiledModule":
     """Compile a spiking-IR graph for ``target`` (see ``TARGETS``)."""
     graph_spec(gm)
+    check_finite(gm)
     return _target_module(target).compile(gm, target=target, **options)
+
+
+def check_finite(gm) -> None:
+    """Refuse NaN / inf weights and op attributes (e.g. a broken checkpoint or a diverged
+    training run) before any target bakes them in; the error names the node and tensor."""
+    nodes = {n.target: n for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            owner = name.rpartition(".")[0]
+            where = node_ref(nodes[owner]) if owner in nodes else f"attribute {owner or name!r}"
+            raise VerifyError(f"{where}: tensor {name!r} has {int((~torch.isfinite(t)).sum())} NaN/inf "
+                              f"value(s) of {t.numel()}; fix the weights before compiling")
+    for n in gm.graph.nodes:
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        attrs = mod.attrs() if mod is not None and is_snnc_op(mod) else {}
+        for k, v in attrs.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise VerifyError(f"{node_ref(n)}: attribute {k}={v} is not finite")
 
 
 def load(path) -> "CompiledModule":
@@ -110,11 +131,17 @@ class CompiledModule(abc.ABC):
         for p in (path, meta_path):
             if p.exists() and not overwrite:
                 raise OverwriteError(f"{p} exists; pass overwrite=True to replace it")
+        had_artefact = path.exists()
         atomic_write(path, self._write, overwrite=overwrite)
         meta = {"format": "snnc-compiled", "version": 1, "target": self.target,
                 "inputs": [[list(s), d] for s, d in self.spec["inputs"]], "layout": self.spec["layout"],
                 "T": self.spec.get("T"), **self.meta}
-        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)), overwrite=overwrite)
+        try:
+            atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)), overwrite=overwrite)
+        except BaseException:
+            if not had_artefact:  # no half export: an artefact without metadata cannot be loaded
+                path.unlink(missing_ok=True)
+            raise
         return path
 
     @staticmethod

@@ -164,6 +164,7 @@ def stage_tvm(state):
     data, T = state["data"], 16
     g = state.get("snn") or unroll_timesteps(snnc.trace(_if_net(state["ann"], data.x_train[:512]),
                                                          data.x_test[:1]), T=T)
+    state["tvm_graph"] = g  # the unrolled SNN, for later stages (onnx)
     t0 = time.perf_counter()
     m = snnc.compile(g, target="tvm:llvm")
     compile_s = time.perf_counter() - t0
@@ -182,7 +183,37 @@ def stage_tvm(state):
 
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_direct_training, stage_convert, stage_tvm, stage_integer]
+def stage_onnx(state):
+    """Compile the newest graph of the demo (the unrolled SNN once one exists, else the traced
+    ANN) to ONNX, export it, load it back without the model, and check it layer by layer."""
+    import tempfile
+    from pathlib import Path
+
+    from torch import fx
+
+    from snnc.differential import differential
+    graphs = [v for v in state.values() if isinstance(v, fx.GraphModule) and hasattr(v, "snnc_spec")]
+    unrolled = [g for g in graphs if g.snnc_spec.get("T")]
+    g = (unrolled or graphs)[-1]
+    data = state["data"]
+    t0 = time.perf_counter()
+    m = snnc.compile(g, target="onnx")
+    compile_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = m.export(Path(tmp) / "net.onnx")
+        size_kb = path.stat().st_size / 1024
+        loaded = snnc.load(path)
+    acc = accuracy(loaded, data.x_test, data.y_test)
+    report = differential(g, data.x_test[:32], targets=["onnx"])
+    worst = min((r.agreement for r in report.targets["onnx"].layers), default=1.0)
+    print(f"[onnx]  target onnx (opset {m.meta['opset']}, T={g.snnc_spec.get('T')}): exported {size_kb:.0f} KiB "
+          f"in {compile_s:.1f}s, reloaded: accuracy {acc:.2f}%; differential vs reference: "
+          f"{report.targets['onnx'].status}, worst layer agreement {100 * worst:.3f}%")
+
+
+
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_direct_training, stage_convert, stage_tvm, stage_integer, stage_onnx]
 
 
 def main():
