@@ -76,7 +76,7 @@ def _neuron(mod, shape, dt):
 
 
 def _differs_from_nir(mod) -> bool:
-    return mod.reset_mode == "subtract" or mod.compare == ">=" or mod.v_init != 0.0
+    return mod.reset_mode != "zero" or mod.compare == ">=" or mod.v_init != 0.0
 
 
 def _const_mul_factor(node):
