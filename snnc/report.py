@@ -218,12 +218,20 @@ def plot_firing_rates(stats: dict, path):
 
 def read_bench_json(path) -> dict:
     """``{series: [(T, accuracy)]}`` from JSON lines with a ``T`` and an accuracy field."""
+    from .errors import FileFormatError
+    from .fileio import require_file
+    try:
+        text = require_file(path, "bench JSON file").read_text()
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path}: not a text file of JSON lines") from None
     series = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # bench scripts may print other lines too
+        if not isinstance(rec, dict):
             continue
-        rec = json.loads(line)
         acc = next((rec[k] for k in ("accuracy", "snn_accuracy", "acc") if isinstance(rec.get(k), (int, float))), None)
         if acc is None or not isinstance(rec.get("T"), int):
             continue
@@ -256,6 +264,7 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
 def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=None) -> dict:
     """Collect the stats and write ``report.md``, ``report.json``, ``firing_rates.png`` (and
     ``accuracy_vs_T.png`` from a bench JSON file) into ``out_dir``; returns their paths."""
+    series = read_bench_json(bench_json) if bench_json else None  # fail before the long part
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = collect(gm, dataset, T=T, ann=ann)
@@ -265,7 +274,7 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     plot_firing_rates(stats, paths["firing_rates"])
     if bench_json:
         paths["accuracy_vs_T"] = out / "accuracy_vs_T.png"
-        plot_accuracy_vs_T(read_bench_json(bench_json), paths["accuracy_vs_T"])
+        plot_accuracy_vs_T(series, paths["accuracy_vs_T"])
     return paths
 
 
