@@ -32,7 +32,7 @@ def _scaled(model):
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(3.0)
+            p.mul_(5.0)
     return model.eval()
 
 
@@ -41,7 +41,7 @@ def bench_spikingjelly(T, batch, repeats):
     m = _scaled(nn.Sequential(
         layer.Conv2d(3, 32, 3, padding=1, step_mode="m"), neuron.LIFNode(tau=2.0, step_mode="m"),
         layer.Conv2d(32, 32, 3, padding=1, step_mode="m"), neuron.LIFNode(tau=2.0, step_mode="m"),
-        layer.Flatten(step_mode="m"), layer.Linear(32 * 16 * 16, 10, step_mode="m"), neuron.IFNode(step_mode="m")))
+        layer.Flatten(step_mode="m"), layer.Linear(32 * 16 * 16, 10, step_mode="m"), neuron.IFNode(v_threshold=0.2, step_mode="m")))
     x = torch.rand(T, batch, 3, 16, 16)
 
     def theirs():
