@@ -111,12 +111,14 @@ class _Counter:
 
 
 def _run(gm, x, T):
+    """Run any graph on a static batch or a ``[T, N, ...]`` batch (repeating static input over T)."""
     from .runtime import run
     spec = gm.snnc_spec
+    static = x.dim() == len(spec["inputs"][0][0]) - (1 if spec["layout"] == "seq" else 0)
+    if spec["layout"] == "seq":
+        return run(gm, x.unsqueeze(0).expand(spec["T"] or T, *x.shape).contiguous() if static else x)
     if spec.get("T"):
         return run(gm, x)
-    if spec["layout"] == "seq":
-        return run(gm, x.unsqueeze(0).expand(T, *x.shape).contiguous() if x.dim() == len(spec["inputs"][0][0]) - 1 else x)
     return run(gm, x, T=T)
 
 
