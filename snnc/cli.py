@@ -104,14 +104,15 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     """Accuracy and latency of a compiled module (or graph file) on a data set."""
     from .pipeline import evaluate, open_compiled
-    module = open_compiled(args.path)
+    module = open_compiled(args.path, T=args.T, dt=args.dt)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
     res.update(path=str(args.path), target=module.target, data=args.data, split=args.split)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{args.path} [{module.target}] on {args.data}/{args.split}: accuracy {res['accuracy']:.2f}% "
-              f"({res['samples']} samples), {res['latency_ms_per_batch']:.2f} ms per batch of {args.batch_size}, "
+              f"({res['samples']} samples), {res['latency_ms_per_batch']:.2f} ms per batch of "
+              f"{min(args.batch_size, res['samples'])}, "
               f"{res['samples_per_s']:.0f} samples/s")
     return 0
 
@@ -211,10 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("run", help="accuracy and latency of a compiled module on a data set")
-    s.add_argument("path", help="compiled artefact (written by snnc compile) or graph file")
+    s.add_argument("path", help="compiled artefact (written by snnc compile), graph file or .nir file")
     s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
     s.add_argument("--split", default="test", choices=("train", "test"))
-    s.add_argument("--T", type=int, help="time steps for event data sets")
+    s.add_argument("--T", type=int, help="time steps (event data sets; unrolls a per-step graph file)")
+    s.add_argument("--dt", type=float, help="time step for a .nir file's time constants")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
     s.add_argument("--json", action="store_true", help="print one JSON line")

@@ -66,6 +66,8 @@ def test_compile_run_inspect_end_to_end(snn_files, capsys):
     assert res["latency_ms_per_batch"] > 0
     assert main(["inspect", str(d / "ir")]) == 0
     assert "+++ 01_unroll_timesteps.ir" in capsys.readouterr().out
+    assert main(["run", str(d / "snn.snnc"), "--T", "4", "--limit", "64", "--json"]) == 0  # a graph file, unrolled
+    assert json.loads(capsys.readouterr().out)["accuracy"] == res["accuracy"]
 
 
 def test_nir_export_and_inspect_through_the_cli(tmp_path, capsys):
@@ -89,6 +91,7 @@ def test_errors_are_one_line_with_exit_1(snn_files, cli):
         (["compile", d / "missing.pt", "-o", d / "o.pt"], "missing.pt does not exist"),
         (["run", d / "nothing.pt"], "does not exist"),
         (["run", d / "snn.pt"], "compile it first"),
+        (["run", d / "snn.snnc"], "per-step spiking graph: give --T"),
         (["run", d / "snn.snnc", "--data", "cifar"], "unknown data set spec 'cifar'"),
         (["report", d / "snn.snnc", "--bench-json", d / "snn.pt", "--samples", "8", "--T", "2", "--out", d / "r"],
          "not a text file of JSON lines"),
