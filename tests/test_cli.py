@@ -92,7 +92,7 @@ def test_errors_are_one_line_with_exit_1(snn_files, cli):
         (["run", d / "nothing.pt"], "does not exist"),
         (["run", d / "snn.pt"], "compile it first"),
         (["run", d / "snn.snnc"], "per-step spiking graph: give --T"),
-        (["run", d / "snn.snnc", "--data", "cifar"], "unknown data set spec 'cifar'"),
+        (["run", d / "snn.snnc", "--T", "2", "--data", "cifar"], "unknown data set spec 'cifar'"),
         (["report", d / "snn.snnc", "--bench-json", d / "snn.pt", "--samples", "8", "--T", "2", "--out", d / "r"],
          "not a text file of JSON lines"),
     ]
