@@ -168,17 +168,27 @@ def cmd_nir(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    """Fine-tune a graph with surrogate gradients on a data set (snnc.retrain) and save it."""
+    """Fine-tune a graph with surrogate gradients (insert_surrogate + snnc.retrain) and save it."""
     from torch.utils.data import DataLoader
 
+    from .ops import Neuron
     from .pipeline import optional
     from .runtime import save
     retrain = optional("snnc.training", "retrain", "snnc retrain")
     _refuse_overwrite(args.output, args.overwrite)
     gm = _graph_from(args, args.data)
-    loader = DataLoader(_dataset(args.data, "train", args.T), batch_size=64, shuffle=True)
-    out = retrain(gm, loader, epochs=args.epochs)
-    save(out, args.output, overwrite=args.overwrite)
+    if not gm.snnc_spec.get("T"):
+        if args.T is None:
+            raise SnncError("retrain: the graph is per-step; give --T to unroll it (backpropagation through time)")
+        from .passes import unroll_timesteps
+        gm = unroll_timesteps(gm, T=args.T)
+    if any(isinstance(m, Neuron) and m.surrogate is None for m in gm.modules()):
+        insert_surrogate = optional("snnc.passes", "insert_surrogate", "snnc retrain")
+        gm = insert_surrogate(gm, kind=args.surrogate)
+    loader = DataLoader(_dataset(args.data, "train", args.T), batch_size=args.batch_size, shuffle=True)
+    for row in retrain(gm, loader, epochs=args.epochs, lr=args.lr):
+        print(json.dumps(row))
+    save(gm, args.output, overwrite=args.overwrite)
     print(f"retrained {args.model} for {args.epochs} epoch(s) -> {args.output}")
     return 0
 
@@ -249,6 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="digits")
     s.add_argument("--T", type=int)
     s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--surrogate", default="atan", help="surrogate gradient kind (default atan, Fang 2021)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_retrain)
