@@ -244,6 +244,18 @@ def read_bench_json(path) -> dict:
     return {k: sorted(v) for k, v in series.items()}
 
 
+def _ann_accuracy(path):
+    """The ANN's accuracy if a bench line reports one (``ann_accuracy``), else None."""
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("ann_accuracy"), (int, float)):
+            return float(rec["ann_accuracy"])
+    return None
+
+
 def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     import matplotlib
     matplotlib.use("Agg")
@@ -254,6 +266,9 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     if ann_accuracy is not None:
         ax.axhline(ann_accuracy, color="gray", linestyle="--", label="ANN")
     ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("time steps T")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("converted SNN: accuracy vs T")
@@ -276,7 +291,7 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     plot_firing_rates(stats, paths["firing_rates"])
     if bench_json:
         paths["accuracy_vs_T"] = out / "accuracy_vs_T.png"
-        plot_accuracy_vs_T(series, paths["accuracy_vs_T"])
+        plot_accuracy_vs_T(series, paths["accuracy_vs_T"], ann_accuracy=_ann_accuracy(bench_json))
     return paths
 
 
