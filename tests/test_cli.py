@@ -144,3 +144,14 @@ def test_report_writes_table_json_and_plots(snn_files, capsys):
     for name in ("report.md", "report.json", "firing_rates.png", "accuracy_vs_T.png"):
         assert (d / "rep" / name).stat().st_size > 100
     assert (d / "rep" / "firing_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_builtin_and_scripts(cli):
+    rc, out, _ = cli("bench", "--builtin", "--quick")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and lines[0]["impl"] == "torch eager (per step)" and lines[0]["ratio"] == 1.0
+    torch_line = next(r for r in lines if r["impl"] == "snnc torch")
+    assert torch_line["ms"] > 0 and torch_line["ratio"] > 0
+    assert all("ratio" in r or "skipped" in r for r in lines)
+    rc, _, err = cli("bench", "no_such_bench")
+    assert rc == 1 and "no bench named 'no_such_bench'" in err and "frontends" in err
