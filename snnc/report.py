@@ -307,6 +307,7 @@ def quick_latency_bench(repeats=5, T=4, batch=8):
     from .tracer import trace
     from .zoo import bench_net
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # shared CPUs: thread oversubscription swamps small kernels; compare 1-thread
     model = bench_net(channels=(3, 16, 32, 32)).eval()
     x = torch.rand(T, batch, 3, 16, 16)
 
