@@ -104,6 +104,9 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     """Accuracy and latency of a compiled module (or graph file) on a data set."""
     from .pipeline import evaluate, open_compiled
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     module = open_compiled(args.path, T=args.T, dt=args.dt)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
     res.update(path=str(args.path), target=module.target, data=args.data, split=args.split)
@@ -230,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
     s.add_argument("--json", action="store_true", help="print one JSON line")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="firing rates, SOPs vs MACs, energy estimate: table + PNG plots")
