@@ -63,7 +63,8 @@ def cmd_compile(args) -> int:
     _refuse_overwrite(args.output, args.overwrite, Path(str(args.output) + ".snnc.json"))
     gm = _graph_from(args, args.calib)
     calib = DataLoader(_dataset(args.calib, "train", limit=args.calib_samples), batch_size=64) if args.convert else None
-    pm = PassManager(build_passes(calib, args.T, args.bits), dump_dir=args.dump_ir)
+    options = {"method": args.method} if args.method else {}
+    pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
     gm = pm.run(gm)
     module = compile_target(gm, args.target)
     out = module.export(args.output, overwrite=args.overwrite)
@@ -210,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--convert", action="store_true", help="ANN -> SNN conversion (snnc.convert) with --calib data")
     s.add_argument("--calib", help="calibration data: digits or NAME:ROOT")
     s.add_argument("--calib-samples", type=int, default=512, help="calibration samples (default 512)")
+    s.add_argument("--method", help="threshold balancing method passed to snnc.convert (e.g. max, percentile)")
     s.add_argument("--T", type=int, help="time steps: unroll the graph to a multi-step graph over T")
     s.add_argument("--bits", type=int, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
