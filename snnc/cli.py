@@ -189,7 +189,7 @@ def cmd_retrain(args) -> int:
     if any(isinstance(m, Neuron) and m.surrogate is None for m in gm.modules()):
         insert_surrogate = optional("snnc.passes", "insert_surrogate", "snnc retrain")
         gm = insert_surrogate(gm, kind=args.surrogate)
-    loader = DataLoader(_dataset(args.data, "train", args.T), batch_size=args.batch_size, shuffle=True)
+    loader = DataLoader(_dataset(args.data, "train", args.T, limit=args.limit), batch_size=args.batch_size, shuffle=True)
     for row in retrain(gm, loader, epochs=args.epochs, lr=args.lr):
         print(json.dumps(row))
     save(gm, args.output, overwrite=args.overwrite)
@@ -268,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--surrogate", default="atan", help="surrogate gradient kind (default atan, Fang 2021)")
+    s.add_argument("--limit", type=int, help="train on the first LIMIT samples only")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_retrain)

@@ -155,3 +155,16 @@ def test_bench_builtin_and_scripts(cli):
     assert all("ratio" in r or "skipped" in r for r in lines)
     rc, _, err = cli("bench", "no_such_bench")
     assert rc == 1 and "no bench named 'no_such_bench'" in err and "frontends" in err
+
+
+def test_retrain_unrolls_adds_surrogates_trains_and_saves(snn_files, cli):
+    pytest.importorskip("snnc.training")
+    d, _ = snn_files
+    rc, out, err = cli("retrain", d / "snn.snnc", "--T", "2", "--limit", "64", "--batch-size", "32", "--epochs", "2", "-o", d / "rt.snnc")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["loss"] < rows[0]["loss"]
+    g = snnc.load_graph(d / "rt.snnc")
+    assert g.snnc_spec["T"] == 2 and "surrogate=" in snnc.dump(g)
+    rc, _, err = cli("retrain", d / "snn.snnc", "-o", d / "rt2.snnc")
+    assert rc == 1 and "give --T" in err
