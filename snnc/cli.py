@@ -110,7 +110,7 @@ def cmd_run(args) -> int:
         torch.set_num_threads(args.threads)
     module = open_compiled(args.path, T=args.T, dt=args.dt)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
-    res.update(path=str(args.path), target=module.target, data=args.data, split=args.split)
+    res.update(path=str(args.path), target=module.target, T=module.spec.get("T"), data=args.data, split=args.split)
     if args.json:
         print(json.dumps(res))
     else:

@@ -65,7 +65,11 @@ def build_passes(convert_calib=None, T=None, bits=None, convert_options=None):
     passes = []
     if convert_calib is not None:
         convert = optional("snnc.conversion", "convert", "--convert (ANN -> SNN conversion)")
-        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=T, **(convert_options or {}))))
+        options = dict(convert_options or {})
+        if options.get("method") == "mse" and T is not None:
+            options.setdefault("T_target", T)  # mse tunes the scales for the T it will run at
+        # per-step result (T=None): unrolling is the next stage, with its own IR dump
+        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=None, **options)))
     if T is not None:
         from .passes import unroll_timesteps
 
