@@ -168,3 +168,22 @@ def test_retrain_unrolls_adds_surrogates_trains_and_saves(snn_files, cli):
     assert g.snnc_spec["T"] == 2 and "surrogate=" in snnc.dump(g)
     rc, _, err = cli("retrain", d / "snn.snnc", "-o", d / "rt2.snnc")
     assert rc == 1 and "give --T" in err
+
+
+def test_compile_convert_matches_snnc_convert(tmp_path, cli):
+    conversion = pytest.importorskip("snnc.conversion")
+    from torch.utils.data import DataLoader, Subset
+    from snnc.zoo import digits_cnn
+    torch.manual_seed(0)
+    ann = digits_cnn(4).eval()
+    torch.save(ann, tmp_path / "ann.pt")
+    rc, out, err = cli("compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples", "128",
+                       "--T", "4", "--dump-ir", tmp_path / "ir", "-o", tmp_path / "snn.pt")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00_input.ir", "01_convert.ir", "02_unroll_timesteps.ir"]
+    assert "snn.if(" in (tmp_path / "ir" / "01_convert.ir").read_text()
+    d = snnc.data.from_spec("digits", "train")
+    calib = DataLoader(Subset(d, range(128)), batch_size=64)
+    want = conversion.convert(ann, calib, T=4)
+    x = snnc.data.digits().x_test[:32]
+    assert torch.equal(snnc.load(tmp_path / "snn.pt")(x), snnc.run(want, x))
