@@ -85,6 +85,7 @@ class Builder:
         self.graph = fx.Graph()
         self.env, self.unit, self.spiking, self.unconverted = {}, {}, set(), set()
         self.recorders = {}
+        self.neurons = {}   # activation node name -> IF module name in the built graph
         self.uses = {}
         for n in self.root.graph.nodes:
             if n.op == "call_module":
@@ -95,8 +96,10 @@ class Builder:
         return self.root.get_submodule(node.target) if node.op == "call_module" else None
 
     def _put_module(self, node, module, prefix):
-        """Register ``module`` in place of the node's module (call_module) or under a new name."""
-        if node.op == "call_module":
+        """Register ``module`` in place of the node's module (a call_module whose module no other
+        node calls) or under a new name (function calls; a ReLU module called at several places,
+        which becomes one neuron layer per call)."""
+        if node.op == "call_module" and self.uses[node.target] == 1:
             parent, _, leaf = node.target.rpartition(".")
             setattr(self.root.get_submodule(parent) if parent else self.root, leaf, module)
             return node.target
@@ -211,6 +214,7 @@ class Builder:
                                 "be a float: use channel_wise=False or v_init_fraction=0 for this network")
         neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
         name = self._put_module(node, neuron, f"if_{node.name}")
+        self.neurons[node.name] = name
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.unit[node] = scale
         self.spiking.add(node)

@@ -32,6 +32,8 @@ Scales lambda (times ``scale``), from the calibration data (tqdm progress bar):
 ``channel_wise=True`` gives one lambda per channel (max / percentile / mse / spiking).
 ``v_init_fraction`` (default 0.5 for "mse" and "qcfs", else 0) starts membranes at a fraction of
 the threshold: 0.5 centres the rate-code rounding error (Bu 2022 Theorem 2).
+``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
+over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from snnc.runtime import reset as reset_state
 from snnc.ops.qcfs import QCFS
 
 from . import _calibration as cal
+from ._bias_correction import correct_biases
 from ._snn_builder import RECORD, Builder, is_activation
 
 METHODS = ("max", "percentile", "mse", "spiking", "qcfs")
@@ -140,7 +143,8 @@ def _prepare(gm, calib, method, batch_size):
 def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
             channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
             T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
-            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256):
+            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256,
+            bias_correction: bool = False):
     """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
     converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
     if v_init_fraction is None:
@@ -158,14 +162,20 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
         scales = {n: s * scale for n, s in
                   _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target).items()}
     cal.check_scales(scales)
-    return Builder(ann, scales, opts).build(), {n.name: s for n, s in scales.items()}
+    builder = Builder(ann, scales, opts)
+    snn = builder.build()
+    if bias_correction:
+        if batches is None:
+            raise InputError("threshold_balance: bias_correction=True needs calibration data")
+        correct_biases(snn, ann, nodes, scales, builder.neurons, batches, T_target)
+    return snn, {n.name: s for n, s in scales.items()}
 
 
 def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
                       channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
                       T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
                       max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
-                      batch_size: int = 256) -> fx.GraphModule:
+                      batch_size: int = 256, bias_correction: bool = False) -> fx.GraphModule:
     """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
 
     ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
@@ -174,4 +184,5 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
     """
     return balance(gm, calib, method=method, q=q, channel_wise=channel_wise, reset=reset,
                    encoding=encoding, T_calib=T_calib, scale=scale, v_init_fraction=v_init_fraction,
-                   max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size)[0]
+                   max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size,
+                   bias_correction=bias_correction)[0]

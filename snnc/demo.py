@@ -113,16 +113,35 @@ def stage_ecosystem(state):
 
     from snnc.report import collect, table
     data = state["data"]
-    try:
-        snn, what = snnc.convert(state["ann"], data.x_train[:256], T=8), "the converted digits CNN (T=8)"
-    except (ImportError, AttributeError, snnc.SnncError):
+    if "snn" in state:  # from stage_convert
+        snn, what = state["snn"], "the converted digits CNN (T=8)"
+    else:
         snn, what = g, "the small untrained SNN (T=8)"
     stats = collect(snn, TensorDataset(data.x_test, data.y_test), T=8)
     print(f"[report] activity and energy of {what}, per test sample:")
     print("\n".join("         " + line for line in table(stats).splitlines() if line))
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_ecosystem]
+def stage_convert(state):
+    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T, two methods."""
+    data, ann = state["data"], state["ann"]
+    calib = data.x_train[:256]
+    t0 = time.perf_counter()
+    rows = []
+    for method, opts in (("percentile", {}), ("mse", {"channel_wise": True})):
+        accs = []
+        for T in (4, 8, 32):
+            g = snnc.convert(ann, calib, T=T, method=method, **opts)
+            accs.append(accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test))
+        rows.append(f"{method:>10}: " + "  ".join(f"T={T}: {a:.2f}%" for T, a in zip((4, 8, 32), accs)))
+    state["snn"] = snnc.convert(ann, calib, T=8, method="mse", channel_wise=True)
+    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout), "
+          f"{time.perf_counter() - t0:.1f}s:")
+    for row in rows:
+        print("          " + row)
+
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_ecosystem]
 
 
 def main():
