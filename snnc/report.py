@@ -272,9 +272,13 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    many = len(series) > 6
+    fig, ax = plt.subplots(figsize=(9 if many else 6, 4.5 if many else 4))
+    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    for i, (name, pts) in enumerate(series.items()):
+        peer = not name.startswith("snnc") and "snnc" in " ".join(series)  # peers dashed, snnc solid
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o", linestyle="--" if peer else "-",
+                color=colors[i % len(colors)], label=name)
     if ann_accuracy is not None:
         ax.axhline(ann_accuracy, color="gray", linestyle="--", label="ANN")
     ax.set_xscale("log", base=2)
@@ -285,7 +289,10 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     ax.set_ylabel("accuracy (%)")
     ax.set_title("converted SNN: accuracy vs T")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=8)
     _save_png(fig, path)
     plt.close(fig)
 
