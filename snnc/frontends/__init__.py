@@ -63,7 +63,27 @@ def convert_children(model: nn.Module, ctx: ConvertContext) -> nn.Module:
         new = convert_module(child, sub)
         if new is not child:
             setattr(model, name, new)
+    if type(model) is nn.Sequential:
+        _fuse_time_groups(model)
     return model
+
+
+def _time_group(m) -> bool:
+    from ..ops import MergeTime, SplitTime
+    return type(m) is nn.Sequential and len(m) >= 2 and isinstance(m[0], MergeTime) and isinstance(m[-1], SplitTime)
+
+
+def _fuse_time_groups(seq: nn.Sequential) -> None:
+    """Adjacent ``merge -> a -> split``, ``merge -> b -> split`` children become one
+    ``merge -> a -> b -> split`` (the split/merge pair between them is an identity reshape)."""
+    names, absorbed = list(seq._modules), []
+    for first, second in zip(names, names[1:]):
+        a, b = seq._modules[first], seq._modules[second]
+        if _time_group(a) and _time_group(b) and a[-1].T == b[-1].T:
+            seq._modules[second] = nn.Sequential(*list(a)[:-1], *list(b)[1:])
+            absorbed.append(first)
+    for name in absorbed:
+        del seq._modules[name]
 
 
 def convert_foreign_modules(model: nn.Module, example_inputs=None) -> nn.Module:

@@ -21,6 +21,7 @@ Dropout`` become their torch.nn layer; in multi-step mode (``step_mode="m"``, in
 they become ``time.merge -> layer -> time.split(T)`` (``T`` from the example input), as do
 ``SeqToANNContainer(...)`` and the stateless members of ``MultiStepContainer(...)``; neurons in
 multi-step mode (or inside a ``MultiStepContainer``) become snnc neurons with ``step_mode="m"``.
+Adjacent stateless layers share one merge/split pair (``frontends._fuse_time_groups``).
 The surrogate gradient is not carried over (snnc ops get ``surrogate=None``: add one with
 ``snnc.passes.insert_surrogate``); ``detach_reset`` and ``store_v_seq`` only matter for training
 and monitoring.
@@ -34,7 +35,7 @@ from spikingjelly.activation_based.base import MemoryModule
 from torch import nn
 
 from ..ops import IF, LIF, MergeTime, ParametricLIF, SplitTime
-from . import convert_children, convert_module, register_neuron
+from . import _fuse_time_groups, convert_children, convert_module, register_neuron
 
 _NEURONS = (neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode)
 
@@ -120,7 +121,9 @@ def _multi_step_container(container, ctx, multi_step=False):
             out.append(_over_time([convert_children(c, ctx)], ctx))
         else:
             raise _unsupported(ctx, c, f"member {i} of a MultiStepContainer has no multi-step snnc form")
-    return nn.Sequential(*out)
+    seq = nn.Sequential(*out)
+    _fuse_time_groups(seq)
+    return seq
 
 
 _STATELESS = (layer.Conv1d, layer.Conv2d, layer.Linear, layer.BatchNorm1d, layer.BatchNorm2d, layer.AvgPool2d,
