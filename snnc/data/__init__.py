@@ -1,19 +1,25 @@
-"""Data sets. ``digits()`` is scikit-learn's 8x8 digits, shipped inside scikit-learn (no download)."""
+"""Data sets. ``digits()`` is scikit-learn's 8x8 digits, shipped inside scikit-learn (no download);
+``dataset(name, root, ...)`` reads MNIST, CIFAR-10, N-MNIST, CIFAR10-DVS and DVS Gesture from
+local folders (see ``registry.DATASETS`` and each loader's docstring for the folder layouts)."""
 from .digits import DataSplit, digits, loader
+from .framing import time_first, to_frames
+from .registry import DATASETS, dataset
+from .transforms import RandomCropFlip
 
-__all__ = ["digits", "loader", "DataSplit", "from_spec"]
+__all__ = ["digits", "loader", "DataSplit", "from_spec", "dataset", "DATASETS", "to_frames",
+           "time_first", "RandomCropFlip"]
 
 
-def from_spec(spec: str, split: str = "test", T=None):
+def from_spec(spec: str, split: str = "test", T=None, **options):
     """A dataset from a CLI-style spec: ``"digits"`` or ``"NAME:ROOT"`` (e.g. ``"nmnist:~/data/NMNIST"``).
 
-    Returns a ``torch.utils.data.Dataset`` of ``(x, label)``.
+    Returns a ``torch.utils.data.Dataset`` of ``(x, label)``; ``options`` go to ``dataset``.
     """
-    from torch.utils.data import TensorDataset
-
-    from ..errors import SnncError
-    name, _, root = spec.partition(":")
+    from ..errors import InputError
+    name, sep, root = spec.partition(":")
     if name == "digits" and not root:
-        d = digits()
-        return TensorDataset(d.x_train, d.y_train) if split == "train" else TensorDataset(d.x_test, d.y_test)
-    raise SnncError(f"unknown data set spec {spec!r}: expected 'digits' or NAME:ROOT with a known NAME")
+        return dataset("digits", None, split)
+    if not sep or not root or name not in DATASETS:
+        raise InputError(f"unknown data set spec {spec!r}: expected 'digits' or NAME:ROOT with NAME "
+                         f"one of {', '.join(n for n in DATASETS if n != 'digits')}")
+    return dataset(name, root, split=split, T=T, **options)
