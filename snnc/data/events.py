@@ -117,12 +117,11 @@ def nmnist(root, split="train", T=None, **options) -> EventDataset:
     check_split(split, "nmnist")
     expected = ["Train/0 .. Train/9 and Test/0 .. Test/9, each holding N-MNIST .bin event files"]
     split_dir = root / ("Train" if split == "train" else "Test")
-    if not root.is_dir():
-        raise incomplete("nmnist", root, expected, NMNIST_URL)
-    if split_dir.is_dir():
-        for d in sorted_entries(split_dir, files=False):
-            if d.name.isdigit() and int(d.name) > 9:
-                raise FileFormatError(f"{d}: label {d.name} is out of range for N-MNIST (0-9)")
+    if not split_dir.is_dir():
+        raise incomplete("nmnist", root, expected, NMNIST_URL, missing=[f"{split_dir.name}/"])
+    for d in sorted_entries(split_dir, files=False):
+        if d.name.isdigit() and int(d.name) > 9:
+            raise FileFormatError(f"{d}: label {d.name} is out of range for N-MNIST (0-9)")
     files = _label_folders("nmnist", split_dir, {str(d): (".bin",) for d in range(10)}, expected, NMNIST_URL)
     samples = [(f, int(c), None) for c, fs in files.items() for f in fs]
     return _event_dataset("nmnist", root, samples, "nmnist", (34, 34, 2), [str(d) for d in range(10)],

@@ -6,7 +6,8 @@ are dropped, and a recording shorter than T time units gives T empty frames), fi
 events with ``searchsorted`` on the (sorted) timestamps, and counts events per (polarity, y, x).
 tonic then loops over windows with ``np.add.at``; here one ``bincount`` over the flat index
 (bin, p, y, x) does all windows at once. The window bounds are computed with tonic's own
-expressions so the result is equal, not just close.
+expressions so the result is equal, not just close. (One deliberate difference: for a sample
+with no events tonic returns zeros shaped ``[T, P, W, H]``; here it is ``[T, P, H, W]`` always.)
 """
 from __future__ import annotations
 
