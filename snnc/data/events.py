@@ -68,8 +68,10 @@ class EventDataset(Dataset):
     def events(self, index) -> np.ndarray:
         """The raw events of sample ``index`` (tonic layout), denoised when asked."""
         path, _, window = self.samples[index]
-        if self._last[0] != path:
-            self._last = (path, READERS[self.reader](path))
+        st = path.stat()
+        stamp = (path, st.st_size, st.st_mtime_ns)
+        if self._last[0] != stamp:
+            self._last = (stamp, READERS[self.reader](path))
         ev = self._last[1]
         if window is not None:
             ev = ev[(ev["t"] >= window[0]) & (ev["t"] < window[1])]
