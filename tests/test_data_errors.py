@@ -1,6 +1,5 @@
 """Missing folders and corrupt files give one clear SnncError naming the folder or file, and the
 data folder is byte-for-byte unchanged afterwards (nothing created, moved or deleted)."""
-import gzip
 import os
 import pickle
 import re
@@ -8,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from data_writers import (encode_nmnist, tree_hash, write_aedat2, write_cifar10, write_cifar10_dvs,
-                          write_dvs_gesture, write_mnist, write_nmnist)
 from snnc.data import dataset
+from snnc.data.writers import (encode_nmnist, folder_digest, write_cifar10, write_cifar10_dvs, write_dvs_gesture,
+                               write_mnist, write_nmnist)
 from snnc.errors import FileFormatError, InputError
 
 pytest.importorskip("tonic")
@@ -18,10 +17,10 @@ pytest.importorskip("tonic")
 
 def raises_untouched(root, match, fn, error=FileFormatError):
     """``fn()`` raises ``error`` matching ``match`` and leaves every file under ``root`` as it was."""
-    before = tree_hash(root) if root.exists() else None
+    before = folder_digest(root) if root.exists() else None
     with pytest.raises(error, match=match) as info:
         fn()
-    after = tree_hash(root) if root.exists() else None
+    after = folder_digest(root) if root.exists() else None
     assert before == after
     return str(info.value)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import snnc
-from data_writers import write_cifar10, write_cifar10_dvs, write_dvs_gesture, write_mnist, write_nmnist
 from snnc.data import dataset, from_spec
+from snnc.data.writers import write_cifar10, write_cifar10_dvs, write_dvs_gesture, write_mnist, write_nmnist
 
 tonic = pytest.importorskip("tonic")
 from tonic.io import read_mnist_file  # noqa: E402
@@ -106,7 +106,7 @@ def test_dvs_gesture_windows_labels_and_frames(tmp_path):
 
 
 def test_aedat3_timestamp_overflow(tmp_path):
-    from data_writers import write_aedat3
+    from snnc.data.writers import write_aedat3
     from snnc.data.aedat import read_aedat3_polarity
     ev = {"x": np.array([1, 2, 3]), "y": np.array([4, 5, 6]), "p": np.array([0, 1, 1]),
           "t": np.array([5, 2 ** 31 + 7, 2 ** 31 + 9])}

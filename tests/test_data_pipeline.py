@@ -2,15 +2,14 @@
 CIFAR augmentation, and N-MNIST-format events run through an snnc SNN."""
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 import snnc
-from data_writers import tree_hash, write_cifar10, write_dvs_gesture, write_nmnist
 from snnc.data import RandomCropFlip, dataset, time_first
+from snnc.data.writers import folder_digest, write_cifar10, write_dvs_gesture, write_nmnist
 from snnc.ops import IF, Readout
 from snnc.passes import unroll_timesteps
 
@@ -20,12 +19,12 @@ pytest.importorskip("tonic")
 def test_cache_written_outside_data_folder_and_reused(tmp_path):
     data, cache = tmp_path / "nmnist", tmp_path / "cache"
     write_nmnist(data, per_class=1)
-    before = tree_hash(data)
+    before = folder_digest(data)
     ds = dataset("nmnist", data, "test", T=4, cache_dir=cache)
     first = [ds[i][0] for i in range(len(ds))]
     entries = sorted((cache / "nmnist").glob("*.pt"))
     assert len(entries) == 10 and not list(cache.rglob("*.tmp"))
-    assert tree_hash(data) == before
+    assert folder_digest(data) == before
     # a second dataset reads the cache: equal frames even though the source file is now unreadable
     mtimes = {p: p.stat().st_mtime_ns for p in entries}
     again = dataset("nmnist", data, "test", T=4, cache_dir=cache)

@@ -1,5 +1,6 @@
-"""Tiny writers for each on-disk data format snnc reads, so tests (and bench/data.py) can build
-folders in the published layouts without any download. Each writer returns what it wrote."""
+"""Writers for each on-disk format snnc reads, in the published folder layouts: the tests, the
+bench and the demo build small synthetic folders with them (no download), and users can write
+their own recordings in a format the loaders read. Each writer returns what it wrote."""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from .images import CIFAR10_CLASSES
 
 
 def random_events(rng, n, width, height, t_max=300_000):
@@ -157,7 +158,7 @@ def write_dvs_gesture(root: Path, trials=None, events=400, seed=0):
     return out
 
 
-def tree_hash(root: Path) -> dict:
+def folder_digest(root: Path) -> dict:
     """{relative path: sha256} of every file under ``root`` (and every folder, as None)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
             for p in sorted(root.rglob("*"))}
