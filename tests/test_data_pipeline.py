@@ -22,7 +22,7 @@ def test_cache_written_outside_data_folder_and_reused(tmp_path):
     before = folder_digest(data)
     ds = dataset("nmnist", data, "test", T=4, cache_dir=cache)
     first = [ds[i][0] for i in range(len(ds))]
-    entries = sorted((cache / "nmnist").glob("*.pt"))
+    entries = sorted((cache / "nmnist").glob("*.npy"))
     assert len(entries) == 10 and not list(cache.rglob("*.tmp"))
     assert folder_digest(data) == before
     # a second dataset reads the cache: equal frames even though the source file is now unreadable
@@ -32,7 +32,7 @@ def test_cache_written_outside_data_folder_and_reused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in entries} == mtimes
     # another T is another key; a damaged entry is recomputed, not fatal
     dataset("nmnist", data, "test", T=5, cache_dir=cache)[0]
-    assert len(list((cache / "nmnist").glob("*.pt"))) == 11
+    assert len(list((cache / "nmnist").glob("*.npy"))) == 11
     entries[0].write_bytes(b"garbage")
     assert any(torch.equal(again[i][0], first[i]) for i in range(10))
     assert all(torch.equal(again[i][0], first[i]) for i in range(10))

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..fileio import atomic_write
@@ -21,20 +22,27 @@ def cache_key(source: Path, **options) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cache_load(path: Path):
-    """The cached frames, or None when absent or unreadable (then the caller recomputes)."""
+def cache_load(path: Path, shape):
+    """The cached frames ``shape`` float32, or None when absent or unreadable (then recomputed)."""
     if not path.exists():
         return None
     try:
-        stored = torch.load(path, weights_only=True)
-    except Exception:  # a damaged cache entry is recomputed and replaced, never fatal
+        index, counts = np.load(path, allow_pickle=False)
+        frames = np.zeros(int(np.prod(shape)), np.float32)
+        frames[index] = counts
+        return torch.from_numpy(frames.reshape(shape))
+    except (OSError, ValueError, IndexError):   # a damaged entry is recomputed and replaced
         return None
-    return stored.to_dense().float() if stored.is_sparse else stored.float()
 
 
 def cache_store(path: Path, frames: torch.Tensor):
-    # event frames are mostly zeros: a COO tensor (index int64 x 4 + value int32 per entry) is
-    # stored when it is smaller than the dense float32 one
-    sparse = frames.to(torch.int32).to_sparse()
-    stored = sparse if sparse._nnz() * (8 * frames.dim() + 4) < frames.numel() * 4 else frames
-    atomic_write(path, lambda tmp: torch.save(stored, tmp), overwrite=True)
+    # event frames are mostly zeros: store (flat index, count) of the non-zero entries as one
+    # int64 [2, nnz] .npy (np.load is ~100x faster than torch.load for this)
+    flat = frames.reshape(-1).numpy()
+    index = np.flatnonzero(flat)
+    entry = np.stack([index, flat[index].astype(np.int64)])
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, entry, allow_pickle=False)
+    atomic_write(path, write, overwrite=True)

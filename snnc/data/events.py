@@ -86,8 +86,9 @@ class EventDataset(Dataset):
         if self.cache_dir is not None:
             key = cache_key(path, window=window, T=self.T, denoise_us=self.denoise_us,
                             sensor=self.sensor_size)
-            entry = self.cache_dir / self.name / f"{key}.pt"
-            cached = cache_load(entry)
+            entry = self.cache_dir / self.name / f"{key}.npy"
+            W, H, P = self.sensor_size
+            cached = cache_load(entry, (self.T, P, H, W))
             if cached is not None:
                 return cached
         frames = to_frames(self.events(index), self.sensor_size, self.T, source=path)
