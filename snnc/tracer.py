@@ -58,7 +58,7 @@ def trace(model: nn.Module, example_inputs, *, concrete_args=None) -> fx.GraphMo
     for i, x in enumerate(example):
         if not isinstance(x, torch.Tensor):
             raise TraceError(f"example_inputs[{i}] is a {type(x).__name__}, expected a torch.Tensor")
-    model = convert_foreign_modules(copy.deepcopy(model))
+    model = convert_foreign_modules(copy.deepcopy(model), example)
     tracer = _Tracer()
     if tracer.is_leaf_module(model, ""):  # a bare layer: trace it as a one-op graph
         model = nn.Sequential(model)

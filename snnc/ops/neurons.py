@@ -7,6 +7,9 @@ Every neuron follows the same three-phase update (spikingjelly's charge / fire /
                                                           Θ(z) = 1[z > 0]   (compare=">", Wu 2019)
     reset:   V[t] = H[t] - v_th * S[t]                    (reset="subtract", Rueckauer 2017)
              V[t] = H[t] * (1 - S[t]) + v_reset * S[t]    (reset="zero", hard reset to v_reset)
+             V[t] = H[t], and the next charge subtracts   (reset="subtract_after_leak", snntorch's
+                    v_th * Θ(V[t-1] - v_th) after the leak: Leaky: H[t] = beta V[t-1] + X[t] - v_th S[t-1],
+                    H[t] = f(V[t-1], X[t]) - v_th * Θ(V[t-1] - v_th)      the reset is not decayed)
     V[-1] = v_init
 
 Layouts: with ``step_mode="m"`` the input is ``[T, N, ...]`` and the loop over T runs inside
@@ -28,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-_RESETS = ("subtract", "zero")
+_RESETS = ("subtract", "zero", "subtract_after_leak")
 _COMPARES = (">=", ">")
 
 
@@ -76,11 +79,16 @@ class Neuron(nn.Module, abc.ABC):
     def reset_membrane(self, h, s):
         if self.reset_mode == "subtract":
             return h - self.v_th * s
+        if self.reset_mode == "subtract_after_leak":
+            return h
         return h * (1.0 - s) + self.v_reset * s
 
     def step(self, x, v):
         """One time step: returns ``(spikes, new_membrane)``."""
         h = self.charge(v, x)
+        if self.reset_mode == "subtract_after_leak":  # S[t-1] recomputed from V[t-1], as snntorch does
+            z = v - self.v_th
+            h = h - self.v_th * ((z >= 0) if self.compare == ">=" else (z > 0)).to(h.dtype)
         s = self.fire(h)
         return s, self.reset_membrane(h, s)
 
