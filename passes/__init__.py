@@ -2,9 +2,13 @@
 look passes up there). Adding a pass: its module here, plus one import in the list below."""
 from __future__ import annotations
 
+from .fold_bn import fold_bn
+from .threshold_balance import threshold_balance
 from .unroll_timesteps import unroll_timesteps
 
 PASSES = {f.__name__: f for f in (
+    fold_bn,
+    threshold_balance,
     unroll_timesteps,
 )}
 

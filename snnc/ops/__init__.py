@@ -1,9 +1,10 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics."""
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .neurons import IF, LIF, Neuron, ParametricLIF
+from .qcfs import QCFS, use_qcfs
 
 __all__ = ["IF", "LIF", "ParametricLIF", "Neuron", "DirectEncoder", "PoissonEncoder",
-           "Readout", "MergeTime", "SplitTime"]
+           "Readout", "MergeTime", "SplitTime", "QCFS", "use_qcfs"]
 
 
 def is_snnc_op(module) -> bool:

@@ -1,0 +1,160 @@
+"""threshold_balance: ANN graph -> per-step SNN graph: every ReLU becomes an IF neuron whose
+firing rate over T steps approximates the ReLU (clipped at a balanced scale lambda).
+
+Assumes: a traced ANN graph with BatchNorm already folded (run ``fold_bn`` first), one input,
+one output tensor (the logits, produced by a conv/linear layer), ReLU (module, function or
+method) or ``snnc.ops.QCFS`` activations; average pooling, flatten/view, residual adds,
+dropout. Max pooling is refused unless ``max_pool="spikes"``.
+
+Guarantees (per-step graph: run it T times, or ``unroll_timesteps(g, T)``):
+  * an encoder after the input (``DirectEncoder``: the analog input as a constant current every
+    step, Rueckauer 2017; or ``PoissonEncoder``: rate-coded spikes, Diehl 2015 / Rathi 2020)
+    and a ``Readout("membrane")`` after the last layer, which accumulates its input current and
+    never fires (its mean over T estimates the ANN's logits; Rueckauer 2017 §2.4);
+  * each activation becomes ``IF(v_th, reset, v_init = v_init_fraction * v_th)``; dropout is
+    removed; the input graph is not modified;
+  * **weights are scaled, not thresholds** (Rueckauer 2017 eq. 7-8): the layer producing an IF's
+    input is divided by lambda_l and the layer reading its spikes multiplied by lambda_l, so
+    v_th = 1 -- except where a residual add brings in spikes no layer can rescale; that IF gets
+    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise).
+    See ``passes/_snn_builder.py``. With direct input, the rate of an IF at large T is
+    clamp(a / lambda, 0, 1) up to 1/T, so the readout reproduces the ANN when lambda >= max(a).
+
+Scales lambda (times ``scale``), from the calibration data (tqdm progress bar):
+  * ``"max"``: the max activation (Diehl 2015, data-based normalisation);
+  * ``"percentile"``: the ``q``-th percentile of the positive activations (Rueckauer 2017, 99.9);
+  * ``"mse"``: the clip value minimising the error of a ``T_target``-step rate code with
+    half-threshold start (threshold search of Li 2021 with the quantiser of Bu 2022); low latency;
+  * ``"spiking"``: Rathi 2020 / Sengupta 2019 layer-by-layer balancing: layer l's lambda is the
+    max input current it receives over ``T_calib`` steps in the SNN converted up to layer l-1,
+    driven by the chosen encoding (Poisson in the papers); ``scale=0.7`` is Rathi's factor;
+  * ``"qcfs"``: the trained thresholds of ``QCFS`` activations (Bu 2022), no calibration.
+``channel_wise=True`` gives one lambda per channel (max / percentile / mse / spiking).
+``v_init_fraction`` (default 0.5 for "mse" and "qcfs", else 0) starts membranes at a fraction of
+the threshold: 0.5 centres the rate-code rounding error (Bu 2022 Theorem 2).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from snnc.errors import InputError, SnncError
+from snnc.ir import annotate, graph_spec, info
+from snnc.runtime import reset as reset_state
+from snnc.ops.qcfs import QCFS
+
+from . import _calibration as cal
+from ._snn_builder import RECORD, Builder, is_activation
+
+METHODS = ("max", "percentile", "mse", "spiking", "qcfs")
+RESETS = ("subtract", "zero")
+ENCODINGS = ("direct", "poisson")
+
+
+def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target):
+    if method not in METHODS:
+        raise InputError(f"threshold_balance: method={method!r}; expected one of {METHODS}")
+    if reset not in RESETS:
+        raise InputError(f"threshold_balance: reset={reset!r}; expected one of {RESETS}")
+    if encoding not in ENCODINGS:
+        raise InputError(f"threshold_balance: encoding={encoding!r}; expected one of {ENCODINGS}")
+    if not 0 < q <= 100:
+        raise InputError(f"threshold_balance: q={q} must be in (0, 100]")
+    if not scale > 0:
+        raise InputError(f"threshold_balance: scale={scale} must be > 0")
+    if not 0 <= v_init_fraction < 1:
+        raise InputError(f"threshold_balance: v_init_fraction={v_init_fraction} must be in [0, 1)")
+    if max_pool not in ("refuse", "spikes"):
+        raise InputError(f"threshold_balance: max_pool={max_pool!r}; expected 'refuse' or 'spikes'")
+    for name, v in (("T_calib", T_calib), ("T_target", T_target)):
+        if not isinstance(v, int) or v < 1:
+            raise InputError(f"threshold_balance: {name}={v!r} must be a positive int")
+
+
+def _ann_scales(gm, nodes, batches, method, q, channel_wise, T_target):
+    acts = cal.record_activations(gm, batches, nodes, desc=f"calibrating ({method})")
+    out = {}
+    for n in nodes:
+        s = cal.fill_dead(cal.reduce_scales(acts[n], method, q, channel_wise, T_target), n)
+        out[n] = cal.shape_scale(s, n)
+    return out
+
+
+def _spiking_scales(gm, nodes, batches, channel_wise, T_calib, scale, opts):
+    """Rathi 2020 Alg. 1 / Sengupta 2019: balance layer by layer on the partially converted SNN."""
+    scales = {}
+    bar = tqdm(total=len(nodes) * len(batches), desc="spiking balancing", disable=None, leave=False)
+    for n in nodes:
+        b = Builder(gm, {**scales, n.name: RECORD}, opts)
+        snn = b.build()
+        rec_name, unit = b.recorders[n.name]
+        peak = []
+
+        def hook(_m, args, _out):
+            cur = args[0] * unit                      # input current in ANN units
+            c = cur.transpose(0, 1).reshape(cur.shape[1], -1) if channel_wise else cur.reshape(1, -1)
+            peak.append(c.max(dim=1).values)
+
+        h = snn.get_submodule(rec_name).register_forward_hook(hook)
+        with torch.no_grad():
+            for x in batches:
+                reset_state(snn)
+                for _ in range(T_calib):
+                    snn(x)
+                bar.update()
+        h.remove()
+        reset_state(snn)
+        s = torch.stack(peak).max(dim=0).values.clamp(min=0)
+        scales[n] = cal.shape_scale(cal.fill_dead(s * scale, n), n)
+    bar.close()
+    return scales
+
+
+def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
+                      channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
+                      T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
+                      max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
+                      batch_size: int = 256) -> fx.GraphModule:
+    """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
+
+    ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
+    ``(x, y)`` tuples); not needed for ``method="qcfs"``.
+    """
+    if v_init_fraction is None:
+        v_init_fraction = 0.5 if method in ("mse", "qcfs") else 0.0
+    _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target)
+    spec = graph_spec(gm)
+    if spec.get("T") or spec.get("layout") != "step":
+        raise SnncError("threshold_balance: expects a per-step ANN graph (snnc.trace of the ANN); this "
+                        f"graph has layout={spec.get('layout')!r}, T={spec.get('T')}")
+    if len(spec["inputs"]) != 1:
+        raise SnncError(f"threshold_balance: the graph has {len(spec['inputs'])} inputs; one is supported")
+    ann = copy.deepcopy(gm)
+    ann.snnc_spec = copy.deepcopy(spec)
+    annotate(ann)
+    nodes = [n for n in ann.graph.nodes if is_activation(ann, n)]
+    qcfs = [n for n in nodes if isinstance(ann.get_submodule(n.target) if n.op == "call_module" else None, QCFS)]
+    if method == "qcfs" and len(qcfs) != len(nodes):
+        raise SnncError("threshold_balance: method='qcfs' needs every activation to be snnc.ops.QCFS "
+                        f"({len(nodes) - len(qcfs)} are ReLUs); train the ANN with snnc.ops.use_qcfs(model)")
+    batches = None if method == "qcfs" and calib is None else cal.calibration_batches(calib, batch_size)
+    sample = tuple(spec["inputs"][0][0][1:])
+    if batches is not None and any(tuple(b.shape[1:]) != sample for b in batches):
+        bad = next(tuple(b.shape) for b in batches if tuple(b.shape[1:]) != sample)
+        raise InputError(f"threshold_balance: calibration batch of shape {list(bad)} does not match the "
+                         f"graph's input [N, {', '.join(map(str, sample))}]")
+    signed = batches is not None and any(bool((b < 0).any()) for b in batches)
+    opts = {"reset": reset, "v_init_fraction": v_init_fraction, "encoding": encoding, "seed": seed,
+            "signed": signed, "max_pool": max_pool}
+    if method == "qcfs":
+        scales = {n: ann.get_submodule(n.target).threshold.detach().abs().reshape(()) * scale for n in nodes}
+    elif method == "spiking":
+        scales = _spiking_scales(ann, nodes, batches, channel_wise, T_calib, scale, opts)
+    else:
+        scales = {n: s * scale for n, s in
+                  _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target).items()}
+    cal.check_scales(scales)
+    return Builder(ann, scales, opts).build()
