@@ -5,10 +5,9 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 import snnc
-from snnc.data import RandomCropFlip, dataset, time_first
+from snnc.data import RandomCropFlip, dataset, dataset_loader
 from snnc.data.writers import folder_digest, write_cifar10, write_dvs_gesture, write_nmnist
 from snnc.ops import IF, Readout
 from snnc.passes import unroll_timesteps
@@ -54,10 +53,19 @@ def test_dataloader_workers_and_pickling(tmp_path):
     ds[0]
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._last == (None, None) and torch.equal(clone[1][0], ds[1][0])
-    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    loader = dataset_loader(ds, batch_size=4, num_workers=2)
     xs, ys = zip(*loader)
-    assert torch.equal(torch.cat(xs), torch.stack([ds[i][0] for i in range(len(ds))]))
+    assert xs[0].shape == (3, 4, 2, 128, 128)     # time-first batches
+    assert torch.equal(torch.cat(xs, dim=1), torch.stack([ds[i][0] for i in range(len(ds))], dim=1))
     assert torch.cat(ys).tolist() == ds.targets
+
+
+def test_image_batches_stay_batch_first(tmp_path):
+    write_cifar10(tmp_path)
+    x, y = next(iter(dataset_loader(dataset("cifar10", tmp_path, "test"), batch_size=3)))
+    assert x.shape == (3, 3, 32, 32) and y.shape == (3,)
+    x, y = next(iter(dataset_loader(dataset("digits", split="test"), batch_size=3)))
+    assert x.shape == (3, 1, 8, 8)
 
 
 def test_random_crop_flip():
@@ -96,7 +104,7 @@ def nmnist_snn():
 def test_nmnist_frames_through_an_snnc_snn(tmp_path):
     write_nmnist(tmp_path, per_class=1, events=2000)
     T = 6
-    loader = DataLoader(dataset("nmnist", tmp_path, "test", T=T), batch_size=5)
+    loader = dataset_loader(dataset("nmnist", tmp_path, "test", T=T), batch_size=5)
     torch.manual_seed(0)
     net = nmnist_snn()
     with torch.no_grad():
@@ -107,8 +115,7 @@ def test_nmnist_frames_through_an_snnc_snn(tmp_path):
     u = unroll_timesteps(g, T=T)
     compiled = snnc.compile(u, target="torch")
     outs = []
-    for x, _ in loader:
-        seq = time_first(x)
+    for seq, _ in loader:
         assert seq.shape == (T, 5, 2, 34, 34)
         ref = snnc.run(g, seq, T=T)
         assert torch.equal(snnc.run(u, seq), ref)

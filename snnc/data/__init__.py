@@ -3,10 +3,10 @@
 local folders (see ``registry.DATASETS`` and each loader's docstring for the folder layouts)."""
 from .digits import DataSplit, digits, loader
 from .framing import time_first, to_frames
-from .registry import DATASETS, dataset
+from .registry import DATASETS, dataset, dataset_loader
 from .transforms import RandomCropFlip
 
-__all__ = ["digits", "loader", "DataSplit", "from_spec", "dataset", "DATASETS", "to_frames",
+__all__ = ["digits", "loader", "DataSplit", "from_spec", "dataset", "dataset_loader", "DATASETS", "to_frames",
            "time_first", "RandomCropFlip"]
 
 

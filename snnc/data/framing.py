@@ -67,6 +67,13 @@ def to_frames(events: np.ndarray, sensor_size, T: int, source="events") -> torch
     return torch.from_numpy(counts.astype(np.float32).reshape(T, P, H, W))
 
 
+def collate_time_first(batch):
+    """DataLoader ``collate_fn`` for frame samples: ``(x [T, N, ...], labels [N])``."""
+    from torch.utils.data import default_collate
+    x, y = default_collate(batch)
+    return time_first(x), y
+
+
 def time_first(x: torch.Tensor) -> torch.Tensor:
     """A batch of frames ``[N, T, ...]`` (what a DataLoader stacks) as ``[T, N, ...]`` (what
     ``snnc.run`` and unrolled graphs take)."""

@@ -45,3 +45,17 @@ def dataset(name: str, root=None, split: str = "train", T: int | None = None, **
     if key not in DATASETS:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     return DATASETS[key](root, split=split, T=T, **options)
+
+
+def dataset_loader(ds, batch_size: int = 64, shuffle: bool = False, seed: int = 0, num_workers: int = 0):
+    """A DataLoader over ``ds`` whose batches fit snnc graphs: images ``[N, C, H, W]``; event
+    frames time-first ``[T, N, 2, H, W]`` (what ``snnc.run`` and unrolled graphs take)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .events import EventDataset
+    from .framing import collate_time_first
+    frames = isinstance(ds, EventDataset) and ds.T is not None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=collate_time_first if frames else None)
