@@ -14,8 +14,6 @@ from snnc.data.writers import write_cifar10, write_nmnist
 from snnc.passes import unroll_timesteps
 
 PAPER_CNN = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
-if not PAPER_CNN.exists():
-    PAPER_CNN = Path(__file__).resolve().parents[2] / "shared/data/nir-paper/cnn_sinabs.nir"
 
 
 def test_nir_paper_cnn_over_nmnist_files(tmp_path):
