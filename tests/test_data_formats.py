@@ -41,7 +41,7 @@ def test_mnist_torchvision_layout_and_standard_normalisation(tmp_path):
     assert torch.allclose(ds[0][0], (images[0] - 0.1307) / 0.3081)
 
 
-@pytest.mark.parametrize("binary,protocol", [(False, 2), (False, 4), (True, None)])
+@pytest.mark.parametrize("binary,protocol", [(False, "py2"), (False, 2), (False, 4), (True, None)])
 def test_cifar10_batches_pixels_and_labels(tmp_path, binary, protocol):
     written = write_cifar10(tmp_path, binary=binary, protocol=protocol)
     for split, n in (("train", 20), ("test", 4)):

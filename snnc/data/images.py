@@ -124,6 +124,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
+            if module == "numpy.core.multiarray" and hasattr(np, "_core"):
+                module = "numpy._core.multiarray"    # numpy 2 renamed it; the old name warns
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
@@ -131,6 +133,7 @@ class _BatchUnpickler(pickle.Unpickler):
 def _read_python_batch(path: Path):
     try:
         batch = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,

@@ -57,12 +57,32 @@ def write_cifar10(root: Path, per_batch=4, binary=False, seed=0, protocol=2):
         if binary:
             rec = np.concatenate([labels[:, None].astype(np.uint8), images.reshape(per_batch, -1)], axis=1)
             (folder / f"{name}.bin").write_bytes(rec.tobytes())
+        elif protocol == "py2":
+            (folder / name).write_bytes(python2_pickle_batch(images.reshape(per_batch, 3072), labels, name.encode()))
         else:
             batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
                      b"data": images.reshape(per_batch, 3072), b"filenames": [b"x.png"] * per_batch}
             (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         out[split].append((images, labels))
     return {k: (np.concatenate([i for i, _ in v]), np.concatenate([lab for _, lab in v])) for k, v in out.items()}
+
+
+def python2_pickle_batch(data: np.ndarray, labels, batch_label: bytes) -> bytes:
+    """A CIFAR-10 batch pickled the way the published files are: Python 2 cPickle, protocol 2,
+    keys and pixel bytes as py2 ``str`` (SHORT_BINSTRING/BINSTRING opcodes), the array through
+    ``numpy.core.multiarray._reconstruct``. Python 3's pickle cannot write py2 strings, so the
+    opcodes are spelled out."""
+    def pystr(b):
+        return b"U" + bytes([len(b)]) + b
+    raw = data.astype(np.uint8).tobytes()
+    dtype = (b"cnumpy\ndtype\n" + pystr(b"u1") + b"K\x00K\x01\x87R"            # dtype('u1', 0, 1)
+             + b"(K\x03" + pystr(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85" + pystr(b"b")
+             + b"\x87R" + b"(K\x01J" + struct.pack("<i", len(data)) + b"M" + struct.pack("<H", 3072) + b"\x86"
+             + dtype + b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb")   # __setstate__
+    label_list = b"](" + b"".join(b"K" + bytes([int(v)]) for v in labels) + b"e"
+    return (b"\x80\x02}(" + pystr(b"data") + array + pystr(b"labels") + label_list
+            + pystr(b"batch_label") + pystr(batch_label) + b"u.")
 
 
 # ---- N-MNIST .bin: 40 bits per event
