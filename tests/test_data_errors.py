@@ -84,6 +84,14 @@ def test_truncated_event_files_name_the_file(tmp_path):
     raises_untouched(tmp_path, re.escape(str(trial)) + ".*past the end", lambda: ds[0])
 
 
+def test_file_removed_after_listing(tmp_path):
+    written = write_nmnist(tmp_path / "n", per_class=1)
+    ds = dataset("nmnist", tmp_path / "n", "test", T=2, cache_dir=tmp_path / "c")
+    gone = written["test"][2][0]
+    gone.unlink()
+    raises_untouched(tmp_path / "n", re.escape(str(gone)) + ": listed when the data set was built", lambda: ds[2])
+
+
 def test_not_an_aedat_file(tmp_path):
     write_cifar10_dvs(tmp_path, per_class=1)
     victim = tmp_path / "cat" / "cifar10_cat_0.aedat"

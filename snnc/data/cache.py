@@ -15,10 +15,8 @@ from ..fileio import atomic_write
 CACHE_VERSION = 1
 
 
-def cache_key(source: Path, **options) -> str:
-    st = source.stat()
-    ident = {"file": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "version": CACHE_VERSION, **options}
+def cache_key(source: Path, size: int, mtime_ns: int, **options) -> str:
+    ident = {"file": str(source), "size": size, "mtime_ns": mtime_ns, "version": CACHE_VERSION, **options}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -68,10 +68,12 @@ class EventDataset(Dataset):
     def events(self, index) -> np.ndarray:
         """The raw events of sample ``index`` (tonic layout), denoised when asked."""
         path, _, window = self.samples[index]
-        st = path.stat()
-        stamp = (path, st.st_size, st.st_mtime_ns)
+        stamp = (path, *_stat(path))
         if self._last[0] != stamp:
-            self._last = (stamp, READERS[self.reader](path))
+            try:
+                self._last = (stamp, READERS[self.reader](path))
+            except OSError as e:
+                raise FileFormatError(f"{path}: cannot be read: {e}") from None
         ev = self._last[1]
         if window is not None:
             ev = ev[(ev["t"] >= window[0]) & (ev["t"] < window[1])]
@@ -84,7 +86,7 @@ class EventDataset(Dataset):
         path, _, window = self.samples[index]
         entry = None
         if self.cache_dir is not None:
-            key = cache_key(path, window=window, T=self.T, denoise_us=self.denoise_us,
+            key = cache_key(path, *_stat(path), window=window, T=self.T, denoise_us=self.denoise_us,
                             sensor=self.sensor_size)
             entry = self.cache_dir / self.name / f"{key}.npy"
             W, H, P = self.sensor_size
@@ -100,6 +102,15 @@ class EventDataset(Dataset):
         label = self.samples[index][1]
         x = self.events(index) if self.T is None else self.frames(index)
         return (self.transform(x) if self.transform else x), label
+
+
+def _stat(path: Path):
+    """(size, mtime) of a sample's file; an error naming it when it went away since listing."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise FileFormatError(f"{path}: listed when the data set was built, now unreadable: {e}") from None
+    return st.st_size, st.st_mtime_ns
 
 
 def _label_folders(name, split_dir: Path, labels, expected, url):
