@@ -177,6 +177,8 @@ def test_bad_arguments(tmp_path):
                      lambda: dataset("nmnist", tmp_path / "n", T=2, cache_dir=tmp_path / "n" / "cache"), InputError)
     raises_untouched(tmp_path, "split must be", lambda: dataset("nmnist", tmp_path / "n", "val"), InputError)
     raises_untouched(tmp_path, "unknown option", lambda: dataset("nmnist", tmp_path / "n", T=2, bins=3), InputError)
+    raises_untouched(tmp_path, r"mnist: unknown option\(s\) \['cache_dir'\]; known: \['normalize', 'transform'\]",
+                     lambda: dataset("mnist", tmp_path, cache_dir=tmp_path / "c"), InputError)
     raises_untouched(tmp_path, "T must be", lambda: dataset("nmnist", tmp_path / "n", T=0), InputError)
     raises_untouched(tmp_path, "unknown data set", lambda: dataset("imagenet", tmp_path), InputError)
     raises_untouched(tmp_path, "needs root", lambda: dataset("mnist", None), InputError)

@@ -1,6 +1,8 @@
 """``dataset(name, root, split, T, **options)``: the one entry point to every data set snnc reads."""
 from __future__ import annotations
 
+import inspect
+
 from ..errors import InputError
 from .events import cifar10_dvs, dvs_gesture, nmnist
 from .folders import check_split
@@ -44,7 +46,14 @@ def dataset(name: str, root=None, split: str = "train", T: int | None = None, **
     key = name.lower().replace("_", "-")
     if key not in DATASETS:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[key](root, split=split, T=T, **options)
+    load = DATASETS[key]
+    params = inspect.signature(load).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            known = [p for p in params if p not in ("root", "split", "T")]
+            raise InputError(f"{key}: unknown option(s) {unknown}; known: {known}")
+    return load(root, split=split, T=T, **options)
 
 
 def dataset_loader(ds, batch_size: int = 64, shuffle: bool = False, seed: int = 0, num_workers: int = 0):
