@@ -74,7 +74,8 @@ def read_aedat3_polarity(path) -> np.ndarray:
         end = pos + capacity * size
         if size <= 0 or capacity < 0 or end > len(blob):
             raise FileFormatError(f"{path}: AEDAT 3 packet at byte {pos - 28} claims {capacity} "
-                                  f"events of {size} bytes, past the end of the file (truncated?)")
+                                  f"events of {size} bytes, past the end of the file or impossible "
+                                  "(truncated or corrupt)")
         if kind == _POLARITY_EVENT:
             if size != 8:
                 raise FileFormatError(f"{path}: polarity packet with {size}-byte events, expected 8")

@@ -151,7 +151,8 @@ def cifar10_dvs(root, split="train", T=None, train_fraction=0.9, **options) -> E
     check_split(split, "cifar10-dvs")
     if not 0 < train_fraction < 1:
         raise InputError(f"cifar10-dvs: train_fraction must be in (0, 1), got {train_fraction}")
-    expected = ["one folder per class (" + ", ".join(CIFAR10_CLASSES) + ") holding AEDAT 2.0 .aedat files"]
+    expected = ["one folder per class (" + ", ".join(CIFAR10_CLASSES) + ") holding AEDAT 2.0 .aedat files "
+                "(the original release; .aedat4 re-encodings are not read)"]
     files = _label_folders("cifar10-dvs", root, {c: (".aedat",) for c in CIFAR10_CLASSES}, expected,
                            CIFAR10_DVS_URL)
     samples = []
