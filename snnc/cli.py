@@ -1,17 +1,81 @@
 """The ``snnc`` command line. Each subcommand is a ``cmd_<name>(args)`` function plus its
-arguments in ``_parser()``; errors from snnc print one line and exit 1 (usage errors exit 2)."""
+arguments in ``_parser()``; errors from snnc print one line and exit 1 (usage errors exit 2).
+
+    snnc compile MODEL [--convert --calib digits] [--T 8] [--bits 8] --target tvm:llvm [--dump-ir DIR] -o OUT
+    snnc inspect FILE|DIR          snnc run OUT --data digits       snnc report MODEL --data digits --T 8 --out DIR
+    snnc bench [NAME] [--quick]    snnc nir GRAPH -o FILE.nir        snnc retrain GRAPH --data digits -o OUT
+"""
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 from .errors import SnncError
 
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _dataset(spec, split, T=None, limit=None):
+    from torch.utils.data import Subset
+
+    from .data import from_spec
+    ds = from_spec(spec, split, T)
+    return Subset(ds, range(min(limit, len(ds)))) if limit else ds
+
+
+def _graph_from(args, data_spec=None):
+    """The spiking-IR graph of MODEL: read it, or trace a torch module on one data sample."""
+    import torch
+
+    from .pipeline import open_model
+    from .tracer import trace
+    kind, obj = open_model(args.model, dt=getattr(args, "dt", None))
+    if kind == "graph":
+        return obj
+    if args.input_shape:
+        example = torch.zeros([int(d) for d in args.input_shape.split(",")])
+    elif data_spec:
+        example = _dataset(data_spec, "train", limit=1)[0][0].unsqueeze(0).float()
+    else:
+        raise SnncError(f"{args.model} is a torch module: give --input-shape N,C,H,W (or --calib/--data) to trace it")
+    return trace(obj, example)
+
+
+def _refuse_overwrite(path, overwrite, *more):
+    for p in (Path(path), *more):
+        if p.exists() and not overwrite:
+            raise SnncError(f"{p} exists; pass --overwrite to replace it")
+
+
+def cmd_compile(args) -> int:
+    """Trace or read MODEL, run the pipeline (convert, unroll, quantise), compile, export."""
+    from torch.utils.data import DataLoader
+
+    from .passmanager import PassManager
+    from .pipeline import build_passes, check_target, compile_target
+    if args.convert and not args.calib:
+        raise SnncError("--convert needs --calib DATA (calibration data for threshold balancing)")
+    check_target(args.target)
+    _refuse_overwrite(args.output, args.overwrite, Path(str(args.output) + ".snnc.json"))
+    gm = _graph_from(args, args.calib)
+    calib = DataLoader(_dataset(args.calib, "train", limit=args.calib_samples), batch_size=64) if args.convert else None
+    pm = PassManager(build_passes(calib, args.T, args.bits), dump_dir=args.dump_ir)
+    gm = pm.run(gm)
+    module = compile_target(gm, args.target)
+    out = module.export(args.output, overwrite=args.overwrite)
+    for name, sec in pm.timings:
+        print(f"  {name:<18} {sec * 1e3:8.1f} ms")
+    where = f", IR dumps in {args.dump_ir}" if args.dump_ir else ""
+    print(f"compiled {args.model} -> {out} (target {args.target}, T={gm.snnc_spec.get('T')}{where})")
+    return 0
+
 
 def cmd_inspect(args) -> int:
-    """Print the IR of a saved graph, or the per-pass dumps of a --dump-ir folder with diffs."""
+    """Print the IR of a saved graph or .nir file, or the per-pass dumps of a --dump-ir folder with diffs."""
     from .printer import dump
     from .runtime import load_graph
     path = Path(args.path)
@@ -29,17 +93,163 @@ def cmd_inspect(args) -> int:
                 print("\n".join(diff) or f"== {f.name}: unchanged", end="\n\n")
             prev = (f.name, text)
         return 0
+    if path.suffix == ".nir":
+        from .nir import from_nir
+        print(dump(from_nir(path, dt=args.dt)), end="")
+        return 0
     print(dump(load_graph(path)), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Accuracy and latency of a compiled module (or graph file) on a data set."""
+    from .pipeline import evaluate, open_compiled
+    module = open_compiled(args.path)
+    res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
+    res.update(path=str(args.path), target=module.target, data=args.data, split=args.split)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.path} [{module.target}] on {args.data}/{args.split}: accuracy {res['accuracy']:.2f}% "
+              f"({res['samples']} samples), {res['latency_ms_per_batch']:.2f} ms per batch of {args.batch_size}, "
+              f"{res['samples_per_s']:.0f} samples/s")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Firing rates, spike counts, SOPs vs MACs and energy; a table and PNG plots in --out."""
+    from .report import write_report
+    gm = _graph_from(args, args.data)
+    ann = None
+    if args.ann:
+        from .pipeline import open_model
+        kind, ann = open_model(args.ann)
+        if kind != "module":
+            raise SnncError(f"--ann {args.ann}: expected a torch.save'd ANN module")
+    x = _dataset(args.data, "test", args.T, limit=args.samples)
+    paths = write_report(gm, x, T=args.T, out_dir=args.out, ann=ann, bench_json=args.bench_json)
+    print(Path(paths["table"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Run bench/<NAME>.py (all of them without NAME), or the built-in quick latency bench."""
+    if args.builtin or not BENCH_DIR.is_dir():
+        from .report import quick_latency_bench
+        for line in quick_latency_bench(repeats=3 if args.quick else 7):
+            print(json.dumps(line))
+        return 0
+    scripts = sorted(BENCH_DIR.glob("*.py"))
+    if args.name:
+        scripts = [s for s in scripts if s.stem == args.name]
+        if not scripts:
+            names = ", ".join(s.stem for s in sorted(BENCH_DIR.glob("*.py")))
+            raise SnncError(f"no bench named {args.name!r} in {BENCH_DIR}; available: {names}")
+    failed = []
+    for s in scripts:
+        r = subprocess.run([sys.executable, str(s)] + (["--quick"] if args.quick else []))
+        if r.returncode != 0:
+            failed.append(s.stem)
+    if failed:
+        raise SnncError(f"bench scripts failed: {', '.join(failed)}")
+    return 0
+
+
+def cmd_nir(args) -> int:
+    """Export a per-step graph (or a torch SNN module traced on --input-shape) to a NIR file."""
+    from .nir import to_nir
+    _refuse_overwrite(args.output, args.overwrite)
+    gm = _graph_from(args)
+    to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({len(list(gm.graph.nodes))} graph nodes, dt={args.dt or 1.0})")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    """Fine-tune a graph with surrogate gradients on a data set (snnc.retrain) and save it."""
+    from torch.utils.data import DataLoader
+
+    from .pipeline import optional
+    from .runtime import save
+    retrain = optional("snnc.training", "retrain", "snnc retrain")
+    _refuse_overwrite(args.output, args.overwrite)
+    gm = _graph_from(args, args.data)
+    loader = DataLoader(_dataset(args.data, "train", args.T), batch_size=64, shuffle=True)
+    out = retrain(gm, loader, epochs=args.epochs)
+    save(out, args.output, overwrite=args.overwrite)
+    print(f"retrained {args.model} for {args.epochs} epoch(s) -> {args.output}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snnc", description="snnc: a compiler for spiking neural networks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("inspect", help="print the IR of a saved graph, or a dump folder's per-pass diffs")
-    s.add_argument("path", help="graph file written by snnc.save, or a --dump-ir folder")
+
+    def model_args(s):
+        s.add_argument("model", help="MODEL.pt (torch.save'd nn.Module), snnc graph file, or .nir file")
+        s.add_argument("--input-shape", help="example input shape to trace a torch module, e.g. 1,1,8,8")
+        s.add_argument("--dt", type=float, help="time step for NIR time constants (.nir input / nir export)")
+
+    s = sub.add_parser("compile", help="trace/convert/unroll/quantise MODEL and compile it for a target")
+    model_args(s)
+    s.add_argument("--convert", action="store_true", help="ANN -> SNN conversion (snnc.convert) with --calib data")
+    s.add_argument("--calib", help="calibration data: digits or NAME:ROOT")
+    s.add_argument("--calib-samples", type=int, default=512, help="calibration samples (default 512)")
+    s.add_argument("--T", type=int, help="time steps: unroll the graph to a multi-step graph over T")
+    s.add_argument("--bits", type=int, help="integer weights of this width (quantize_integer; for tvm:int)")
+    s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
+    s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
+    s.add_argument("-o", "--output", required=True, help="artefact to write (plus OUT.snnc.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("inspect", help="print the IR of a graph/.nir file, or a dump folder's per-pass diffs")
+    s.add_argument("path", help="graph file written by snnc.save, a .nir file, or a --dump-ir folder")
     s.add_argument("--full", action="store_true", help="with a folder: print every dump in full, not diffs")
+    s.add_argument("--dt", type=float, help="time step for a .nir file's time constants")
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("run", help="accuracy and latency of a compiled module on a data set")
+    s.add_argument("path", help="compiled artefact (written by snnc compile) or graph file")
+    s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
+    s.add_argument("--split", default="test", choices=("train", "test"))
+    s.add_argument("--T", type=int, help="time steps for event data sets")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
+    s.add_argument("--json", action="store_true", help="print one JSON line")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("report", help="firing rates, SOPs vs MACs, energy estimate: table + PNG plots")
+    model_args(s)
+    s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
+    s.add_argument("--T", type=int, default=8, help="time steps for a per-step graph (default 8)")
+    s.add_argument("--samples", type=int, default=256, help="test samples to run (default 256)")
+    s.add_argument("--ann", help="the source ANN (torch.save'd module) for its MACs")
+    s.add_argument("--bench-json", help="JSON lines from the conversion bench, for the accuracy-vs-T plot")
+    s.add_argument("--out", default="snnc_report", help="output folder (default snnc_report)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("bench", help="run the bench/ scripts (JSON lines), or a built-in quick latency bench")
+    s.add_argument("name", nargs="?", help="bench script name (bench/NAME.py); all if omitted")
+    s.add_argument("--quick", action="store_true", help="short runs")
+    s.add_argument("--builtin", action="store_true", help="the built-in latency bench instead of bench/")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("nir", help="export a per-step graph to a NIR file")
+    model_args(s)
+    s.add_argument("-o", "--output", required=True, help="the .nir file to write")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_nir)
+
+    s = sub.add_parser("retrain", help="fine-tune a graph with surrogate gradients (snnc.retrain)")
+    model_args(s)
+    s.add_argument("--data", default="digits")
+    s.add_argument("--T", type=int)
+    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_retrain)
     return p
 
 

@@ -7,11 +7,14 @@ a discretisation; it is the forward-Euler step that norse and the NIR paper's re
     NIR LIF      tau dv/dt = (v_leak - v) + r I
     snnc         H[t] = v_leak + decay (V[t-1] - v_leak) + gain X[t]
                  decay = 1 - dt/tau,  gain = r dt/tau
-                 -> snn.lif {decay=1-dt/tau, decay_input=true, v_leak} (gain = 1 - decay = dt/tau),
-                    preceded by ``mul(x, r)`` when r != 1
-    NIR IF       dv/dt = r I   ->  H[t] = V[t-1] + r X[t]  (snn.if; dt is not applied: an IF has no
-                 time constant, and every NIR IF writer -- sinabs, snntorch, spikingjelly -- means
-                 "add the input once per step"; the paper's N-MNIST CNN is such a graph)
+                 r = 1      -> snn.lif {decay, decay_input=true, v_leak}  (gain = 1 - decay; norse,
+                               sinabs, spikingjelly with decay_input)
+                 r = tau/dt -> snn.lif {decay, v_leak}  (gain = 1; snntorch's Leaky export)
+                 otherwise  -> ``mul(x, gain)`` then snn.lif {decay, v_leak}
+    NIR IF       dv/dt = r I   ->  H[t] = V[t-1] + (dt r) X[t]: snn.if, preceded by ``mul(x, dt r)``
+                 unless dt r = 1. spikingjelly writes r = 1/dt; sinabs writes r = 1 and no time
+                 constant anywhere, which reads right with the default dt = 1 for graphs without LIF
+                 nodes (dt is required when the graph has a time constant).
     fire/reset   NIR: z = 1[v > v_threshold], then v = v_reset  ->  compare=">", reset="zero"
 
 Per-neuron ``v_threshold`` arrays become a tensor ``v_th`` (reduced to a float or ``[C,1,1]``
@@ -117,9 +120,21 @@ def _neuron_kwargs(meta: dict) -> dict:
     return kw
 
 
+def _input_gain(gain: np.ndarray, one: float):
+    """The factor to multiply the input by before a neuron whose own gain is ``one``, or ``None``
+    when every neuron's ``gain`` equals it (up to the float32 rounding of the NIR file)."""
+    return None if np.allclose(gain, one, rtol=1e-6, atol=0.0) else gain / one
+
+
 def _if(name, node, dt, meta):
+    """IF: forward Euler of dv/dt = r I is H = V + (dt r) X; dt defaults to 1 for graphs
+    without time constants (sinabs writes r = 1 meaning one input per step; spikingjelly writes
+    r = 1/dt)."""
     v_reset = _uniform(name, "v_reset", _arr(node.v_reset))
-    return IF(v_th=threshold_value(node.v_threshold), v_reset=v_reset, **_neuron_kwargs(meta)), _arr(node.r)
+    m = IF(v_th=threshold_value(node.v_threshold), v_reset=v_reset, **_neuron_kwargs(meta))
+    if meta.get("snnc_op") == "snn.if":
+        return m, None
+    return m, _input_gain((1.0 if dt is None else dt) * _arr(node.r), 1.0)
 
 
 def _lif(name, node, dt, meta):
@@ -130,21 +145,24 @@ def _lif(name, node, dt, meta):
         m = ParametricLIF(v_leak=float(meta.get("v_leak", 0.0)), v_th=v_th, **kw)
         with torch.no_grad():
             m.w.fill_(float(meta["w"]))
-        return m, np.ones(1)
+        return m, None
     if op == "snn.lif":
         lif_kw = {"tau": float(meta["tau"])} if "tau" in meta else {"decay": float(meta["decay"])}
         m = LIF(decay_input=bool(meta.get("decay_input", False)), v_leak=float(meta.get("v_leak", 0.0)),
                 v_th=v_th, **lif_kw, **kw)
-        return m, np.ones(1)
+        return m, None
     if dt is None:
         raise SnncError(f"NIR node '{name}' (LIF) has a time constant: pass dt= (the simulation step, in "
                         "the unit of tau) to snnc.from_nir")
     tau = _uniform(name, "tau", _arr(node.tau))
     if not tau > dt:
         raise UnsupportedOp(f"NIR node '{name}' (LIF): tau={tau:g} <= dt={dt:g}; forward Euler needs tau > dt")
-    m = LIF(decay=1.0 - dt / tau, decay_input=True, v_leak=_uniform(name, "v_leak", _arr(node.v_leak)),
-            v_th=v_th, **kw)
-    return m, _arr(node.r)
+    decay, gain = 1.0 - dt / tau, _arr(node.r) * dt / tau
+    v_leak = _uniform(name, "v_leak", _arr(node.v_leak))
+    if _input_gain(gain, dt / tau) is None:      # r = 1: spikingjelly's decay_input form
+        return LIF(decay=decay, decay_input=True, v_leak=v_leak, v_th=v_th, **kw), None
+    m = LIF(decay=decay, v_leak=v_leak, v_th=v_th, **kw)  # gain 1 (snntorch's r = tau/dt), else scale
+    return m, _input_gain(gain, 1.0)
 
 
 def _conv(node, dims):
@@ -294,8 +312,9 @@ def from_nir(graph_or_path, dt: float | None = None) -> fx.GraphModule:
         elif isinstance(node, nir.Scale):
             values[name] = b.scale(name, x, np.asarray(node.scale), _out_shape(node))
         elif isinstance(node, (nir.IF, nir.LIF)):
-            neuron, r = (_if if isinstance(node, nir.IF) else _lif)(name, node, dt, meta)
-            x = b.scale(f"{name}_r", x, r, _out_shape(node))
+            neuron, gain = (_if if isinstance(node, nir.IF) else _lif)(name, node, dt, meta)
+            if gain is not None:
+                x = b.scale(f"{name}_r", x, gain, _out_shape(node))
             values[name] = b.module(name, neuron, x)
         elif isinstance(node, nir.CubaLIF):
             raise UnsupportedOp(f"NIR node '{name}' (CubaLIF) has two state variables (synaptic current and "

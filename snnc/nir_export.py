@@ -4,7 +4,7 @@ The inverse of the discretisation in ``snnc/nir.py`` (forward Euler with step ``
 
     snn.lif {decay, gain}  ->  LIF(tau = dt / (1 - decay), r = gain / (1 - decay), v_leak, ...)
     snn.plif (k = sigmoid(w)) ->  LIF(tau = dt / k, r = 1, v_leak)
-    snn.if                 ->  IF(r = 1, v_threshold, v_reset)
+    snn.if                 ->  IF(r = 1/dt, v_threshold, v_reset)   (one input per step)
 
 NIR's neurons fire on ``v > v_threshold`` and reset to ``v_reset``. snnc neurons that compare
 with ``>=``, reset by subtraction or start from ``v_init != 0`` have no NIR field for that: the
@@ -57,7 +57,7 @@ def _neuron(mod, shape, dt):
         meta["v_init"] = mod.v_init
     v_th, v_reset = _full(mod.v_th, shape), _full(mod.v_reset if mod.reset_mode == "zero" else 0.0, shape)
     if isinstance(mod, IF):
-        return nir.IF(r=_full(1.0, shape), v_threshold=v_th, v_reset=v_reset, metadata=meta)
+        return nir.IF(r=_full(1.0 / dt, shape), v_threshold=v_th, v_reset=v_reset, metadata=meta)
     if isinstance(mod, ParametricLIF):
         k = float(mod.w.detach().sigmoid())
         meta.update(w=float(mod.w.detach()), v_leak=mod.v_leak)

@@ -56,7 +56,7 @@ def test_lif_needs_dt_and_rockpool_file_imports_despite_its_type_error():
     with pytest.raises(SnncError, match="'1' \\(LIF\\).*pass dt="):
         snnc.from_nir(PAPER / "lif_norse.nir")
     gm = snnc.from_nir(PAPER / "lif_rockpool.nir", dt=1e-4)  # nir.read's type check rejects this file
-    assert "mul(%1, 24.0197)" in snnc.dump(gm)                 # r != 1 becomes a scale before the LIF
+    assert "mul(%1, 0.96079)" in snnc.dump(gm)  # gain r dt/tau = 24.02 * 0.04 is neither 1 nor dt/tau
     assert snnc.run(gm, paper_lif_input(), T=1000).sum() > 0
 
 
@@ -228,3 +228,25 @@ def test_export_errors_and_files(tmp_path):
         snnc.from_nir(path)
     with pytest.raises(FileFormatError, match="does not exist"):
         snnc.from_nir(tmp_path / "missing.nir")
+
+
+def test_spikingjelly_nir_export_imports_and_matches_spikingjelly():
+    pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based import functional, neuron
+    from spikingjelly.activation_based.nir_exchange.to_nir import export_to_nir
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), neuron.IFNode(v_threshold=0.5), nn.Flatten(),
+                      nn.Linear(4 * 36, 5), neuron.LIFNode(tau=2.0)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)
+    x = torch.rand(10, 3, 2, 6, 6)
+    g = export_to_nir(m, x[0], dt=1e-4)  # IF r = 1/dt, LIF tau = 2 dt: continuous-time parameters
+    gm = snnc.from_nir(g, dt=1e-4)
+    text = snnc.dump(gm)
+    assert "snn.if(%1) {v_th=0.5, v_reset=0, reset=zero, compare=>}" in text and "mul" not in text
+    assert "snn.lif(%4) {decay=0.5, decay_input=true, v_th=1, v_reset=0, reset=zero, compare=>}" in text
+    functional.reset_net(m)
+    with torch.no_grad():
+        ref = torch.stack([m(xt) for xt in x])
+    assert ref.sum() > 5 and torch.equal(snnc.run(gm, x, T=10), ref)

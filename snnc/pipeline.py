@@ -1,0 +1,153 @@
+"""What the CLI commands share: open any model file, build the compile pipeline, feed data sets.
+
+``open_model(path)`` reads a ``.nir`` file, an snnc graph (``snnc.save``) or a ``torch.save``'d
+``nn.Module``; ``build_passes`` lists the pipeline stages that ``snnc compile`` runs through a
+``PassManager`` (so ``--dump-ir`` writes one IR file per stage); ``batches`` adapts a data set's
+samples to a compiled module's input layout, and ``evaluate`` measures accuracy and latency.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import statistics
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .errors import FileFormatError, InputError, SnncError
+from .fileio import require_file
+
+
+def open_model(path, dt=None):
+    """``(kind, obj)``: ``("graph", GraphModule)`` for ``.nir`` / snnc graph files, ``("module", nn.Module)``
+    for a pickled torch module (trace it with an example input)."""
+    path = require_file(path, "model file")
+    if path.suffix == ".nir":
+        from .nir import from_nir
+        return "graph", from_nir(path, dt=dt)
+    try:
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError,
+            ModuleNotFoundError, io.UnsupportedOperation, OSError) as e:
+        raise FileFormatError(f"{path} is not a readable torch/snnc model file: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict) and obj.get("format") == "snnc-graph":
+        from .runtime import load_graph
+        return "graph", load_graph(path)
+    if isinstance(obj, fx.GraphModule) and hasattr(obj, "snnc_spec"):
+        return "graph", obj
+    if isinstance(obj, nn.Module):
+        return "module", obj.eval()
+    if isinstance(obj, dict):
+        raise FileFormatError(f"{path} holds a dict (a state_dict?), not a model: save the module itself with "
+                              "torch.save(model, path), or a graph with snnc.save(graph, path)")
+    raise FileFormatError(f"{path} holds a {type(obj).__name__}, expected an nn.Module or an snnc graph")
+
+
+def optional(module: str, attr: str, feature: str):
+    """``module.attr`` or an ``SnncError`` saying which feature is missing from this install."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise SnncError(f"{feature} needs {module}.{attr}, which this snnc install does not have ({e})") from None
+
+
+def _named(name, fn):
+    fn.__name__ = name
+    return fn
+
+
+def build_passes(convert_calib=None, T=None, bits=None, convert_options=None):
+    """The stages of ``snnc compile`` as PassManager entries (named callables)."""
+    passes = []
+    if convert_calib is not None:
+        convert = optional("snnc.conversion", "convert", "--convert (ANN -> SNN conversion)")
+        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=T, **(convert_options or {}))))
+    if T is not None:
+        from .passes import unroll_timesteps
+
+        def unroll(gm):
+            return gm if gm.snnc_spec.get("T") else unroll_timesteps(gm, T=T)
+        passes.append(_named("unroll_timesteps", unroll))
+    if bits is not None:
+        quantize = optional("snnc.passes", "quantize_integer", "--bits (integer quantisation)")
+        passes.append(_named("quantize_integer", lambda gm: quantize(gm, weight_bits=bits)))
+    return passes
+
+
+def check_target(target: str) -> None:
+    """Fail before any work if ``target`` is unknown or its module is missing from this install."""
+    from .compiled import TARGETS
+    if target not in TARGETS:
+        raise SnncError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    try:
+        importlib.import_module(TARGETS[target])
+    except ModuleNotFoundError as e:
+        raise SnncError(f"target {target!r} is not available in this install ({e})") from None
+
+
+def compile_target(gm, target, **options):
+    from .compiled import compile
+    check_target(target)
+    return compile(gm, target=target, **options)
+
+
+def open_compiled(path):
+    """A callable compiled module: an exported artefact (with ``.snnc.json``) or a graph/model file."""
+    from .compiled import META_SUFFIX, load
+    path = Path(path)
+    if path.with_name(path.name + META_SUFFIX).exists():
+        return load(path)
+    kind, obj = open_model(path)
+    if kind != "graph":
+        raise FileFormatError(f"{path} is a torch module, not a compiled snnc module: compile it first (snnc compile)")
+    return compile_target(obj, "torch")
+
+
+def batches(module, dataset, batch_size=256, limit=None):
+    """``(x, y)`` batches shaped for ``module``'s input spec: static samples are repeated over T for
+    multi-step inputs, and ``[N, T, ...]`` event samples become ``[T, N, ...]``."""
+    spec = module.spec
+    want_rank = len(spec["inputs"][0][0])
+    seq = spec["layout"] == "seq"
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(0, n, batch_size):
+        items = [dataset[j] for j in range(i, min(i + batch_size, n))]
+        x = torch.stack([it[0] for it in items]).float()
+        y = torch.as_tensor([int(it[1]) for it in items])
+        if seq and x.dim() == want_rank - 1:
+            x = x.unsqueeze(0).expand(spec["T"] or 1, *x.shape).contiguous()
+        elif seq and x.dim() == want_rank:
+            x = x.transpose(0, 1).contiguous()
+        elif x.dim() != want_rank:
+            raise InputError(f"data samples of shape {list(x.shape[1:])} do not fit the module's input "
+                             f"{list(spec['inputs'][0][0])} (layout {spec['layout']}); for time-series data "
+                             "compile with --T to unroll the graph")
+        yield x, y
+
+
+def logits(out):
+    """Class scores ``[N, C]`` from a module output (a ``[T, N, C]`` sequence is averaged over T)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.float().mean(0) if out.dim() == 3 else out
+
+
+def evaluate(module, dataset, batch_size=256, limit=None, warmup=1):
+    """Accuracy (%) and latency (median ms per batch) of ``module`` on ``dataset``."""
+    correct = total = 0
+    runs = []  # (seconds, samples) per batch
+    for x, y in batches(module, dataset, batch_size, limit):
+        t0 = time.perf_counter()
+        out = module(x)
+        runs.append((time.perf_counter() - t0, len(y)))
+        correct += int((logits(out).argmax(-1) == y).sum())
+        total += len(y)
+    if total == 0:
+        raise InputError("the data set is empty")
+    timed = runs[warmup:] if len(runs) > warmup else runs  # the first call may compile or allocate
+    return {"accuracy": 100.0 * correct / total, "samples": total, "batch_size": batch_size,
+            "latency_ms_per_batch": 1e3 * statistics.median(t for t, _ in timed),
+            "samples_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed)}
