@@ -3,6 +3,8 @@ look passes up there). Adding a pass: its module here, plus one import in the li
 from __future__ import annotations
 
 from .fold_bn import fold_bn
+from .fold_tdbn import fold_tdbn
+from .insert_surrogate import insert_surrogate
 from .threshold_balance import threshold_balance
 from .unroll_timesteps import unroll_timesteps
 
@@ -10,6 +12,8 @@ PASSES = {f.__name__: f for f in (
     fold_bn,
     threshold_balance,
     unroll_timesteps,
+    insert_surrogate,
+    fold_tdbn,
 )}
 
 __all__ = sorted(PASSES) + ["PASSES"]

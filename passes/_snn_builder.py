@@ -188,7 +188,7 @@ class Builder:
             self.unconverted.add(node)
             return
         if isinstance(scale, str) and scale == RECORD:
-            name = self._put_module(node, nn.Identity(), "record")
+            name = self._put_module(node, nn.Identity(), f"record_{node.name}")
             self.env[node] = self.graph.call_module(name, (self.env[src],))
             self.recorders[node.name] = (name, u_in)
             self.unit[node] = u_in
@@ -210,7 +210,7 @@ class Builder:
                                 "input is a residual add of spikes with channel-wise scales) and v_init must "
                                 "be a float: use channel_wise=False or v_init_fraction=0 for this network")
         neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
-        name = self._put_module(node, neuron, "if")
+        name = self._put_module(node, neuron, f"if_{node.name}")
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.unit[node] = scale
         self.spiking.add(node)
@@ -278,10 +278,9 @@ class Builder:
                                 f"({op_name(self.root, node)}); threshold_balance converts ANN graphs")
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 raise SnncError(f"threshold_balance: {node_ref(node)} is a BatchNorm; run fold_bn first")
-            elif isinstance(mod, nn.Dropout) or node.target is F.dropout:
-                self.env[node], self.unit[node] = self.env[node.args[0]], self.unit[node.args[0]]
-                if node.args[0] in self.spiking:
-                    self.spiking.add(node)
+            elif isinstance(mod, (nn.Dropout, nn.Identity)) or node.target is F.dropout or \
+                    (node.op == "call_method" and node.target in _SAME_SHAPE_METHODS):
+                self.remove(node)
             elif isinstance(mod, _WEIGHTED):
                 self.weighted(node, mod)
             elif is_activation(self.root, node):
@@ -300,6 +299,14 @@ class Builder:
         out.snnc_spec = {**copy.deepcopy(self.root.snnc_spec), "layout": "step", "T": None}
         return annotate(out)
 
+    def remove(self, node):
+        """Dropout (identity at inference), nn.Identity and .contiguous(): the value passes through."""
+        src = node.args[0]
+        self.env[node], self.unit[node] = self.env[src], self.unit[src]
+        for group in (self.spiking, self.unconverted):
+            if src in group:
+                group.add(node)
+
     def generic(self, node):
         ins = self._tensor_args(node)
         if any(not _is_one(self.unit[a]) for a in ins):
@@ -307,8 +314,6 @@ class Builder:
                                 "spikes of a converted layer; only conv/linear, pooling, reshapes, adds and "
                                 "dropout may follow a converted activation")
         self._copy(node, torch.tensor(1.0) if info(node) is not None else None)
-        if ins and all(a in self.spiking for a in ins) and op_name(self.root, node) in ("identity", "contiguous"):
-            self.spiking.add(node)
 
     def output(self, node):
         res = node.args[0]

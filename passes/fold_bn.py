@@ -3,7 +3,8 @@
 Assumes: an ANN graph (any layout) in which every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` node
 reads the output of an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` node that has no other
 user, and every BN tracks running statistics. BN is folded with its running statistics, i.e.
-the eval-mode semantics, whatever ``training`` flag the module carries.
+the eval-mode semantics, whatever ``training`` flag the module carries (trace the ANN in
+eval mode: tracing runs the model once, which in training mode updates the running statistics).
 
 Guarantees: the BN nodes are gone; each producer's weights and bias become (per output channel
 c, computed in float64 then rounded once)

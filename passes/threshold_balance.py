@@ -113,19 +113,7 @@ def _spiking_scales(gm, nodes, batches, channel_wise, T_calib, scale, opts):
     return scales
 
 
-def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
-                      channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
-                      T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
-                      max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
-                      batch_size: int = 256) -> fx.GraphModule:
-    """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
-
-    ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
-    ``(x, y)`` tuples); not needed for ``method="qcfs"``.
-    """
-    if v_init_fraction is None:
-        v_init_fraction = 0.5 if method in ("mse", "qcfs") else 0.0
-    _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target)
+def _prepare(gm, calib, method, batch_size):
     spec = graph_spec(gm)
     if spec.get("T") or spec.get("layout") != "step":
         raise SnncError("threshold_balance: expects a per-step ANN graph (snnc.trace of the ANN); this "
@@ -136,7 +124,7 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
     ann.snnc_spec = copy.deepcopy(spec)
     annotate(ann)
     nodes = [n for n in ann.graph.nodes if is_activation(ann, n)]
-    qcfs = [n for n in nodes if isinstance(ann.get_submodule(n.target) if n.op == "call_module" else None, QCFS)]
+    qcfs = [n for n in nodes if n.op == "call_module" and isinstance(ann.get_submodule(n.target), QCFS)]
     if method == "qcfs" and len(qcfs) != len(nodes):
         raise SnncError("threshold_balance: method='qcfs' needs every activation to be snnc.ops.QCFS "
                         f"({len(nodes) - len(qcfs)} are ReLUs); train the ANN with snnc.ops.use_qcfs(model)")
@@ -146,6 +134,19 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
         bad = next(tuple(b.shape) for b in batches if tuple(b.shape[1:]) != sample)
         raise InputError(f"threshold_balance: calibration batch of shape {list(bad)} does not match the "
                          f"graph's input [N, {', '.join(map(str, sample))}]")
+    return ann, nodes, batches
+
+
+def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
+            channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
+            T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
+            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256):
+    """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
+    converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
+    if v_init_fraction is None:
+        v_init_fraction = 0.5 if method in ("mse", "qcfs") else 0.0
+    _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target)
+    ann, nodes, batches = _prepare(gm, calib, method, batch_size)
     signed = batches is not None and any(bool((b < 0).any()) for b in batches)
     opts = {"reset": reset, "v_init_fraction": v_init_fraction, "encoding": encoding, "seed": seed,
             "signed": signed, "max_pool": max_pool}
@@ -157,4 +158,20 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
         scales = {n: s * scale for n, s in
                   _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target).items()}
     cal.check_scales(scales)
-    return Builder(ann, scales, opts).build()
+    return Builder(ann, scales, opts).build(), {n.name: s for n, s in scales.items()}
+
+
+def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
+                      channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
+                      T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
+                      max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
+                      batch_size: int = 256) -> fx.GraphModule:
+    """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
+
+    ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
+    ``(x, y)`` tuples); not needed for ``method="qcfs"``. ``balance(...)`` takes the same
+    arguments and also returns the scales.
+    """
+    return balance(gm, calib, method=method, q=q, channel_wise=channel_wise, reset=reset,
+                   encoding=encoding, T_calib=T_calib, scale=scale, v_init_fraction=v_init_fraction,
+                   max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size)[0]

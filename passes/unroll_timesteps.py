@@ -97,10 +97,11 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
             continue
         mod = root.get_submodule(node.target) if node.op == "call_module" else None
         ins = _tensor_inputs(node)
-        if isinstance(mod, (Neuron, Readout)):
+        # stateful_over_time: other ops with state across steps (e.g. NeuNorm) loop over T like neurons
+        if isinstance(mod, (Neuron, Readout)) or getattr(mod, "stateful_over_time", False):
             mod.step_mode = "m"
             new = rw.graph.node_copy(node, lambda a: rw.as_layout(a, SEQ))
-            rw.env[node] = (new, SEQ if isinstance(mod, Neuron) else STATIC)
+            rw.env[node] = (new, STATIC if isinstance(mod, Readout) else SEQ)
         elif isinstance(mod, DirectEncoder) and hoist_encoder:
             rw.env[node] = (rw.env[ins[0]][0], rw.env[ins[0]][1])   # removed: broadcast where needed
         elif isinstance(mod, (DirectEncoder, PoissonEncoder)):

@@ -1,0 +1,117 @@
+"""Training the unrolled graph: snnc.retrain, a plain torch loop, and DDP across 2 gloo processes."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import snnc
+from snnc.data import digits, loader
+from snnc.errors import SnncError
+from snnc.ops import LIF, DirectEncoder, Readout
+from snnc.passes import insert_surrogate, unroll_timesteps
+from snnc.training import evaluate
+from snnc.zoo import digits_snn
+
+
+def trainable_digits_graph(width=4, T=4, kind="atan"):
+    g = unroll_timesteps(snnc.trace(digits_snn(width), torch.zeros(2, 1, 8, 8)), T=T)
+    return insert_surrogate(g, kind=kind)
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    d = digits()
+    return d.x_train[:256], d.y_train[:256], d.x_test[:200], d.y_test[:200]
+
+
+def test_retrain_lowers_loss_and_returns_history(small_digits):
+    xtr, ytr, xte, yte = small_digits
+    g = trainable_digits_graph()
+    before = evaluate(g, loader(xte, yte, 100))
+    hist = snnc.retrain(g, loader(xtr, ytr, 16, shuffle=True), epochs=2, lr=5e-3,
+                        val_loader=loader(xte, yte, 100), progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert set(hist[0]) == {"epoch", "loss", "train_acc", "val_acc", "seconds"}
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
+    assert hist[-1]["val_acc"] > max(50.0, before + 30) and not g.training
+
+
+def test_unrolled_graph_trains_in_a_plain_loop(small_digits):
+    xtr, ytr, _, _ = small_digits
+    g = trainable_digits_graph(kind="rectangular")
+    opt = torch.optim.Adam(g.parameters(), lr=1e-2)
+    losses = []
+    for step in range(12):
+        x, y = xtr[step % 4 * 32:(step % 4 + 1) * 32], ytr[step % 4 * 32:(step % 4 + 1) * 32]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(g(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) < 0.85 * sum(losses[:4])
+
+
+def test_retrain_sequence_graph_broadcasts_static_batches_and_custom_loss():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), LIF(tau=2.0))
+    g = insert_surrogate(unroll_timesteps(snnc.trace(net, torch.zeros(2, 1, 8, 8)), T=2), kind="sigmoid")
+    d = digits()
+    mse = lambda out, y: nn.functional.mse_loss(out, nn.functional.one_hot(y, 10).float())  # noqa: E731
+    hist = snnc.retrain(g, loader(d.x_train[:64], d.y_train[:64], 32), epochs=2, loss=mse,
+                        optimizer=torch.optim.SGD, lr=0.1, progress=False)
+    assert len(hist) == 2 and hist[0]["loss"] > 0
+
+
+def test_retrain_refuses_graphs_that_cannot_learn():
+    d = digits()
+    data = loader(d.x_train[:8], d.y_train[:8], 8)
+    per_step = snnc.trace(digits_snn(4), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(SnncError, match="per-step; unroll it first"):
+        snnc.retrain(per_step, data)
+    with pytest.raises(SnncError, match=r"no surrogate.*insert_surrogate"):
+        snnc.retrain(unroll_timesteps(per_step, T=2), data)
+    with pytest.raises(SnncError, match="epochs must be a positive int"):
+        snnc.retrain(trainable_digits_graph(), data, epochs=0)
+
+
+# --- DistributedDataParallel: 2 gloo processes on CPU -------------------------------------------
+
+def _ddp_net():
+    torch.manual_seed(3)
+    model = nn.Sequential(DirectEncoder(), nn.Conv2d(1, 4, 3, padding=1), LIF(tau=2.0), nn.Flatten(),
+                          nn.Linear(256, 10), Readout())
+    return insert_surrogate(unroll_timesteps(snnc.trace(model, torch.zeros(2, 1, 8, 8)), T=3), kind="atan")
+
+
+def _ddp_worker(rank, world, port, x, y, result):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_ddp_net())
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
+        result[rank] = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_gradients_agree():
+    d = digits()
+    x, y = d.x_train[:16], d.y_train[:16]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, _free_port(), x, y, result), nprocs=2, join=True)
+        grads = dict(result)
+    single = _ddp_net()
+    nn.functional.cross_entropy(single(x), y).backward()
+    for name, p in single.named_parameters():
+        assert torch.equal(grads[0][name], grads[1][name]), name       # DDP all-reduced: identical
+        torch.testing.assert_close(grads[0][name], p.grad, rtol=1e-5, atol=1e-6)  # = full-batch grad
