@@ -60,3 +60,19 @@ def test_conversion_calibrated_on_cifar10_batches(tmp_path):
     err = (got - want).abs().max() / want.abs().max()
     assert err < 0.1, f"relative error {err:.3f}"
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.75
+
+
+def test_cli_compile_and_run_on_an_nmnist_folder(tmp_path, capsys):
+    pytest.importorskip("tonic")
+    pytest.importorskip("nir")
+    cli = pytest.importorskip("snnc.cli")
+    if not PAPER_CNN.exists():
+        pytest.skip(f"{PAPER_CNN} not here")
+    write_nmnist(tmp_path / "nm", per_class=1, events=2000)
+    assert cli.main(["compile", str(PAPER_CNN), "--T", "6", "--target", "torch", "-o", str(tmp_path / "cnn.pt")]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(tmp_path / "cnn.pt"), "--data", f"nmnist:{tmp_path / 'nm'}", "--T", "6"]) == 0
+    assert "(10 samples)" in capsys.readouterr().out
+    assert cli.main(["run", str(tmp_path / "cnn.pt"), "--data", f"nmnist:{tmp_path / 'nope'}", "--T", "6"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "n-mnist" in err

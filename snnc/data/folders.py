@@ -22,7 +22,7 @@ def incomplete(name: str, folder: Path, expected, published: str, missing=None) 
     what = "does not exist" if not folder.exists() else (
         "is not a folder" if not folder.is_dir() else "is incomplete")
     lines = [f"{name}: data folder {folder} {what}."]
-    if missing:
+    if missing and folder.is_dir():
         shown = ", ".join(str(m) for m in list(missing)[:8]) + (" ..." if len(missing) > 8 else "")
         lines.append(f"Missing: {shown}.")
     lines.append("Expected: " + "; ".join(expected) + ".")
