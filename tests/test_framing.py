@@ -53,3 +53,13 @@ def test_outside_sensor_and_bad_T():
 def test_time_first():
     x = torch.arange(24.).view(2, 3, 4)
     assert torch.equal(time_first(x)[1, 0], x[0, 1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 80), T=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_unsorted_timestamps_follow_tonic_too(n, T, seed):
+    # tonic assumes sorted timestamps and bins with searchsorted; snnc uses the same index ranges,
+    # so even a file with out-of-order events frames identically
+    rng = np.random.default_rng(seed)
+    ev = make_events(rng.integers(0, 4, n), rng.integers(0, 4, n), rng.integers(0, 50, n), rng.integers(0, 2, n))
+    assert torch.equal(to_frames(ev, (4, 4, 2), T), reference(ev, (4, 4, 2), T))
