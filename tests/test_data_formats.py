@@ -118,7 +118,7 @@ def test_aedat3_timestamp_overflow(tmp_path):
 
 def test_from_spec_names_a_folder(tmp_path):
     write_nmnist(tmp_path, per_class=1)
-    ds = from_spec(f"nmnist:{tmp_path}", split="test", T=3)
+    ds = from_spec(f"NMNIST:{tmp_path}", split="test", T=3)
     assert len(ds) == 10 and ds[0][0].shape == (3, 2, 34, 34)
     assert len(from_spec("digits", "train")) > len(from_spec("digits", "test"))
     with pytest.raises(snnc.SnncError, match="NAME:ROOT"):

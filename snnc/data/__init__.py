@@ -17,6 +17,7 @@ def from_spec(spec: str, split: str = "test", T=None, **options):
     """
     from ..errors import InputError
     name, sep, root = spec.partition(":")
+    name = name.lower().replace("_", "-")
     if name == "digits" and not root:
         return dataset("digits", None, split)
     if not sep or not root or name not in DATASETS:
