@@ -2,6 +2,7 @@
 CIFAR augmentation, and N-MNIST-format events run through an snnc SNN."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,6 +46,19 @@ def test_cache_key_follows_the_source_file(tmp_path):
     path = written["test"][0][0]
     path.write_bytes(path.read_bytes()[:5 * 10])   # the user replaces the file: new size, new key
     assert ds[0][0].sum() <= 10 < old.sum()
+
+
+def test_shared_recordings_decoded_once_into_the_cache(tmp_path):
+    write_dvs_gesture(tmp_path / "g")
+    plain = dataset("dvs-gesture", tmp_path / "g", "train", T=3)
+    cached = dataset("dvs-gesture", tmp_path / "g", "train", T=3, cache_dir=tmp_path / "c")
+    order = [4, 0, 5, 1, 3, 2]                    # shuffled: alternates between the two files
+    assert all(torch.equal(cached[i][0], plain[i][0]) for i in order)
+    events = sorted((tmp_path / "c" / "dvs-gesture").glob("events-*.npy"))
+    assert len(events) == 2                        # one per trial file, not per gesture
+    fresh = dataset("dvs-gesture", tmp_path / "g", "train", T=None, cache_dir=tmp_path / "c")
+    for i in order:                                # raw events come from the cache, same values
+        assert np.array_equal(fresh[i][0], plain.events(i))
 
 
 def test_dataloader_workers_and_pickling(tmp_path):

@@ -1,6 +1,8 @@
 """On-disk cache of framed event tensors: one file per sample, keyed by the source file (path,
 size, mtime), the sample's time window, T and the framing options, written atomically so that
-DataLoader workers and interrupted runs never leave a half-written entry behind."""
+DataLoader workers and interrupted runs never leave a half-written entry behind. Recordings that
+hold many samples (DVS Gesture: ~11 gestures per file) also get their decoded events cached once
+per file, so a shuffled first epoch decodes each file once instead of once per sample."""
 from __future__ import annotations
 
 import hashlib
@@ -43,4 +45,21 @@ def cache_store(path: Path, frames: torch.Tensor):
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, entry, allow_pickle=False)
+    atomic_write(path, write, overwrite=True)
+
+
+def events_load(path: Path):
+    """A cached event array (memory-mapped), or None when absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def events_store(path: Path, events: np.ndarray):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, events, allow_pickle=False)
     atomic_write(path, write, overwrite=True)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FileFormatError, InputError
 from .aedat import _tonic_io, read_aedat2_dvs128, read_aedat3_polarity
-from .cache import cache_key, cache_load, cache_store
+from .cache import cache_key, cache_load, cache_store, events_load, events_store
 from .folders import check_cache_dir, check_split, data_root, incomplete, sorted_entries
 from .framing import EVENT_DTYPE, to_frames
 from .images import CIFAR10_CLASSES
@@ -70,10 +70,7 @@ class EventDataset(Dataset):
         path, _, window = self.samples[index]
         stamp = (path, *_stat(path))
         if self._last[0] != stamp:
-            try:
-                self._last = (stamp, READERS[self.reader](path))
-            except OSError as e:
-                raise FileFormatError(f"{path}: cannot be read: {e}") from None
+            self._last = (stamp, self._read(path, stamp, shared=window is not None))
         ev = self._last[1]
         if window is not None:
             ev = ev[(ev["t"] >= window[0]) & (ev["t"] < window[1])]
@@ -81,6 +78,23 @@ class EventDataset(Dataset):
             from tonic.functional import denoise_numpy
             ev = denoise_numpy(ev, filter_time=self.denoise_us)
         return ev
+
+    def _read(self, path, stamp, shared):
+        """Decode ``path``; a file shared by several samples goes through the events cache."""
+        entry = None
+        if shared and self.cache_dir is not None:
+            key = cache_key(path, *stamp[1:], reader=self.reader)
+            entry = self.cache_dir / self.name / f"events-{key}.npy"
+            cached = events_load(entry)
+            if cached is not None:
+                return cached
+        try:
+            events = READERS[self.reader](path)
+        except OSError as e:
+            raise FileFormatError(f"{path}: cannot be read: {e}") from None
+        if entry is not None:
+            events_store(entry, events)
+        return events
 
     def frames(self, index):
         path, _, window = self.samples[index]
