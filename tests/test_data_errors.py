@@ -153,6 +153,10 @@ def test_labels_out_of_range(tmp_path):
     csv.write_text(csv.read_text().replace("\n", "\n12,5,9\n", 1))
     raises_untouched(tmp_path, re.escape(str(csv)) + ", line 2: label 12 is out of range",
                      lambda: dataset("dvs-gesture", tmp_path / "g"))
+    csv.write_text("1,5,9\n")
+    raises_untouched(tmp_path, re.escape(str(csv)) + ": expected a header", lambda: dataset("dvs-gesture", tmp_path / "g"))
+    csv.write_text("class,startTime_usec,endTime_usec\n3,5\n")
+    raises_untouched(tmp_path, re.escape(str(csv)) + ", line 2: '3,5' is not", lambda: dataset("dvs-gesture", tmp_path / "g"))
 
 
 def test_cifar_truncated_or_hostile_batches(tmp_path):

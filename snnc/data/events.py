@@ -182,7 +182,7 @@ def dvs_gesture(root, split="train", T=None, **options) -> EventDataset:
     trial ``userNN_<lighting>.aedat`` (AEDAT 3.1) + ``userNN_<lighting>_labels.csv`` (rows
     ``class,startTime_usec,endTime_usec``, classes 1-11). One sample per csv row: the events with
     ``start <= t < end``. ``ROOT`` may also be the folder holding ``DvsGesture/``."""
-    root = data_root(root, "dvs-gesture")
+    given = root = data_root(root, "dvs-gesture")
     check_split(split, "dvs-gesture")
     if (root / "DvsGesture").is_dir():
         root = root / "DvsGesture"
@@ -203,11 +203,13 @@ def dvs_gesture(root, split="train", T=None, **options) -> EventDataset:
     for trial in trials:
         samples += [(root / trial, label, window)
                     for label, window in _gesture_labels(root / (trial[:-len(".aedat")] + "_labels.csv"))]
-    return _event_dataset("dvs-gesture", root, samples, "aedat3", (128, 128, 2), GESTURE_CLASSES, T, options)
+    return _event_dataset("dvs-gesture", given, samples, "aedat3", (128, 128, 2), GESTURE_CLASSES, T, options)
 
 
 def _gesture_labels(csv: Path):
     rows = [ln.strip() for ln in csv.read_text(errors="replace").splitlines() if ln.strip()]
+    if not rows or not rows[0].lower().startswith("class"):
+        raise FileFormatError(f"{csv}: expected a header 'class,startTime_usec,endTime_usec'")
     out = []
     for n, row in enumerate(rows[1:], start=2):
         try:
@@ -217,8 +219,6 @@ def _gesture_labels(csv: Path):
         if not 1 <= cls <= len(GESTURE_CLASSES):
             raise FileFormatError(f"{csv}, line {n}: label {cls} is out of range (classes are 1-11)")
         out.append((cls - 1, (start, end)))
-    if not rows or not rows[0].lower().startswith("class"):
-        raise FileFormatError(f"{csv}: expected a header 'class,startTime_usec,endTime_usec'")
     return out
 
 
