@@ -123,3 +123,5 @@ def test_from_spec_names_a_folder(tmp_path):
     assert len(from_spec("digits", "train")) > len(from_spec("digits", "test"))
     with pytest.raises(snnc.SnncError, match="NAME:ROOT"):
         from_spec("imagenet:/x")
+    with pytest.raises(snnc.SnncError, match="give T"):
+        from_spec(f"nmnist:{tmp_path}", "test")

@@ -13,7 +13,8 @@ __all__ = ["digits", "loader", "DataSplit", "from_spec", "dataset", "dataset_loa
 def from_spec(spec: str, split: str = "test", T=None, **options):
     """A dataset from a CLI-style spec: ``"digits"`` or ``"NAME:ROOT"`` (e.g. ``"nmnist:~/data/NMNIST"``).
 
-    Returns a ``torch.utils.data.Dataset`` of ``(x, label)``; ``options`` go to ``dataset``.
+    Returns a ``torch.utils.data.Dataset`` of ``(x, label)``; ``options`` go to ``dataset``. Event
+    data sets need ``T`` here (a spec names tensors to feed a graph, not raw events).
     """
     from ..errors import InputError
     name, sep, root = spec.partition(":")
@@ -23,4 +24,7 @@ def from_spec(spec: str, split: str = "test", T=None, **options):
     if not sep or not root or name not in DATASETS:
         raise InputError(f"unknown data set spec {spec!r}: expected 'digits' or NAME:ROOT with NAME "
                          f"one of {', '.join(n for n in DATASETS if n != 'digits')}")
+    if T is None and name in ("nmnist", "cifar10-dvs", "dvs-gesture"):
+        raise InputError(f"{name} is event data: give T, the number of frames per sample (CLI: --T), "
+                         "to frame its events")
     return dataset(name, root, split=split, T=T, **options)
