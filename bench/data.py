@@ -2,10 +2,12 @@
 
 Writes synthetic folders in the published formats to a temp dir (N-MNIST: ~4000 events per
 sample over 300 ms, like the real recordings; CIFAR-10 binary batches), then measures in one run:
-  * loader samples/s (DataLoader, batch 64, main process): N-MNIST framed to T bins, cold and
-    from the on-disk cache, plain and with tonic's Denoise; CIFAR-10 with crop+flip augmentation;
+  * loader samples/s (DataLoader, batch 64, main process, median of 3 passes): N-MNIST framed to
+    T bins, cold and from the on-disk cache, plain and with tonic's Denoise; CIFAR-10 with
+    crop+flip augmentation;
   * one training step of a matching net on the same batch (median of 3): the NIR paper's N-MNIST
-    CNN as an snnc LIF SNN unrolled over T, and the zoo ``bench_net`` + linear head for CIFAR;
+    CNN as an snnc LIF SNN, and the zoo ``bench_net`` + linear head for CIFAR, each unrolled over
+    T with atan surrogate gradients (``insert_surrogate``), SGD;
   * peer: framing time of tonic's ToFrame vs snnc's vectorised framing on the same events.
 ``loader_vs_train`` > 1 means the loader produces samples faster than one training step uses them.
 
@@ -29,46 +31,27 @@ import snnc
 from snnc.data import dataset, time_first, to_frames
 from snnc.data.writers import write_cifar10, write_nmnist
 from snnc.ops import LIF, DirectEncoder, Readout
-from snnc.passes import unroll_timesteps
+from snnc.passes import insert_surrogate, unroll_timesteps
 from snnc.zoo import bench_net
-
-
-class _AtanSpike(torch.autograd.Function):
-    """Heaviside forward, atan surrogate backward (Fang 2021): dS/dz = 1 / (1 + (pi z)^2)."""
-
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return (z >= 0).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return grad / (1 + (torch.pi * z) ** 2)
-
-
-def atan_surrogate(z, neuron):
-    return _AtanSpike.apply(z)
 
 
 def nmnist_cnn():
     """The NIR paper's N-MNIST CNN shape (Conv 2-16 5x5/2, 16-16, pool, 16-8, pool, 128-256-10), LIF."""
-    def lif():
-        return LIF(tau=2.0, surrogate=atan_surrogate)
     return nn.Sequential(
-        nn.Conv2d(2, 16, 5, stride=2, padding=1), lif(), nn.Conv2d(16, 16, 3, padding=1), lif(),
-        nn.AvgPool2d(2), nn.Conv2d(16, 8, 3, padding=1), lif(), nn.AvgPool2d(2), nn.Flatten(),
-        nn.Linear(128, 256), lif(), nn.Linear(256, 10), Readout("membrane"))
+        nn.Conv2d(2, 16, 5, stride=2, padding=1), LIF(tau=2.0), nn.Conv2d(16, 16, 3, padding=1), LIF(tau=2.0),
+        nn.AvgPool2d(2), nn.Conv2d(16, 8, 3, padding=1), LIF(tau=2.0), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(128, 256), LIF(tau=2.0), nn.Linear(256, 10), Readout("membrane"))
 
 
 def cifar_snn(channels):
     """zoo.bench_net (3x3 conv + LIF layers) with direct encoding and a pooled linear head."""
-    body = bench_net(channels)
-    for m in body:
-        if isinstance(m, LIF):
-            m.surrogate = atan_surrogate
-    return nn.Sequential(DirectEncoder(), *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    return nn.Sequential(DirectEncoder(), *bench_net(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(channels[-1], 10), Readout("membrane"))
+
+
+def trainable(net, example, T):
+    """The training graph: traced, unrolled over T, atan surrogate gradients (Fang 2021)."""
+    return insert_surrogate(unroll_timesteps(snnc.trace(net, example), T=T), "atan")
 
 
 def train_step_seconds(graph, x, y, repeats=3):
@@ -84,11 +67,15 @@ def train_step_seconds(graph, x, y, repeats=3):
     return statistics.median(times[1:])
 
 
-def loader_rate(ds, batch):
+def loader_rate(ds, batch, repeats=3):
+    """Median samples/s of ``repeats`` shuffled passes over ``ds``."""
     ds[0]   # imports (tonic: ~3 s) and first-file costs stay out of the rate
-    t0 = time.perf_counter()
-    n = sum(len(y) for _, y in DataLoader(ds, batch_size=batch, shuffle=True))
-    return n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(len(y) for _, y in DataLoader(ds, batch_size=batch, shuffle=True))
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def bench_nmnist(tmp: Path, n_per_class: int, T: int, batch: int):
@@ -96,14 +83,14 @@ def bench_nmnist(tmp: Path, n_per_class: int, T: int, batch: int):
     train = dataset("nmnist", tmp / "nmnist", "train", T=T)
     cold = loader_rate(train, batch)
     cached = dataset("nmnist", tmp / "nmnist", "train", T=T, cache_dir=tmp / "cache")
-    loader_rate(cached, batch)                      # fills the cache
+    loader_rate(cached, batch, repeats=1)           # fills the cache
     warm = loader_rate(cached, batch)
     # tonic's Denoise loops over events in Python: the case the cache is for
     denoised = dataset("nmnist", tmp / "nmnist", "train", T=T, denoise_us=5000, cache_dir=tmp / "cache")
-    denoise_cold = loader_rate(denoised, batch)
+    denoise_cold = loader_rate(denoised, batch, repeats=1)
     denoise_warm = loader_rate(denoised, batch)
     x, y = next(iter(DataLoader(train, batch_size=batch)))
-    g = unroll_timesteps(snnc.trace(nmnist_cnn(), torch.zeros(batch, 2, 34, 34)), T=T)
+    g = trainable(nmnist_cnn(), torch.zeros(batch, 2, 34, 34), T)
     step = train_step_seconds(g, time_first(x), y)
     # peer: tonic's ToFrame on the same events (numpy structured array, tonic's layout)
     from tonic.transforms import ToFrame
@@ -131,7 +118,7 @@ def bench_cifar(tmp: Path, per_batch: int, T: int, batch: int, channels):
     train = dataset("cifar10", tmp / "cifar", "train", augment=True)
     rate = loader_rate(train, batch)
     x, y = next(iter(DataLoader(train, batch_size=batch)))
-    g = unroll_timesteps(snnc.trace(cifar_snn(channels), torch.zeros(batch, 3, 32, 32)), T=T)
+    g = trainable(cifar_snn(channels), torch.zeros(batch, 3, 32, 32), T)
     step = train_step_seconds(g, x, y)
     return {"bench": "data", "dataset": "cifar10", "samples": len(train), "T": T, "batch": batch,
             "net": f"bench_net{tuple(channels)}+head", "augment": "crop4+flip",
