@@ -25,7 +25,7 @@ def test_cache_written_outside_data_folder_and_reused(tmp_path):
     entries = sorted((cache / "nmnist").glob("*.npy"))
     assert len(entries) == 10 and not list(cache.rglob("*.tmp"))
     assert folder_digest(data) == before
-    # a second dataset reads the cache: equal frames even though the source file is now unreadable
+    # a second dataset reads the cache (entries not rewritten) and gives equal frames
     mtimes = {p: p.stat().st_mtime_ns for p in entries}
     again = dataset("nmnist", data, "test", T=4, cache_dir=cache)
     assert all(torch.equal(a, again[i][0]) for i, a in enumerate(first))
@@ -34,8 +34,8 @@ def test_cache_written_outside_data_folder_and_reused(tmp_path):
     dataset("nmnist", data, "test", T=5, cache_dir=cache)[0]
     assert len(list((cache / "nmnist").glob("*.npy"))) == 11
     entries[0].write_bytes(b"garbage")
-    assert any(torch.equal(again[i][0], first[i]) for i in range(10))
     assert all(torch.equal(again[i][0], first[i]) for i in range(10))
+    assert entries[0].read_bytes() != b"garbage"     # ... and its entry rewritten
 
 
 def test_cache_key_follows_the_source_file(tmp_path):
