@@ -95,8 +95,10 @@ class Builder:
         return self.root.get_submodule(node.target) if node.op == "call_module" else None
 
     def _put_module(self, node, module, prefix):
-        """Register ``module`` in place of the node's module (call_module) or under a new name."""
-        if node.op == "call_module":
+        """Register ``module`` in place of the node's module (a call_module whose module no other
+        node calls) or under a new name (function calls; a ReLU module called at several places,
+        which becomes one neuron layer per call)."""
+        if node.op == "call_module" and self.uses[node.target] == 1:
             parent, _, leaf = node.target.rpartition(".")
             setattr(self.root.get_submodule(parent) if parent else self.root, leaf, module)
             return node.target

@@ -63,17 +63,36 @@ def stage_torch_target(state):
     print(f"[torch] target torch: accuracy {acc:.2f}%, {ms:.1f} ms for the test set")
 
 
+def stage_convert(state):
+    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T, two methods."""
+    data, ann = state["data"], state["ann"]
+    calib = data.x_train[:256]
+    t0 = time.perf_counter()
+    rows = []
+    for method, opts in (("percentile", {}), ("mse", {"channel_wise": True})):
+        accs = []
+        for T in (4, 8, 32):
+            g = snnc.convert(ann, calib, T=T, method=method, **opts)
+            accs.append(accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test))
+        rows.append(f"{method:>10}: " + "  ".join(f"T={T}: {a:.2f}%" for T, a in zip((4, 8, 32), accs)))
+    state["snn"] = snnc.convert(ann, calib, T=8, method="mse", channel_wise=True)
+    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout), "
+          f"{time.perf_counter() - t0:.1f}s:")
+    for row in rows:
+        print("          " + row)
+
+
+
 def stage_data(state):
     """Event data from a folder in N-MNIST's published layout (written here, synthetic), framed
     like tonic's ToFrame and run through the NIR paper's N-MNIST CNN (or a small SNN)."""
+    import importlib.util
     import tempfile
     from pathlib import Path
 
     from snnc.data import dataset, dataset_loader
     from snnc.data.writers import write_nmnist
-    try:
-        import tonic  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tonic") is None:
         print("[data]  event data sets need tonic (pip install tonic): skipped")
         return
     paper_cnn = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
@@ -96,7 +115,8 @@ def stage_data(state):
           f"at {rate:.0f} samples/s; {what} output {list(out.shape)}")
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_data]
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_data]
 
 
 def main():

@@ -105,6 +105,24 @@ def test_residual_add_converges_to_ann_and_uses_threshold_ratio():
     assert errs[1] < 0.1 * want.abs().max().item() and errs[1] < errs[0]
 
 
+def test_shared_relu_module_becomes_one_neuron_layer_per_call():
+    class Shared(nn.Module):   # torchvision's BasicBlock calls self.relu twice
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3, self.relu = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2), nn.ReLU()
+
+        def forward(self, x):
+            return self.l3(self.relu(self.l2(self.relu(self.l1(x)))))
+
+    ann = Shared().eval()
+    x = torch.rand(30, 4)
+    snn = threshold_balance(snnc.trace(ann, x[:2]), x, method="max")
+    ifs = [n.target for n in snn.graph.nodes if n.op == "call_module" and isinstance(snn.get_submodule(n.target), IF)]
+    assert len(set(ifs)) == 2
+    err = (snnc.run(unroll_timesteps(snn, 300), x) - ann(x).detach()).abs().max().item()
+    assert err < 0.05 * ann(x).abs().max().item()
+
+
 def test_channel_wise_normalises_each_channel_to_threshold_one():
     ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 2)).eval()
     x = torch.rand(20, 1, 6, 6)
