@@ -63,7 +63,8 @@ def cmd_compile(args) -> int:
     _refuse_overwrite(args.output, args.overwrite, Path(str(args.output) + ".snnc.json"))
     gm = _graph_from(args, args.calib)
     calib = DataLoader(_dataset(args.calib, "train", limit=args.calib_samples), batch_size=64) if args.convert else None
-    pm = PassManager(build_passes(calib, args.T, args.bits), dump_dir=args.dump_ir)
+    options = {"method": args.method} if args.method else {}
+    pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
     gm = pm.run(gm)
     module = compile_target(gm, args.target)
     out = module.export(args.output, overwrite=args.overwrite)
@@ -104,14 +105,18 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     """Accuracy and latency of a compiled module (or graph file) on a data set."""
     from .pipeline import evaluate, open_compiled
-    module = open_compiled(args.path)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    module = open_compiled(args.path, T=args.T, dt=args.dt)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
-    res.update(path=str(args.path), target=module.target, data=args.data, split=args.split)
+    res.update(path=str(args.path), target=module.target, T=module.spec.get("T"), data=args.data, split=args.split)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{args.path} [{module.target}] on {args.data}/{args.split}: accuracy {res['accuracy']:.2f}% "
-              f"({res['samples']} samples), {res['latency_ms_per_batch']:.2f} ms per batch of {args.batch_size}, "
+              f"({res['samples']} samples), {res['latency_ms_per_batch']:.2f} ms per batch of "
+              f"{min(args.batch_size, res['samples'])}, "
               f"{res['samples_per_s']:.0f} samples/s")
     return 0
 
@@ -167,17 +172,27 @@ def cmd_nir(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    """Fine-tune a graph with surrogate gradients on a data set (snnc.retrain) and save it."""
+    """Fine-tune a graph with surrogate gradients (insert_surrogate + snnc.retrain) and save it."""
     from torch.utils.data import DataLoader
 
+    from .ops import Neuron
     from .pipeline import optional
     from .runtime import save
     retrain = optional("snnc.training", "retrain", "snnc retrain")
     _refuse_overwrite(args.output, args.overwrite)
     gm = _graph_from(args, args.data)
-    loader = DataLoader(_dataset(args.data, "train", args.T), batch_size=64, shuffle=True)
-    out = retrain(gm, loader, epochs=args.epochs)
-    save(out, args.output, overwrite=args.overwrite)
+    if not gm.snnc_spec.get("T"):
+        if args.T is None:
+            raise SnncError("retrain: the graph is per-step; give --T to unroll it (backpropagation through time)")
+        from .passes import unroll_timesteps
+        gm = unroll_timesteps(gm, T=args.T)
+    if any(isinstance(m, Neuron) and m.surrogate is None for m in gm.modules()):
+        insert_surrogate = optional("snnc.passes", "insert_surrogate", "snnc retrain")
+        gm = insert_surrogate(gm, kind=args.surrogate)
+    loader = DataLoader(_dataset(args.data, "train", args.T, limit=args.limit), batch_size=args.batch_size, shuffle=True)
+    for row in retrain(gm, loader, epochs=args.epochs, lr=args.lr):
+        print(json.dumps(row))
+    save(gm, args.output, overwrite=args.overwrite)
     print(f"retrained {args.model} for {args.epochs} epoch(s) -> {args.output}")
     return 0
 
@@ -196,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--convert", action="store_true", help="ANN -> SNN conversion (snnc.convert) with --calib data")
     s.add_argument("--calib", help="calibration data: digits or NAME:ROOT")
     s.add_argument("--calib-samples", type=int, default=512, help="calibration samples (default 512)")
+    s.add_argument("--method", help="threshold balancing method passed to snnc.convert (e.g. max, percentile)")
     s.add_argument("--T", type=int, help="time steps: unroll the graph to a multi-step graph over T")
     s.add_argument("--bits", type=int, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
@@ -211,13 +227,15 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("run", help="accuracy and latency of a compiled module on a data set")
-    s.add_argument("path", help="compiled artefact (written by snnc compile) or graph file")
+    s.add_argument("path", help="compiled artefact (written by snnc compile), graph file or .nir file")
     s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
     s.add_argument("--split", default="test", choices=("train", "test"))
-    s.add_argument("--T", type=int, help="time steps for event data sets")
+    s.add_argument("--T", type=int, help="time steps (event data sets; unrolls a per-step graph file)")
+    s.add_argument("--dt", type=float, help="time step for a .nir file's time constants")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
     s.add_argument("--json", action="store_true", help="print one JSON line")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="firing rates, SOPs vs MACs, energy estimate: table + PNG plots")
@@ -247,6 +265,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="digits")
     s.add_argument("--T", type=int)
     s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--surrogate", default="atan", help="surrogate gradient kind (default atan, Fang 2021)")
+    s.add_argument("--limit", type=int, help="train on the first LIMIT samples only")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_retrain)

@@ -116,7 +116,62 @@ def stage_data(state):
 
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_data]
+
+def stage_ecosystem(state):
+    """NIR in and out, a spikingjelly model imported side by side, and an activity/energy report."""
+    import tempfile
+    from pathlib import Path
+
+    from snnc.ops import IF, LIF, DirectEncoder
+    paper = Path("/work/shared/data/nir-paper")
+    try:
+        import nir  # noqa: F401
+    except ImportError:
+        print("[nir]   NIR needs the nir package (pip install nir): skipped")
+        return
+    if (paper / "lif_norse.nir").exists():
+        g = snnc.from_nir(paper / "lif_norse.nir", dt=1e-4)
+        x = torch.zeros(1000, 1, 1)
+        pattern = ("0000001000 0000000000 0010000100 0110010100 1101111111 1111000000 0000000111 1111111110 "
+                   "0000110000 0000000000").replace(" ", "")  # entry i at step 10*i (the paper's README)
+        for i, c in enumerate(pattern):
+            x[10 * i, 0, 0] = float(c)
+        steps = torch.nonzero(snnc.run(g, x, T=1000)[:, 0, 0]).flatten().tolist()
+        print(f"[nir]   norse's LIF graph (NIR paper task 1, dt=1e-4): spikes at steps {steps} "
+              "(norse: [460, 510, 710, 760])")
+    torch.manual_seed(0)
+    net = nn.Sequential(DirectEncoder(), nn.Conv2d(1, 4, 3, padding=1), LIF(tau=2.0, v_th=0.5), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(64, 10), IF(v_th=0.5))
+    g = snnc.trace(net, state["data"].x_test[:1])
+    with tempfile.TemporaryDirectory() as tmp, __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        snnc.to_nir(g, path=Path(tmp) / "net.nir")
+        back = snnc.from_nir(Path(tmp) / "net.nir")
+    x = state["data"].x_test[:64] * 2
+    same = torch.equal(snnc.run(g, x, T=8), snnc.run(back, x, T=8))
+    print(f"[nir]   snnc -> NIR file -> snnc: outputs identical: {same}")
+    try:
+        from spikingjelly.activation_based import functional, neuron
+    except ImportError:
+        print("[import] spikingjelly not installed: framework import skipped")
+    else:
+        sj = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), neuron.LIFNode(tau=2.0), nn.Linear(32, 10),
+                           neuron.IFNode(v_reset=None)).eval()
+        functional.reset_net(sj)
+        with torch.no_grad():
+            ref = torch.stack([sj(x) for _ in range(8)])
+        ours = snnc.run(snnc.trace(sj, x[:1]), x, T=8)
+        print(f"[import] spikingjelly LIFNode/IFNode model traced into snnc: spikes identical {torch.equal(ref, ours)} "
+              f"({int(ref.sum())} spikes)")
+    from snnc.report import collect, table
+    from torch.utils.data import TensorDataset
+    stats = collect(g, TensorDataset(x, state["data"].y_test[:64]), T=8)
+    print("[report] activity of the small SNN (untrained, T=8):")
+    print("\n".join("         " + line for line in table(stats).splitlines()[2:]))
+
+
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_ecosystem, stage_data]
 
 
 def main():

@@ -153,7 +153,7 @@ def _lif(name, node, dt, meta):
         return m, None
     if dt is None:
         raise SnncError(f"NIR node '{name}' (LIF) has a time constant: pass dt= (the simulation step, in "
-                        "the unit of tau) to snnc.from_nir")
+                        "the unit of tau) to snnc.from_nir (--dt on the command line)")
     tau = _uniform(name, "tau", _arr(node.tau))
     if not tau > dt:
         raise UnsupportedOp(f"NIR node '{name}' (LIF): tau={tau:g} <= dt={dt:g}; forward Euler needs tau > dt")

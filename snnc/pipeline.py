@@ -65,7 +65,11 @@ def build_passes(convert_calib=None, T=None, bits=None, convert_options=None):
     passes = []
     if convert_calib is not None:
         convert = optional("snnc.conversion", "convert", "--convert (ANN -> SNN conversion)")
-        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=T, **(convert_options or {}))))
+        options = dict(convert_options or {})
+        if options.get("method") == "mse" and T is not None:
+            options.setdefault("T_target", T)  # mse tunes the scales for the T it will run at
+        # per-step result (T=None): unrolling is the next stage, with its own IR dump
+        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=None, **options)))
     if T is not None:
         from .passes import unroll_timesteps
 
@@ -95,15 +99,23 @@ def compile_target(gm, target, **options):
     return compile(gm, target=target, **options)
 
 
-def open_compiled(path):
-    """A callable compiled module: an exported artefact (with ``.snnc.json``) or a graph/model file."""
+def open_compiled(path, T=None, dt=None):
+    """A callable compiled module: an exported artefact (with ``.snnc.json``), or a graph / .nir
+    file compiled for the torch target (a per-step graph with neurons is unrolled over ``T`` first)."""
     from .compiled import META_SUFFIX, load
+    from .ops import Neuron
     path = Path(path)
     if path.with_name(path.name + META_SUFFIX).exists():
         return load(path)
-    kind, obj = open_model(path)
+    kind, obj = open_model(path, dt=dt)
     if kind != "graph":
         raise FileFormatError(f"{path} is a torch module, not a compiled snnc module: compile it first (snnc compile)")
+    if not obj.snnc_spec.get("T") and obj.snnc_spec["layout"] == "step" and \
+            any(isinstance(m, Neuron) for m in obj.modules()):
+        if T is None:
+            raise SnncError(f"{path} is a per-step spiking graph: give --T to run it over T time steps")
+        from .passes import unroll_timesteps
+        obj = unroll_timesteps(obj, T=T)
     return compile_target(obj, "torch")
 
 

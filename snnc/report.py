@@ -111,12 +111,14 @@ class _Counter:
 
 
 def _run(gm, x, T):
+    """Run any graph on a static batch or a ``[T, N, ...]`` batch (repeating static input over T)."""
     from .runtime import run
     spec = gm.snnc_spec
+    static = x.dim() == len(spec["inputs"][0][0]) - (1 if spec["layout"] == "seq" else 0)
+    if spec["layout"] == "seq":
+        return run(gm, x.unsqueeze(0).expand(spec["T"] or T, *x.shape).contiguous() if static else x)
     if spec.get("T"):
         return run(gm, x)
-    if spec["layout"] == "seq":
-        return run(gm, x.unsqueeze(0).expand(T, *x.shape).contiguous() if x.dim() == len(spec["inputs"][0][0]) - 1 else x)
     return run(gm, x, T=T)
 
 
@@ -242,6 +244,18 @@ def read_bench_json(path) -> dict:
     return {k: sorted(v) for k, v in series.items()}
 
 
+def _ann_accuracy(path):
+    """The ANN's accuracy if a bench line reports one (``ann_accuracy``), else None."""
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("ann_accuracy"), (int, float)):
+            return float(rec["ann_accuracy"])
+    return None
+
+
 def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     import matplotlib
     matplotlib.use("Agg")
@@ -252,6 +266,9 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     if ann_accuracy is not None:
         ax.axhline(ann_accuracy, color="gray", linestyle="--", label="ANN")
     ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("time steps T")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("converted SNN: accuracy vs T")
@@ -274,7 +291,7 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     plot_firing_rates(stats, paths["firing_rates"])
     if bench_json:
         paths["accuracy_vs_T"] = out / "accuracy_vs_T.png"
-        plot_accuracy_vs_T(series, paths["accuracy_vs_T"])
+        plot_accuracy_vs_T(series, paths["accuracy_vs_T"], ann_accuracy=_ann_accuracy(bench_json))
     return paths
 
 
@@ -290,6 +307,7 @@ def quick_latency_bench(repeats=5, T=4, batch=8):
     from .tracer import trace
     from .zoo import bench_net
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # shared CPUs: thread oversubscription swamps small kernels; compare 1-thread
     model = bench_net(channels=(3, 16, 32, 32)).eval()
     x = torch.rand(T, batch, 3, 16, 16)
 

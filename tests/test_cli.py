@@ -66,6 +66,8 @@ def test_compile_run_inspect_end_to_end(snn_files, capsys):
     assert res["latency_ms_per_batch"] > 0
     assert main(["inspect", str(d / "ir")]) == 0
     assert "+++ 01_unroll_timesteps.ir" in capsys.readouterr().out
+    assert main(["run", str(d / "snn.snnc"), "--T", "4", "--limit", "64", "--json"]) == 0  # a graph file, unrolled
+    assert json.loads(capsys.readouterr().out)["accuracy"] == res["accuracy"]
 
 
 def test_nir_export_and_inspect_through_the_cli(tmp_path, capsys):
@@ -89,7 +91,8 @@ def test_errors_are_one_line_with_exit_1(snn_files, cli):
         (["compile", d / "missing.pt", "-o", d / "o.pt"], "missing.pt does not exist"),
         (["run", d / "nothing.pt"], "does not exist"),
         (["run", d / "snn.pt"], "compile it first"),
-        (["run", d / "snn.snnc", "--data", "cifar"], "unknown data set spec 'cifar'"),
+        (["run", d / "snn.snnc"], "per-step spiking graph: give --T"),
+        (["run", d / "snn.snnc", "--T", "2", "--data", "cifar"], "unknown data set spec 'cifar'"),
         (["report", d / "snn.snnc", "--bench-json", d / "snn.pt", "--samples", "8", "--T", "2", "--out", d / "r"],
          "not a text file of JSON lines"),
     ]
@@ -141,3 +144,46 @@ def test_report_writes_table_json_and_plots(snn_files, capsys):
     for name in ("report.md", "report.json", "firing_rates.png", "accuracy_vs_T.png"):
         assert (d / "rep" / name).stat().st_size > 100
     assert (d / "rep" / "firing_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_builtin_and_scripts(cli):
+    rc, out, _ = cli("bench", "--builtin", "--quick")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and lines[0]["impl"] == "torch eager (per step)" and lines[0]["ratio"] == 1.0
+    torch_line = next(r for r in lines if r["impl"] == "snnc torch")
+    assert torch_line["ms"] > 0 and torch_line["ratio"] > 0
+    assert all("ratio" in r or "skipped" in r for r in lines)
+    rc, _, err = cli("bench", "no_such_bench")
+    assert rc == 1 and "no bench named 'no_such_bench'" in err and "frontends" in err
+
+
+def test_retrain_unrolls_adds_surrogates_trains_and_saves(snn_files, cli):
+    pytest.importorskip("snnc.training")
+    d, _ = snn_files
+    rc, out, err = cli("retrain", d / "snn.snnc", "--T", "2", "--limit", "64", "--batch-size", "32", "--epochs", "2", "-o", d / "rt.snnc")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["loss"] < rows[0]["loss"]
+    g = snnc.load_graph(d / "rt.snnc")
+    assert g.snnc_spec["T"] == 2 and "surrogate=" in snnc.dump(g)
+    rc, _, err = cli("retrain", d / "snn.snnc", "-o", d / "rt2.snnc")
+    assert rc == 1 and "give --T" in err
+
+
+def test_compile_convert_matches_snnc_convert(tmp_path, cli):
+    conversion = pytest.importorskip("snnc.conversion")
+    from torch.utils.data import DataLoader, Subset
+    from snnc.zoo import digits_cnn
+    torch.manual_seed(0)
+    ann = digits_cnn(4).eval()
+    torch.save(ann, tmp_path / "ann.pt")
+    rc, out, err = cli("compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples", "128",
+                       "--T", "4", "--dump-ir", tmp_path / "ir", "-o", tmp_path / "snn.pt")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00_input.ir", "01_convert.ir", "02_unroll_timesteps.ir"]
+    assert "snn.if(" in (tmp_path / "ir" / "01_convert.ir").read_text()
+    d = snnc.data.from_spec("digits", "train")
+    calib = DataLoader(Subset(d, range(128)), batch_size=64)
+    want = conversion.convert(ann, calib, T=4)
+    x = snnc.data.digits().x_test[:32]
+    assert torch.equal(snnc.load(tmp_path / "snn.pt")(x), snnc.run(want, x))

@@ -112,7 +112,9 @@ def _multi_step_container(container, ctx, multi_step=False):
         conv = _CONVERT_M.get(type(c))
         if conv is not None:
             out.append(conv(c, ctx, multi_step=True))
-        elif isinstance(c, (nn.Sequential,)) or type(c) in (nn.Identity,):
+        elif type(c) is nn.Sequential:  # a plain block inside: every member runs step by step too
+            out.append(_multi_step_container(c, ctx))
+        elif type(c) in (nn.Identity, nn.Dropout):
             out.append(c)
         elif type(c).__module__.startswith("torch.nn"):
             out.append(_over_time([convert_children(c, ctx)], ctx))

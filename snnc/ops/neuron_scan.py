@@ -48,7 +48,8 @@ def linear_charge(neuron):
 
 def fusable(neuron) -> bool:
     v_th = neuron.v_th
-    return linear_charge(neuron) is not None and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad)
+    return linear_charge(neuron) is not None and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad) \
+        and neuron.reset_mode in ("subtract", "zero")  # "subtract_after_leak" (snntorch) runs step_loop
 
 
 def _charge(neuron, v, x, decay):
