@@ -82,7 +82,6 @@ def stage_convert(state):
         print("          " + row)
 
 
-
 def stage_data(state):
     """Event data from a folder in N-MNIST's published layout (written here, synthetic), framed
     like tonic's ToFrame and run through the NIR paper's N-MNIST CNN (or a small SNN)."""
@@ -113,8 +112,6 @@ def stage_data(state):
     out = snnc.run(g, seq, T=8)
     print(f"[data]  N-MNIST-format folder: {len(ds)} samples framed to {list(seq.shape)} (T, N, P, H, W) "
           f"at {rate:.0f} samples/s; {what} output {list(out.shape)}")
-
-
 
 
 def stage_ecosystem(state):
@@ -168,7 +165,6 @@ def stage_ecosystem(state):
     stats = collect(g, TensorDataset(x, state["data"].y_test[:64]), T=8)
     print("[report] activity of the small SNN (untrained, T=8):")
     print("\n".join("         " + line for line in table(stats).splitlines()[2:]))
-
 
 
 STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_ecosystem, stage_data]
