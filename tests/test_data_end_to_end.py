@@ -76,3 +76,16 @@ def test_cli_compile_and_run_on_an_nmnist_folder(tmp_path, capsys):
     assert cli.main(["run", str(tmp_path / "cnn.pt"), "--data", f"nmnist:{tmp_path / 'nope'}", "--T", "6"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err and "n-mnist" in err
+
+
+def test_cli_convert_calibrated_on_a_cifar10_folder(tmp_path, capsys):
+    cli = pytest.importorskip("snnc.cli")
+    pytest.importorskip("snnc.conversion")
+    write_cifar10(tmp_path / "c", per_batch=8, binary=True)
+    torch.save(_cifar_ann().eval(), tmp_path / "ann.pt")
+    spec = f"cifar10:{tmp_path / 'c'}"
+    assert cli.main(["compile", str(tmp_path / "ann.pt"), "--convert", "--calib", spec, "--T", "8",
+                     "--target", "torch", "-o", str(tmp_path / "snn.pt")]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(tmp_path / "snn.pt"), "--data", spec]) == 0
+    assert "(8 samples)" in capsys.readouterr().out       # the 8 images of test_batch.bin
