@@ -20,11 +20,17 @@ MAX_VALUES = 1 << 21   # activations kept per layer for percentile / mse (a unif
 
 
 def calibration_batches(calib, batch_size: int = 256) -> list[torch.Tensor]:
-    """Calibration data as a list of float tensors: a tensor ``[N, ...]`` (split into batches), or
-    an iterable of batches, each a tensor or a ``(x, y, ...)`` tuple/list whose first item is x."""
+    """Calibration data as a list of float tensors: a tensor ``[N, ...]`` (split into batches), a
+    ``Dataset`` of samples (e.g. ``snnc.data.from_spec("digits", "train")``), an ``snnc.data``
+    split (its ``x_train``), or an iterable of batches, each a tensor or a ``(x, y, ...)``
+    tuple/list whose first item is x."""
     if calib is None:
         raise InputError("threshold_balance: calib is None; pass calibration inputs (a tensor [N, ...] "
                          "or a DataLoader of (x, y) batches)")
+    if hasattr(calib, "x_train") and hasattr(calib, "x_test"):   # an snnc.data split: its training inputs
+        calib = calib.x_train
+    if isinstance(calib, torch.utils.data.Dataset):             # samples, not batches: batch them
+        calib = torch.utils.data.DataLoader(calib, batch_size=batch_size)
     if isinstance(calib, torch.Tensor):
         batches = list(calib.split(batch_size)) if calib.dim() > 0 else [calib]
     else:
@@ -120,7 +126,7 @@ def reduce_scales(acts: torch.Tensor, method: str, q: float, channel_wise: bool,
     return torch.tensor(out, dtype=torch.float32)
 
 
-def fill_dead(scales: torch.Tensor, node) -> torch.Tensor:
+def fill_dead(scales: torch.Tensor) -> torch.Tensor:
     """Channels that never fired in calibration get the layer's largest scale (any positive value
     is exact for them on the calibration data; the largest keeps rare activity representable)."""
     if (scales > 0).any():

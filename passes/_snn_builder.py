@@ -85,6 +85,7 @@ class Builder:
         self.graph = fx.Graph()
         self.env, self.unit, self.spiking, self.unconverted = {}, {}, set(), set()
         self.recorders = {}
+        self.neurons = {}   # activation node name -> IF module name in the built graph
         self.uses = {}
         for n in self.root.graph.nodes:
             if n.op == "call_module":
@@ -213,6 +214,7 @@ class Builder:
                                 "be a float: use channel_wise=False or v_init_fraction=0 for this network")
         neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
         name = self._put_module(node, neuron, f"if_{node.name}")
+        self.neurons[node.name] = name
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.unit[node] = scale
         self.spiking.add(node)

@@ -16,7 +16,8 @@ Guarantees (per-step graph: run it T times, or ``unroll_timesteps(g, T)``):
   * **weights are scaled, not thresholds** (Rueckauer 2017 eq. 7-8): the layer producing an IF's
     input is divided by lambda_l and the layer reading its spikes multiplied by lambda_l, so
     v_th = 1 -- except where a residual add brings in spikes no layer can rescale; that IF gets
-    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise).
+    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise; a
+    per-channel v_th with v_init_fraction > 0 is refused, since the IF's v_init is a float).
     See ``passes/_snn_builder.py``. With direct input, the rate of an IF at large T is
     clamp(a / lambda, 0, 1) up to 1/T, so the readout reproduces the ANN when lambda >= max(a).
 
@@ -27,11 +28,16 @@ Scales lambda (times ``scale``), from the calibration data (tqdm progress bar):
     half-threshold start (threshold search of Li 2021 with the quantiser of Bu 2022); low latency;
   * ``"spiking"``: Rathi 2020 / Sengupta 2019 layer-by-layer balancing: layer l's lambda is the
     max input current it receives over ``T_calib`` steps in the SNN converted up to layer l-1,
-    driven by the chosen encoding (Poisson in the papers); ``scale=0.7`` is Rathi's factor;
+    driven by the chosen encoding (Poisson in the papers); ``scale=0.7`` is Rathi's factor.
+    The first layer with direct input gets exactly the max scale; deeper layers get *larger*
+    scales than "max" (one step's current from bursty spikes exceeds its time average), which
+    is why the papers scale them down and need long T;
   * ``"qcfs"``: the trained thresholds of ``QCFS`` activations (Bu 2022), no calibration.
 ``channel_wise=True`` gives one lambda per channel (max / percentile / mse / spiking).
 ``v_init_fraction`` (default 0.5 for "mse" and "qcfs", else 0) starts membranes at a fraction of
 the threshold: 0.5 centres the rate-code rounding error (Bu 2022 Theorem 2).
+``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
+over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
 """
 from __future__ import annotations
 
@@ -42,11 +48,12 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from snnc.errors import InputError, SnncError
-from snnc.ir import annotate, graph_spec, info
+from snnc.ir import annotate, graph_spec
 from snnc.runtime import reset as reset_state
 from snnc.ops.qcfs import QCFS
 
 from . import _calibration as cal
+from ._bias_correction import correct_biases
 from ._snn_builder import RECORD, Builder, is_activation
 
 METHODS = ("max", "percentile", "mse", "spiking", "qcfs")
@@ -78,7 +85,7 @@ def _ann_scales(gm, nodes, batches, method, q, channel_wise, T_target):
     acts = cal.record_activations(gm, batches, nodes, desc=f"calibrating ({method})")
     out = {}
     for n in nodes:
-        s = cal.fill_dead(cal.reduce_scales(acts[n], method, q, channel_wise, T_target), n)
+        s = cal.fill_dead(cal.reduce_scales(acts[n], method, q, channel_wise, T_target))
         out[n] = cal.shape_scale(s, n)
     return out
 
@@ -108,7 +115,7 @@ def _spiking_scales(gm, nodes, batches, channel_wise, T_calib, scale, opts):
         h.remove()
         reset_state(snn)
         s = torch.stack(peak).max(dim=0).values.clamp(min=0)
-        scales[n] = cal.shape_scale(cal.fill_dead(s * scale, n), n)
+        scales[n] = cal.shape_scale(cal.fill_dead(s * scale), n)
     bar.close()
     return scales
 
@@ -140,7 +147,8 @@ def _prepare(gm, calib, method, batch_size):
 def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
             channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
             T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
-            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256):
+            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256,
+            bias_correction: bool = False):
     """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
     converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
     if v_init_fraction is None:
@@ -158,14 +166,20 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
         scales = {n: s * scale for n, s in
                   _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target).items()}
     cal.check_scales(scales)
-    return Builder(ann, scales, opts).build(), {n.name: s for n, s in scales.items()}
+    builder = Builder(ann, scales, opts)
+    snn = builder.build()
+    if bias_correction:
+        if batches is None:
+            raise InputError("threshold_balance: bias_correction=True needs calibration data")
+        correct_biases(snn, ann, nodes, scales, builder.neurons, batches, T_target)
+    return snn, {n.name: s for n, s in scales.items()}
 
 
 def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
                       channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
                       T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
                       max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
-                      batch_size: int = 256) -> fx.GraphModule:
+                      batch_size: int = 256, bias_correction: bool = False) -> fx.GraphModule:
     """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
 
     ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
@@ -174,4 +188,5 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
     """
     return balance(gm, calib, method=method, q=q, channel_wise=channel_wise, reset=reset,
                    encoding=encoding, T_calib=T_calib, scale=scale, v_init_fraction=v_init_fraction,
-                   max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size)[0]
+                   max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size,
+                   bias_correction=bias_correction)[0]

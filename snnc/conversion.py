@@ -12,25 +12,9 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import fx, nn
 
 from .errors import InputError, SnncError
-
-
-def _example_from(calib, example):
-    if example is not None:
-        return example
-    if isinstance(calib, torch.Tensor) and calib.dim() > 0 and len(calib):
-        return calib[:1]
-    if calib is not None and not isinstance(calib, torch.Tensor):
-        for batch in calib:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and len(x):
-                return x[:1]
-            break
-    raise InputError("snnc.convert: cannot infer the input shape: pass calibration data "
-                     "(a tensor [N, ...] or a loader) or example=<one input batch>")
 
 
 def convert(model, calib=None, T: int | None = None, method: str = "percentile", *, example=None,
@@ -47,14 +31,20 @@ def convert(model, calib=None, T: int | None = None, method: str = "percentile",
     for ``T`` unless ``T_target`` is given.
     """
     from snnc.passes import fold_bn, threshold_balance, unroll_timesteps
+    from snnc.passes._calibration import calibration_batches
     from .tracer import trace
 
     if T is not None and (not isinstance(T, int) or T < 1):
         raise InputError(f"snnc.convert: T must be a positive int or None, got {T!r}")
+    if calib is not None:   # one pass over a loader; a tensor/Dataset/split becomes batches too
+        calib = calibration_batches(calib)
     if isinstance(model, fx.GraphModule) and hasattr(model, "snnc_spec"):
         graph = model
     elif isinstance(model, nn.Module):
-        graph = trace(copy.deepcopy(model).eval(), _example_from(calib, example))
+        if example is None and calib is None:
+            raise InputError("snnc.convert: cannot infer the input shape: pass calibration data "
+                             "(a tensor [N, ...] or a loader) or example=<one input batch>")
+        graph = trace(copy.deepcopy(model).eval(), example if example is not None else calib[0][:1])
     else:
         raise SnncError(f"snnc.convert: model is a {type(model).__name__}; expected an nn.Module or a graph "
                         "from snnc.trace")

@@ -48,3 +48,23 @@ def test_convert_errors():
         snnc.convert(ann, torch.rand(4, 6), T=0)
     with pytest.raises(SnncError, match="expected an nn.Module"):
         snnc.convert("model.pt", torch.rand(4, 6))
+
+
+def test_pass_manager_pipeline_equals_convert(tmp_path):
+    ann = digits_cnn(4).eval()
+    calib = torch.rand(16, 1, 8, 8)
+    pm = snnc.PassManager(["fold_bn", ("threshold_balance", {"calib": calib}), ("unroll_timesteps", {"T": 3})],
+                          dump_dir=tmp_path)
+    g = pm.run(snnc.trace(ann, calib[:1]))
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(snnc.run(g, x), snnc.run(snnc.convert(ann, calib, T=3), x), atol=1e-6)
+    assert "snn.if" in (tmp_path / "02_threshold_balance.ir").read_text()
+
+
+def test_convert_accepts_datasets_and_data_splits():
+    from snnc.data import digits, from_spec
+    ann = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    a = snnc.convert(ann, from_spec("digits", "train"), T=2)
+    b = snnc.convert(ann, digits(), T=2)
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(snnc.run(a, x), snnc.run(b, x), atol=1e-6)

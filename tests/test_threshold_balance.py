@@ -206,3 +206,27 @@ def test_unsupported_graphs_are_clear_errors():
     snn = threshold_balance(snnc.trace(tiny(), x[:2]), x)
     with pytest.raises(SnncError, match="already a spiking op"):
         threshold_balance(snn, x)
+
+
+def test_bias_correction_matches_mean_currents_to_the_ann():
+    """Li 2021: after correction, each IF's mean input current over T_target steps (per channel,
+    on the calibration data) equals the ANN's mean pre-activation in the IF's units."""
+    torch.manual_seed(1)
+    ann = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    x = torch.rand(64, 5)
+    T = 3
+
+    def gaps(bc):
+        snn, scales = balance(snnc.trace(ann, x[:2]), x, method="max", T_target=T, bias_correction=bc)
+        seen = {}
+        hooks = [snn.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0].mean(0))) for n in ("1", "3")]
+        snnc.run(snn, x, T=T)
+        for h in hooks:
+            h.remove()
+        pre = {"1": ann[0](x), "3": ann[2](torch.relu(ann[0](x)))}
+        return [(torch.stack(seen[n]).mean(0) - pre[n].mean(0) / scales[f"_{n}"]).abs().max().item()
+                for n in ("1", "3")]
+
+    assert max(gaps(True)) < 1e-4
+    assert gaps(False)[1] > 1e-3
