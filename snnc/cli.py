@@ -111,6 +111,8 @@ def cmd_run(args) -> int:
     module = open_compiled(args.path, T=args.T, dt=args.dt)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
     res.update(path=str(args.path), target=module.target, T=module.spec.get("T"), data=args.data, split=args.split)
+    if args.label:
+        res["name"] = args.label
     if args.json:
         print(json.dumps(res))
     else:
@@ -236,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    s.add_argument("--label", help="with --json: a series name (snnc report --bench-json groups by it)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="firing rates, SOPs vs MACs, energy estimate: table + PNG plots")

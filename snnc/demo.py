@@ -158,11 +158,17 @@ def stage_ecosystem(state):
         ours = snnc.run(snnc.trace(sj, x[:1]), x, T=8)
         print(f"[import] spikingjelly LIFNode/IFNode model traced into snnc: spikes identical {torch.equal(ref, ours)} "
               f"({int(ref.sum())} spikes)")
-    from snnc.report import collect, table
     from torch.utils.data import TensorDataset
-    stats = collect(g, TensorDataset(x, state["data"].y_test[:64]), T=8)
-    print("[report] activity of the small SNN (untrained, T=8):")
-    print("\n".join("         " + line for line in table(stats).splitlines()[2:]))
+
+    from snnc.report import collect, table
+    data = state["data"]
+    if "snn" in state:  # from stage_convert
+        snn, what = state["snn"], "the converted digits CNN (T=8)"
+    else:
+        snn, what = g, "the small untrained SNN (T=8)"
+    stats = collect(snn, TensorDataset(data.x_test, data.y_test), T=8)
+    print(f"[report] activity and energy of {what}, per test sample:")
+    print("\n".join("         " + line for line in table(stats).splitlines() if line))
 
 
 STAGES = [stage_ann, stage_trace, stage_torch_target, stage_convert, stage_ecosystem, stage_data]

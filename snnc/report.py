@@ -218,41 +218,53 @@ def plot_firing_rates(stats: dict, path):
     plt.close(fig)
 
 
-def read_bench_json(path) -> dict:
-    """``{series: [(T, accuracy)]}`` from JSON lines with a ``T`` and an accuracy field."""
+def _json_lines(path):
     from .errors import FileFormatError
     from .fileio import require_file
     try:
         text = require_file(path, "bench JSON file").read_text()
     except UnicodeDecodeError:
         raise FileFormatError(f"{path}: not a text file of JSON lines") from None
-    series = {}
     for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # bench scripts may print other lines too
-        if not isinstance(rec, dict):
-            continue
-        acc = next((rec[k] for k in ("accuracy", "snn_accuracy", "acc") if isinstance(rec.get(k), (int, float))), None)
-        if acc is None or not isinstance(rec.get("T"), int):
-            continue
-        name = next((str(rec[k]) for k in ("method", "impl", "name", "peer", "target", "bench") if k in rec), "accuracy")
-        series.setdefault(name, []).append((rec["T"], float(acc)))
-    if not series:
+        if isinstance(rec, dict):
+            yield rec
+
+
+def _accuracy_of(rec):
+    return next((float(rec[k]) for k in ("accuracy", "snn_accuracy", "acc") if isinstance(rec.get(k), (int, float))), None)
+
+
+_SERIES_KEYS = ("lib", "method", "impl", "name", "peer", "target")
+
+
+def read_bench_json(path) -> dict:
+    """``{series: [(T, accuracy)]}`` from JSON lines with an integer ``T`` and an accuracy field
+    (``accuracy`` / ``acc``); lines whose ``kind`` is not ``snn`` (ANN, hybrid, checks) are skipped.
+    Series are named by ``lib``/``method``/``impl``/``name`` (and ``net`` when several nets)."""
+    recs = [r for r in _json_lines(path) if r.get("kind", "snn") == "snn" and isinstance(r.get("T"), int)
+            and _accuracy_of(r) is not None]
+    if not recs:
         raise SnncError(f"{path}: no JSON lines with an integer 'T' and an 'accuracy' field")
+    nets = {r.get("net") for r in recs}
+    series = {}
+    for r in recs:
+        keys = _SERIES_KEYS + (("net",) if len(nets) > 1 else ())
+        name = " ".join(str(r[k]) for k in keys if k in r) or "accuracy"
+        series.setdefault(name, []).append((r["T"], _accuracy_of(r)))
     return {k: sorted(v) for k, v in series.items()}
 
 
 def _ann_accuracy(path):
-    """The ANN's accuracy if a bench line reports one (``ann_accuracy``), else None."""
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("ann_accuracy"), (int, float)):
+    """The ANN's accuracy if the bench reports one (``ann_accuracy``, or ``kind: ann``), else None."""
+    for rec in _json_lines(path):
+        if isinstance(rec.get("ann_accuracy"), (int, float)):
             return float(rec["ann_accuracy"])
+        if rec.get("kind") == "ann" and _accuracy_of(rec) is not None:
+            return _accuracy_of(rec)
     return None
 
 
@@ -260,9 +272,13 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    many = len(series) > 6
+    fig, ax = plt.subplots(figsize=(9 if many else 6, 4.5 if many else 4))
+    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    for i, (name, pts) in enumerate(series.items()):
+        peer = not name.startswith("snnc") and "snnc" in " ".join(series)  # peers dashed, snnc solid
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o", linestyle="--" if peer else "-",
+                color=colors[i % len(colors)], label=name)
     if ann_accuracy is not None:
         ax.axhline(ann_accuracy, color="gray", linestyle="--", label="ANN")
     ax.set_xscale("log", base=2)
@@ -273,7 +289,10 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     ax.set_ylabel("accuracy (%)")
     ax.set_title("converted SNN: accuracy vs T")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=8)
     _save_png(fig, path)
     plt.close(fig)
 

@@ -187,3 +187,17 @@ def test_compile_convert_matches_snnc_convert(tmp_path, cli):
     want = conversion.convert(ann, calib, T=4)
     x = snnc.data.digits().x_test[:32]
     assert torch.equal(snnc.load(tmp_path / "snn.pt")(x), snnc.run(want, x))
+
+
+def test_compile_a_nir_file_from_another_library(tmp_path, cli):
+    pytest.importorskip("nir")
+    paper = Path("/work/shared/data/nir-paper/lif_norse.nir")
+    if not paper.exists():
+        pytest.skip("NIR paper graphs not present")
+    rc, _, err = cli("compile", paper, "--T", "1000", "-o", tmp_path / "lif.pt")
+    assert rc == 1 and "--dt" in err
+    rc, _, err = cli("compile", paper, "--dt", "1e-4", "--T", "1000", "-o", tmp_path / "lif.pt")
+    assert rc == 0, err
+    from test_nir import paper_lif_input
+    spikes = snnc.load(tmp_path / "lif.pt")(paper_lif_input())
+    assert torch.nonzero(spikes[:, 0, 0]).flatten().tolist() == [460, 510, 710, 760]

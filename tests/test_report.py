@@ -96,3 +96,17 @@ def test_write_report_and_bench_series(tmp_path):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"
     plot_accuracy_vs_T({"a": [(1, 10.0), (2, 20.0)]}, tmp_path / "acc.png", ann_accuracy=30.0)
     assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_reads_the_conversion_bench_format(tmp_path):
+    from snnc.report import _ann_accuracy
+    rows = [{"kind": "ann", "net": "cnn", "acc": 99.5},
+            {"kind": "snn", "net": "cnn", "lib": "snnc", "method": "percentile", "T": 8, "acc": 97.0},
+            {"kind": "snn", "net": "cnn", "lib": "snnc", "method": "percentile", "T": 4, "acc": 80.0},
+            {"kind": "snn", "net": "cnn", "lib": "spikingjelly", "method": "max", "T": 4, "acc": 20.0},
+            {"kind": "hybrid", "net": "cnn", "T": 4, "epoch": 1, "acc": 90.0},
+            {"kind": "check", "name": "x"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_bench_json(tmp_path / "c.jsonl") == {"snnc percentile": [(4, 80.0), (8, 97.0)],
+                                                     "spikingjelly max": [(4, 20.0)]}
+    assert _ann_accuracy(tmp_path / "c.jsonl") == 99.5
