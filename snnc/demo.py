@@ -84,6 +84,55 @@ def stage_direct_training(state):
     secs = sum(h["seconds"] for h in hist)
     print(f"[train] direct SNN training at T=4 (atan surrogate), neuron IR:\n  {lif.strip()}")
     print("        test accuracy per epoch: " + ", ".join(f"{h['val_acc']:.1f}%" for h in hist) + f" ({secs:.1f}s)")
+def stage_convert(state):
+    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T for two methods."""
+    data, ann = state["data"], state["ann"]
+    calib = data.x_train[:256]
+    t0 = time.perf_counter()
+    per_step = snnc.convert(ann, calib, method="percentile")     # per-step graph: run it for any T
+    rows = ["percentile (Rueckauer 2017): " + "  ".join(
+        f"T={T}: {accuracy(lambda x: snnc.run(per_step, x, T=T), data.x_test, data.y_test):.2f}%" for T in (4, 8, 32))]
+    g = state["snn"] = snnc.convert(ann, calib, T=4, method="mse", channel_wise=True)
+    rows.append(f"mse + half threshold, tuned for T=4 (low latency): "
+                f"T=4: {accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test):.2f}%")
+    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout) in "
+          f"{time.perf_counter() - t0:.1f}s:")
+    for row in rows:
+        print("          " + row)
+
+
+def stage_data(state):
+    """Event data from a folder in N-MNIST's published layout (written here, synthetic), framed
+    like tonic's ToFrame and run through the NIR paper's N-MNIST CNN (or a small SNN)."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    from snnc.data import dataset, dataset_loader
+    from snnc.data.writers import write_nmnist
+    if importlib.util.find_spec("tonic") is None:
+        print("[data]  event data sets need tonic (pip install tonic): skipped")
+        return
+    paper_cnn = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_nmnist(Path(tmp), per_class=2, events=3000)
+        ds = dataset("nmnist", tmp, "test", T=8)
+        ds[0]   # tonic's import (~3 s) stays out of the rate
+        t0 = time.perf_counter()
+        seq, y = next(iter(dataset_loader(ds, batch_size=len(ds))))
+        rate = len(ds) / (time.perf_counter() - t0)
+    try:
+        g, what = snnc.from_nir(paper_cnn), "NIR paper CNN (sinabs)"
+    except snnc.SnncError:   # no nir package or no paper file: a small SNN of the same input shape
+        from snnc.ops import IF, Readout
+        net = nn.Sequential(nn.Conv2d(2, 8, 5, stride=2, padding=1), IF(), nn.Flatten(),
+                            nn.Linear(8 * 16 * 16, 10), Readout("membrane"))
+        g, what = snnc.trace(net, torch.zeros(1, 2, 34, 34)), "small SNN"
+    out = snnc.run(g, seq, T=8)
+    print(f"[data]  N-MNIST-format folder: {len(ds)} samples framed to {list(seq.shape)} (T, N, P, H, W) "
+          f"at {rate:.0f} samples/s; {what} output {list(out.shape)}")
+
+
 def stage_ecosystem(state):
     """NIR in and out, a spikingjelly model imported side by side, and an activity/energy report."""
     import tempfile
@@ -272,7 +321,9 @@ def stage_onnx(state):
 
 
 
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_direct_training, stage_convert, stage_tvm, stage_integer, stage_onnx, stage_ecosystem]
+
+
+STAGES = [stage_ann, stage_trace, stage_torch_target, stage_direct_training, stage_convert, stage_tvm, stage_integer, stage_onnx, stage_ecosystem, stage_data]
 
 
 def main():
