@@ -53,10 +53,8 @@ def fusable(neuron) -> bool:
     v_th, cls = neuron.v_th, type(neuron)
     return (linear_charge(neuron) is not None and cls.fire is Neuron.fire
             and cls.reset_membrane is Neuron.reset_membrane
+            and neuron.reset_mode in ("subtract", "zero")  # "subtract_after_leak" (snntorch) runs the step loop
             and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad))
-    v_th = neuron.v_th
-    return linear_charge(neuron) is not None and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad) \
-        and neuron.reset_mode in ("subtract", "zero")  # "subtract_after_leak" (snntorch) runs step_loop
 
 
 def _charge(neuron, v, x, decay):
