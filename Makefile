@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel in the local wheel folder (a range would pull CUDA torch)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+	# spikingjelly (framework-import tests): its metadata requires torchvision, which would replace
+	# the CPU torch by a CUDA build; it runs without it, so install it without dependencies
+	$(PIP) install -q --no-deps spikingjelly==2.0.0
+	$(PIP) install -q scipy
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,8 +30,7 @@ test-slow: $(STAMP)
 
 # peers for side-by-side benches, without their torchvision/torchaudio requirements
 bench-deps: $(STAMP)
-	$(PIP) install -q snntorch nir nirtorch
-	$(PIP) install -q --no-deps spikingjelly norse sinabs
+	$(PIP) install -q --no-deps norse sinabs
 	$(PIP) install -q requests loguru scipy h5py packaging pbr
 
 bench: bench-deps
