@@ -166,7 +166,7 @@ def checks(results, ann_acc, hybrid_acc, Ts):
                 (ms, s), (mj, j) = best["snnc"], best["spikingjelly"]
                 emit(kind="check", name=f"{net}_T{T}_best_snnc_vs_best_spikingjelly", snnc=round(s, 2),
                      snnc_method=ms, spikingjelly=round(j, 2), spikingjelly_method=mj,
-                     ratio=round(s / max(j, 1e-9), 4), ok=s > j)
+                     ratio=round(s / max(j, 1e-9), 4), ok=round(s, 2) > round(j, 2))   # a tie is not a win
     for (net, T, kind), acc in hybrid_acc.items():
         emit(kind="check", name=f"{net}_hybrid_{kind}_T{T}_within_2pt_of_ann", ann=round(ann_acc[net], 2),
              snn=round(acc, 2), ok=ann_acc[net] - acc <= 2.0)
