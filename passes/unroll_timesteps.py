@@ -27,6 +27,7 @@ from snnc.ir import annotate, graph_spec, op_spec
 from snnc.ops import DirectEncoder, MergeTime, Neuron, PoissonEncoder, Readout, SplitTime
 
 STATIC, SEQ, FLAT = "static", "seq", "flat"
+CONST = "const"  # a get_attr parameter/constant: broadcasts against any layout, never converted
 
 
 class _Rewriter:
@@ -93,7 +94,7 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
             rw.graph.output(fx.node.map_aggregate(node.args[0], out_arg))
             continue
         if node.op == "get_attr":
-            rw.env[node] = (rw.graph.node_copy(node), STATIC)
+            rw.env[node] = (rw.graph.node_copy(node), CONST)
             continue
         mod = root.get_submodule(node.target) if node.op == "call_module" else None
         ins = _tensor_inputs(node)
@@ -113,14 +114,15 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
             spec_n = op_spec(gm, node)
             if spec_n is None:
                 raise SnncError(f"unroll_timesteps: {node_ref(node)} is not an op of the spiking IR")
-            layouts = {rw.env[a][1] for a in ins}
-            if not ins or layouts == {STATIC}:
+            layouts = {rw.env[a][1] for a in ins} - {CONST}
+            if not layouts or layouts == {STATIC}:
                 want = STATIC
             elif spec_n.time_agnostic and len(layouts) == 1:
                 want = layouts.pop()
             else:
                 want = FLAT
-            new = rw.graph.node_copy(node, lambda a: rw.as_layout(a, want) if want != STATIC else rw.env[a][0])
+            new = rw.graph.node_copy(
+                node, lambda a: rw.env[a][0] if want == STATIC or rw.env[a][1] == CONST else rw.as_layout(a, want))
             rw.env[node] = (new, want)
 
     out = fx.GraphModule(root, rw.graph, class_name=type(gm).__name__)

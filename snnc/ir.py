@@ -200,7 +200,8 @@ class _Annotator(fx.Interpreter):
                               f"computes {value.dtype}{list(value.shape)}; the last pass left stale metadata")
         spec = op_spec(self.module, n)
         if isinstance(value, torch.Tensor):
-            ins = [a.meta.get("snnc") for a in n.all_input_nodes]
+            # get_attr constants broadcast against any layout: they do not decide the node's layout
+            ins = [a.meta.get("snnc") for a in n.all_input_nodes if a.op != "get_attr"]
             tins = [i for i in ins if isinstance(i, TensorInfo)]
             if n.op == "placeholder":
                 spiking, layout = False, self.input_layout

@@ -48,7 +48,7 @@ def _static_layouts(gm):
         if n.op == "placeholder":
             out[n] = spec_layout
         elif n.op != "output":
-            ins = [_Lay(out[a]) for a in n.all_input_nodes if a in out]
+            ins = [_Lay(out[a]) for a in n.all_input_nodes if a in out and a.op != "get_attr"]
             out[n] = _out_layout(gm, n, ins)
     return out
 
@@ -62,7 +62,8 @@ def _check_layout(gm, n, static):
     if n.op not in ("call_module", "call_function", "call_method"):
         return
     spec = op_spec(gm, n)
-    tensor_ins = [a for a in n.all_input_nodes if not isinstance(a.meta.get("snnc"), (int, float, tuple, list))]
+    tensor_ins = [a for a in n.all_input_nodes
+                  if a.op != "get_attr" and not isinstance(a.meta.get("snnc"), (int, float, tuple, list))]
     layouts = {static[a] for a in tensor_ins}
     mod = module_of(gm, n)
     mode = getattr(mod, "step_mode", None)

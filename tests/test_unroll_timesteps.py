@@ -68,3 +68,20 @@ def test_unrolled_graph_trains_and_saves(tmp_path):
     g2 = torch.load(tmp_path / "u.pt", weights_only=False)
     x = torch.rand(2, 1, 2, 4, 4)
     assert torch.equal(g2(x), g(x))
+
+
+def test_get_attr_constant_is_not_broadcast_over_time():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lif = nn.Conv2d(1, 3, 3, padding=1), LIF(tau=2.0)
+            self.register_buffer("gain", torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.lif(self.conv(x) * self.gain)
+
+    g = snnc.trace(Scaled(), torch.zeros(2, 1, 5, 5))
+    u = unroll_timesteps(g, T=3)
+    assert snnc.ir.info(next(n for n in u.graph.nodes if n.op == "get_attr")).shape == (1, 3, 1, 1)
+    x = torch.rand(3, 2, 1, 5, 5) * 3
+    assert torch.equal(snnc.run(u, x), snnc.run(g, x, T=3))
