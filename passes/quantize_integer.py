@@ -259,6 +259,9 @@ class _Quantizer:
                                dtype=torch.float64)
         if (v_th <= 0).any():
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: v_th must be > 0 for an integer threshold")
+        if mod.reset_mode not in ("subtract", "zero"):
+            raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: reset={mod.reset_mode!r} has no integer form "
+                                "(the integer neurons reset by 'subtract' or to 'zero')")
         lo, hi = -(2 ** (self.state_bits - 1)), 2 ** (self.state_bits - 1) - 1
         th = round_int(v_th / s_m, "the threshold", node)
         if (th < 1).any():

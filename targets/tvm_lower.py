@@ -209,6 +209,9 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
             ok = True
         if ok and node.op == "call_module":
             mod = modules[node.target]
+            if getattr(mod, "reset_mode", "subtract") not in ("subtract", "zero"):
+                raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} with reset={mod.reset_mode!r} has no "
+                                    "TVM lowering (the fused scan implements reset='subtract' and 'zero')")
             if getattr(mod, "step_mode", "m") != "m" and not isinstance(mod, DirectEncoder):
                 raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} runs per step; the TVM "
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")

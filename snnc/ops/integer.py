@@ -181,6 +181,8 @@ class IntIF(nn.Module):
         for name, v in (("v_th", v_th), ("v_reset", v_reset), ("v_init", v_init)):
             _set_int(self, name, v)
         self.state_bits = int(state_bits)
+        if reset not in ("subtract", "zero"):
+            raise ValueError(f"{type(self).__name__}: reset={reset!r}: expected 'subtract' or 'zero'")
         self.reset_mode, self.compare = reset, compare
 
     @property
