@@ -1,8 +1,9 @@
 """``make demo``: the main job on the embedded digits data.
 
-Each stage prints one readable block; stages run in order and share a ``state`` dict
-(data, trained ANN, graphs). A stage that needs a target which is not available says so and
-the demo goes on.
+ANN training -> ANN-to-SNN conversion -> every target (torch, onnx, tvm:llvm, tvm:int) with
+accuracy and timings -> direct SNN training -> NIR / framework import / activity report ->
+event data from a folder. Stages run in order and share a ``state`` dict; a stage whose optional
+dependency is missing says so and the demo goes on.
 """
 from __future__ import annotations
 
@@ -48,19 +49,80 @@ def stage_ann(state):
           f"({len(data.x_train)} train / {len(data.x_test)} test images)")
 
 
-def stage_trace(state):
-    g = state["graph"] = snnc.trace(state["ann"], state["data"].x_test[:1])
-    print("[trace] spiking IR of the ANN:")
-    print(snnc.dump(g))
-
-
-def stage_torch_target(state):
-    data = state["data"]
-    m = snnc.compile(state["graph"], target="torch")
+def stage_convert(state):
+    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T for two methods."""
+    data, ann = state["data"], state["ann"]
+    calib = data.x_train[:256]
     t0 = time.perf_counter()
-    acc = accuracy(m, data.x_test, data.y_test)
-    ms = 1e3 * (time.perf_counter() - t0)
-    print(f"[torch] target torch: accuracy {acc:.2f}%, {ms:.1f} ms for the test set")
+    per_step = snnc.convert(ann, calib, method="percentile")     # per-step graph: run it for any T
+    rows = ["percentile (Rueckauer 2017): " + "  ".join(
+        f"T={T}: {accuracy(lambda x: snnc.run(per_step, x, T=T), data.x_test, data.y_test):.2f}%" for T in (4, 8, 32))]
+    g = state["snn"] = snnc.convert(ann, calib, T=4, method="mse", channel_wise=True)
+    rows.append(f"mse + half threshold, tuned for T=4 (low latency): "
+                f"T=4: {accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test):.2f}%")
+    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout) in "
+          f"{time.perf_counter() - t0:.1f}s:")
+    for row in rows:
+        print("          " + row)
+    print("[ir]    the converted, unrolled SNN (snnc.dump):")
+    print("".join("        " + line + "\n" for line in snnc.dump(g).splitlines()), end="")
+
+
+def stage_targets(state):
+    """The converted SNN on every float target: accuracy, latency for the test set, agreement."""
+    import tempfile
+    from pathlib import Path
+
+    from snnc.differential import differential
+    data, g = state["data"], state["snn"]
+    print(f"[targets] the converted SNN (T={g.snnc_spec['T']}) compiled for each target, 450 test images:")
+    for target in ("torch", "onnx", "tvm:llvm"):
+        try:
+            t0 = time.perf_counter()
+            m = snnc.compile(g, target=target)
+            compile_s = time.perf_counter() - t0
+        except (ImportError, snnc.SnncError) as e:
+            print(f"          {target:9s} skipped: {e}")
+            continue
+        accuracy(m, data.x_test[:64], data.y_test[:64])  # warm-up (allocations, thread pools)
+        t0 = time.perf_counter()
+        acc = accuracy(m, data.x_test, data.y_test)
+        ms = 1e3 * (time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as tmp:   # the exported artefact runs without the model
+            suffix = {"torch": ".pt", "onnx": ".onnx", "tvm:llvm": ".so"}[target]
+            reloaded = snnc.load(m.export(Path(tmp) / f"net{suffix}"))
+            xb = data.x_test[:g.snnc_spec["inputs"][0][0][0]]  # tvm's exported library has fixed shapes
+            same = torch.equal(reloaded(xb), m(xb))
+        print(f"          {target:9s} accuracy {acc:.2f}%  {ms:7.1f} ms  (compile {compile_s:.1f}s, "
+              f"export/load round trip identical: {same})")
+    report = differential(g, data.x_test[:32])
+    print("          differential check vs the reference interpreter: " + ", ".join(
+        f"{t} {r.status}" for t, r in report.targets.items()))
+
+
+def stage_integer(state):
+    """Neuromorphic-style integer target: convert, quantize to int8 weights / 24-bit membranes,
+    compare with the float SNN, then compile the integer IR to C with TVM (bit-exact check)."""
+    from snnc.passes import quantize_integer
+    from snnc.passes.quantize_integer import quantize_input
+    data = state["data"]
+    snn = state["snn"]
+    T = snn.snnc_spec["T"]
+    q = quantize_integer(snn, weight_bits=8)
+    xq = quantize_input(q, data.x_test)
+    float_acc = accuracy(lambda x: snnc.run(snn, x), data.x_test, data.y_test)
+    ref = snnc.run(q, xq)
+    int_acc = 100.0 * (ref.argmax(-1) == data.y_test).float().mean().item()
+    print(f"[int]   T={T}: float SNN {float_acc:.2f}% -> int8 weights, int32 currents, 24-bit membranes "
+          f"{int_acc:.2f}%")
+    try:
+        t0 = time.perf_counter()
+        m = snnc.compile(q, target="tvm:int", codegen="c")
+        same = torch.equal(m(xq), ref)
+        print(f"[int]   tvm:int C source: {len(m.c_source.splitlines())} lines, built in "
+              f"{time.perf_counter() - t0:.1f}s; outputs bit-exact vs the integer reference: {same}")
+    except ImportError as e:
+        print(f"[int]   tvm:int skipped (TVM not available: {e})")
 
 
 def stage_direct_training(state):
@@ -84,53 +146,6 @@ def stage_direct_training(state):
     secs = sum(h["seconds"] for h in hist)
     print(f"[train] direct SNN training at T=4 (atan surrogate), neuron IR:\n  {lif.strip()}")
     print("        test accuracy per epoch: " + ", ".join(f"{h['val_acc']:.1f}%" for h in hist) + f" ({secs:.1f}s)")
-def stage_convert(state):
-    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T for two methods."""
-    data, ann = state["data"], state["ann"]
-    calib = data.x_train[:256]
-    t0 = time.perf_counter()
-    per_step = snnc.convert(ann, calib, method="percentile")     # per-step graph: run it for any T
-    rows = ["percentile (Rueckauer 2017): " + "  ".join(
-        f"T={T}: {accuracy(lambda x: snnc.run(per_step, x, T=T), data.x_test, data.y_test):.2f}%" for T in (4, 8, 32))]
-    g = state["snn"] = snnc.convert(ann, calib, T=4, method="mse", channel_wise=True)
-    rows.append(f"mse + half threshold, tuned for T=4 (low latency): "
-                f"T=4: {accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test):.2f}%")
-    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout) in "
-          f"{time.perf_counter() - t0:.1f}s:")
-    for row in rows:
-        print("          " + row)
-
-
-def stage_data(state):
-    """Event data from a folder in N-MNIST's published layout (written here, synthetic), framed
-    like tonic's ToFrame and run through the NIR paper's N-MNIST CNN (or a small SNN)."""
-    import importlib.util
-    import tempfile
-    from pathlib import Path
-
-    from snnc.data import dataset, dataset_loader
-    from snnc.data.writers import write_nmnist
-    if importlib.util.find_spec("tonic") is None:
-        print("[data]  event data sets need tonic (pip install tonic): skipped")
-        return
-    paper_cnn = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
-    with tempfile.TemporaryDirectory() as tmp:
-        write_nmnist(Path(tmp), per_class=2, events=3000)
-        ds = dataset("nmnist", tmp, "test", T=8)
-        ds[0]   # tonic's import (~3 s) stays out of the rate
-        t0 = time.perf_counter()
-        seq, y = next(iter(dataset_loader(ds, batch_size=len(ds))))
-        rate = len(ds) / (time.perf_counter() - t0)
-    try:
-        g, what = snnc.from_nir(paper_cnn), "NIR paper CNN (sinabs)"
-    except snnc.SnncError:   # no nir package or no paper file: a small SNN of the same input shape
-        from snnc.ops import IF, Readout
-        net = nn.Sequential(nn.Conv2d(2, 8, 5, stride=2, padding=1), IF(), nn.Flatten(),
-                            nn.Linear(8 * 16 * 16, 10), Readout("membrane"))
-        g, what = snnc.trace(net, torch.zeros(1, 2, 34, 34)), "small SNN"
-    out = snnc.run(g, seq, T=8)
-    print(f"[data]  N-MNIST-format folder: {len(ds)} samples framed to {list(seq.shape)} (T, N, P, H, W) "
-          f"at {rate:.0f} samples/s; {what} output {list(out.shape)}")
 
 
 def stage_ecosystem(state):
@@ -184,7 +199,7 @@ def stage_ecosystem(state):
     from snnc.report import collect, table
     data = state["data"]
     if "snn" in state:  # from stage_convert
-        snn, what = state["snn"], "the converted digits CNN (T=8)"
+        snn, what = state["snn"], "the converted digits CNN"
     else:
         snn, what = g, "the small untrained SNN (T=8)"
     stats = collect(snn, TensorDataset(data.x_test, data.y_test), T=8)
@@ -192,145 +207,48 @@ def stage_ecosystem(state):
     print("\n".join("         " + line for line in table(stats).splitlines() if line))
 
 
-def stage_convert(state):
-    """ANN -> SNN (fold_bn, threshold_balance, unroll): accuracy at a few T for two methods."""
-    data, ann = state["data"], state["ann"]
-    calib = data.x_train[:256]
-    t0 = time.perf_counter()
-    per_step = snnc.convert(ann, calib, method="percentile")     # per-step graph: run it for any T
-    rows = ["percentile (Rueckauer 2017): " + "  ".join(
-        f"T={T}: {accuracy(lambda x: snnc.run(per_step, x, T=T), data.x_test, data.y_test):.2f}%" for T in (4, 8, 32))]
-    g = state["snn"] = snnc.convert(ann, calib, T=4, method="mse", channel_wise=True)
-    rows.append(f"mse + half threshold, tuned for T=4 (low latency): "
-                f"T=4: {accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test):.2f}%")
-    print(f"[convert] ANN {state['ann_acc']:.2f}% -> SNN (IF neurons, membrane readout) in "
-          f"{time.perf_counter() - t0:.1f}s:")
-    for row in rows:
-        print("          " + row)
-
-
-def stage_integer(state):
-    """Neuromorphic-style integer target: convert, quantize to int8 weights / 24-bit membranes,
-    compare with the float SNN, then compile the integer IR to C with TVM (bit-exact check)."""
-    from snnc.passes import fold_bn, quantize_integer, threshold_balance, unroll_timesteps
-    from snnc.passes.quantize_integer import quantize_input
-    data = state["data"]
-    snn = state.get("snn") or unroll_timesteps(
-        threshold_balance(fold_bn(snnc.trace(state["ann"], data.x_test[:1])), data.x_train[:512]), T=16)
-    snn = snn if snn.snnc_spec.get("T") else unroll_timesteps(snn, T=16)
-    T = snn.snnc_spec["T"]
-    q = quantize_integer(snn, weight_bits=8)
-    xq = quantize_input(q, data.x_test)
-    float_acc = accuracy(lambda x: snnc.run(snn, x), data.x_test, data.y_test)
-    ref = snnc.run(q, xq)
-    int_acc = 100.0 * (ref.argmax(-1) == data.y_test).float().mean().item()
-    print(f"[int]   T={T}: float SNN {float_acc:.2f}% -> int8 weights, int32 currents, 24-bit membranes "
-          f"{int_acc:.2f}%")
-    try:
-        t0 = time.perf_counter()
-        m = snnc.compile(q, target="tvm:int", codegen="c")
-        same = torch.equal(m(xq), ref)
-        print(f"[int]   tvm:int C source: {len(m.c_source.splitlines())} lines, built in "
-              f"{time.perf_counter() - t0:.1f}s; outputs bit-exact vs the integer reference: {same}")
-    except ImportError as e:
-        print(f"[int]   tvm:int skipped (TVM not available: {e})")
-
-
-def _if_net(ann, calib):
-    """ReLU -> IF (subtract reset) with robust normalisation (Rueckauer 2017): each ReLU's 99.9th
-    percentile activation lam scales the layer before it by 1/lam and the next layer's weights by
-    lam, so IF firing rates approximate the ANN's activations. (A stand-in when the demo has no
-    threshold_balance stage; a state["snn"] graph from one is used instead.)"""
-    import copy
-    from snnc.ops import IF, DirectEncoder, Readout
-    snn = nn.Sequential(DirectEncoder(), *[IF() if isinstance(m, nn.ReLU) else m
-                                           for m in copy.deepcopy(ann)], Readout("membrane")).eval()
-    acts, prev, mods = [], 1.0, list(snn)
-    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.flatten())) for m in ann if isinstance(m, nn.ReLU)]
-    with torch.no_grad():
-        ann(calib)
-        for h in hooks:
-            h.remove()
-        lams = iter([torch.quantile(a[:1 << 20], 0.999).item() for a in acts])
-        for i, m in enumerate(mods):
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight *= prev
-            if isinstance(m, IF):
-                prev = next(lams)
-                before = next(a for a in reversed(mods[:i]) if isinstance(a, (nn.BatchNorm2d, nn.Linear, nn.Conv2d)))
-                before.weight /= prev
-                if before.bias is not None:
-                    before.bias /= prev
-    return snn
-
-
-def stage_tvm(state):
-    """The SNN compiled to tvm:llvm (torch convs + fused TVM neuron kernels), vs torch eager."""
-    from snnc.passes import unroll_timesteps
-    data, T = state["data"], 16
-    g = state.get("snn") or unroll_timesteps(snnc.trace(_if_net(state["ann"], data.x_train[:512]),
-                                                         data.x_test[:1]), T=T)
-    state["tvm_graph"] = g  # the unrolled SNN, for later stages (onnx)
-    t0 = time.perf_counter()
-    m = snnc.compile(g, target="tvm:llvm")
-    compile_s = time.perf_counter() - t0
-    eager = snnc.compile(g, target="torch")
-    times = {}
-    for name, fn in (("torch", eager), ("tvm", m)):
-        t0 = time.perf_counter()
-        times[name] = (accuracy(fn, data.x_test, data.y_test), time.perf_counter() - t0)
-    print(f"[tvm]   IF SNN (T={g.snnc_spec['T']}) on tvm:llvm: accuracy {times['tvm'][0]:.2f}% "
-          f"(torch eager {times['torch'][0]:.2f}%, ANN {state.get('ann_acc', float('nan')):.2f}%), "
-          f"test set in {1e3 * times['tvm'][1]:.0f} ms vs {1e3 * times['torch'][1]:.0f} ms eager, "
-          f"compiled in {compile_s:.1f}s")
-
-
-
-
-
-
-def stage_onnx(state):
-    """Compile the newest graph of the demo (the unrolled SNN once one exists, else the traced
-    ANN) to ONNX, export it, load it back without the model, and check it layer by layer."""
+def stage_data(state):
+    """Event data from a folder in N-MNIST's published layout (written here, synthetic), framed
+    like tonic's ToFrame and run through the NIR paper's N-MNIST CNN (or a small SNN)."""
+    import importlib.util
     import tempfile
     from pathlib import Path
 
-    from torch import fx
-
-    from snnc.differential import differential
-    graphs = [v for v in state.values() if isinstance(v, fx.GraphModule) and hasattr(v, "snnc_spec")]
-    unrolled = [g for g in graphs if g.snnc_spec.get("T")]
-    g = (unrolled or graphs)[-1]
-    data = state["data"]
-    t0 = time.perf_counter()
-    m = snnc.compile(g, target="onnx")
-    compile_s = time.perf_counter() - t0
+    from snnc.data import dataset, dataset_loader
+    from snnc.data.writers import write_nmnist
+    if importlib.util.find_spec("tonic") is None:
+        print("[data]  event data sets need tonic (pip install tonic): skipped")
+        return
+    paper_cnn = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
     with tempfile.TemporaryDirectory() as tmp:
-        path = m.export(Path(tmp) / "net.onnx")
-        size_kb = path.stat().st_size / 1024
-        loaded = snnc.load(path)
-    acc = accuracy(loaded, data.x_test, data.y_test)
-    report = differential(g, data.x_test[:32], targets=["onnx"])
-    worst = min((r.agreement for r in report.targets["onnx"].layers), default=1.0)
-    print(f"[onnx]  target onnx (opset {m.meta['opset']}, T={g.snnc_spec.get('T')}): exported {size_kb:.0f} KiB "
-          f"in {compile_s:.1f}s, reloaded: accuracy {acc:.2f}%; differential vs reference: "
-          f"{report.targets['onnx'].status}, worst layer agreement {100 * worst:.3f}%")
+        write_nmnist(Path(tmp), per_class=2, events=3000)
+        ds = dataset("nmnist", tmp, "test", T=8)
+        ds[0]   # tonic's import (~3 s) stays out of the rate
+        t0 = time.perf_counter()
+        seq, y = next(iter(dataset_loader(ds, batch_size=len(ds))))
+        rate = len(ds) / (time.perf_counter() - t0)
+    try:
+        g, what = snnc.from_nir(paper_cnn), "NIR paper CNN (sinabs)"
+    except snnc.SnncError:   # no nir package or no paper file: a small SNN of the same input shape
+        from snnc.ops import IF, Readout
+        net = nn.Sequential(nn.Conv2d(2, 8, 5, stride=2, padding=1), IF(), nn.Flatten(),
+                            nn.Linear(8 * 16 * 16, 10), Readout("membrane"))
+        g, what = snnc.trace(net, torch.zeros(1, 2, 34, 34)), "small SNN"
+    out = snnc.run(g, seq, T=8)
+    print(f"[data]  N-MNIST-format folder: {len(ds)} samples framed to {list(seq.shape)} (T, N, P, H, W) "
+          f"at {rate:.0f} samples/s; {what} output {list(out.shape)}")
 
 
-
-
-
-
-
-
-STAGES = [stage_ann, stage_trace, stage_torch_target, stage_direct_training, stage_convert, stage_tvm, stage_integer, stage_onnx, stage_ecosystem, stage_data]
+STAGES = [stage_ann, stage_convert, stage_targets, stage_integer, stage_direct_training, stage_ecosystem,
+          stage_data]
 
 
 def main():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     state = {}
+    t0 = time.perf_counter()
     for stage in STAGES:
         stage(state)
+    print(f"[done]  demo finished in {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

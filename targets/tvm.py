@@ -47,7 +47,10 @@ CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
 
 def _to_tvm(x: torch.Tensor, dev):
     if dev.dlpack_device_type() == 1:
-        return tvm.runtime.from_dlpack(x.detach().contiguous())
+        x = x.detach().contiguous()
+        if x.data_ptr() % 64:  # TVM's DLPack import requires 64-byte aligned data (a slice may not be)
+            x = x.clone()
+        return tvm.runtime.from_dlpack(x)
     return tvm.runtime.tensor(x.detach().cpu().numpy(), device=dev)
 
 
