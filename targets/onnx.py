@@ -13,11 +13,12 @@ and stateless layers become ``Conv``/``Gemm``/``AveragePool``... on the ``[T*N, 
   ops; ``loop="scan"`` writes one ONNX ``Scan`` per neuron whose body is the neuron's own
   ``step`` (exported through ``torch._higher_order_ops.scan``), the membrane as loop state.
   Both are bit-exact against the reference. Measured with onnxruntime 1.32, 1 thread, on a
-  busy 2-core machine: on whole nets the two forms are within run-to-run noise (scan/unroll time
-  0.96-1.10 on the bench net, 1.05-1.38 on the digits SNN; ``bench/targets.py`` rows ``onnx`` and
-  ``onnx:scan``); on one large isolated LIF layer Scan was faster (0.26-0.73 for [8, 65536] and
-  [4, 2**21]; ``bench/onnx_loop_form.py``), on small ones equal. Unroll stays the default: the
-  same speed on real nets, and a flat graph every ONNX tool reads.
+  2-core machine shared with other jobs: on whole nets the two forms differ by no more than the
+  run-to-run noise (scan/unroll time 0.96-1.11 on the bench net, 0.78-1.38 on the digits SNN,
+  over 4 runs; ``bench/targets.py`` rows ``onnx`` and ``onnx:scan``); on one large isolated LIF
+  layer Scan was faster (0.26-0.73 for [8, 65536] and [4, 2**21]; ``bench/onnx_loop_form.py``),
+  on small ones equal. Unroll stays the default: the same speed on real nets, and a flat graph
+  every ONNX tool reads.
 * **Dynamic batch**: the batch dimension (dim 1 of ``[T, N, ...]`` inputs, dim 0 of static
   ``[N, ...]`` inputs) is a symbolic ONNX dimension; a graph that hard-codes its batch (e.g. a
   ``view(2, -1)``) is exported with a fixed batch instead and the module says so.

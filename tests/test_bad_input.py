@@ -62,7 +62,7 @@ def test_op_no_target_supports_names_node_op_and_supported_list():
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx"])
-def test_nan_weights_are_refused_at_compile(graph, target):
+def test_nan_weights_are_refused_at_compile(target):
     bad = unroll_timesteps(snnc.trace(_net(), torch.zeros(2, 4)), T=3)
     lin = next(n for n in bad.graph.nodes if n.op == "call_module" and isinstance(bad.get_submodule(n.target), nn.Linear))
     bad.get_submodule(lin.target).weight.data[0, 1] = float("nan")
