@@ -38,7 +38,7 @@ from snnc.fileio import atomic_write
 from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
-from .tvm_hybrid import TVMConvCall, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, run_hybrid
+from .tvm_hybrid import TVMConvCall, aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, run_hybrid
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
@@ -47,10 +47,7 @@ CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
 
 def _to_tvm(x: torch.Tensor, dev):
     if dev.dlpack_device_type() == 1:
-        x = x.detach().contiguous()
-        if x.data_ptr() % 64:  # TVM's DLPack import requires 64-byte aligned data (a slice may not be)
-            x = x.clone()
-        return tvm.runtime.from_dlpack(x)
+        return tvm.runtime.from_dlpack(aligned(x.detach()))  # it refuses unaligned data
     return tvm.runtime.tensor(x.detach().cpu().numpy(), device=dev)
 
 

@@ -25,6 +25,22 @@ from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import neuron_scan
 from .tvm_schedule import conv2d_kernel
 
+TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous and 64-byte aligned, copying only when it is not.
+
+    Every TVM function here is compiled for buffers with TIR's default ``data_alignment=64``, so
+    LLVM emits aligned vector loads (``vmovaps``). tvm-ffi hands a torch tensor's pointer to the
+    kernel without checking that (only ``tvm.runtime.from_dlpack`` checks), and a batch slice such
+    as ``x_test[:1]`` may start 16 or 48 bytes past a 64-byte boundary: the kernel then dies with
+    SIGSEGV. Torch's own allocations are 64-byte aligned, so only views pay for the copy."""
+    x = x.contiguous()
+    if x.data_ptr() % TVM_ALIGNMENT:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
+
 
 class TVMKernelCall(nn.Module):
     """Calls one compiled TVM kernel on ``[T, N, ...]``: a neuron scan (-> ``[T, N, ...]``) or a
@@ -51,7 +67,7 @@ class TVMKernelCall(nn.Module):
         return buf
 
     def forward(self, x):
-        x = x.contiguous()
+        x = aligned(x)
         steps = x.shape[0]
         if self.kind == "readout":
             out = self._out(x.shape[1:], x.dtype)
@@ -72,8 +88,8 @@ class TVMConvCall(TVMKernelCall):
     def __init__(self, conv, name, in_shape, reuse_output=True):
         super().__init__("conv", name, reuse_output=reuse_output)
         self.conv, self.in_shape, self.use_tvm = conv, tuple(in_shape), False
-        self.weight = conv.weight.detach().contiguous()
-        self.bias = None if conv.bias is None else conv.bias.detach().reshape(1, -1, 1, 1).contiguous()
+        self.weight = aligned(conv.weight.detach())
+        self.bias = None if conv.bias is None else aligned(conv.bias.detach().reshape(1, -1, 1, 1))
         self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
 
     def bind(self, lib):
@@ -86,7 +102,7 @@ class TVMConvCall(TVMKernelCall):
         if not self.use_tvm or self.fn is None or tuple(x.shape) != self.in_shape:
             return self.conv(x)
         out = self._out((x.shape[0], *self.out_shape), x.dtype)
-        args = (x.contiguous(), self.weight) + (() if self.bias is None else (self.bias,)) + (out,)
+        args = (aligned(x), self.weight) + (() if self.bias is None else (self.bias,)) + (out,)
         self.fn(*args)
         return out
 
@@ -131,6 +147,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"scan_{len(kernels)}"
             kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
                              dict(device=device, lanes=pick_lanes(math.prod(sample))))
+            th = None if th is None else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
             in_shape = info(node.args[0]).shape

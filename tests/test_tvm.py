@@ -251,3 +251,52 @@ def test_hybrid_convs_in_tvm_or_torch_agree():
     _agree(auto(x), ref, spikes=True)
     with pytest.raises(SnncError, match="convs="):
         snnc.compile(g, target="tvm:llvm", convs="gpu")
+
+
+def _dyadic(shape, scale=8, lo=-4, hi=5):
+    """Multiples of 1/scale with small numerators: every sum the net forms is exact in float32,
+    so the reduction order of torch, oneDNN and TVM cannot matter and outputs must be equal."""
+    return torch.randint(lo, hi, shape).float() / scale
+
+
+def _unaligned(x):
+    """``x`` copied into a view that starts 4 bytes past a 64-byte boundary (a batch slice like
+    ``x_test[:1]`` of a tensor that does not start on one)."""
+    buf = torch.empty(x.numel() + 32)
+    start = next(i for i in range(1, 16) if (buf.data_ptr() + 4 * i) % 64 == 4)
+    view = buf[start:start + x.numel()].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 64 == 4
+    return view
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_converted_digits_net_from_unaligned_slices_is_exact(tmp_path, batch):
+    """Regression: what ``snnc.convert`` makes of digits_cnn (direct encoder hoisted after the first
+    conv, IF with v_init=0.5, avg-pool, flatten, linear, membrane readout) fed a batch slice that is
+    not 64-byte aligned. The TVM kernels assume 64-byte aligned buffers and tvm-ffi passes torch
+    pointers unchecked, so the hybrid's TVM conv read the input with aligned vector loads: SIGSEGV."""
+    torch.manual_seed(2)
+    net = nn.Sequential(DirectEncoder(), nn.Conv2d(1, 16, 3, padding=1), IF(v_init=0.5),
+                        nn.Conv2d(16, 8, 3, padding=1), IF(v_init=0.5), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 16, 12), IF(v_init=0.5), nn.Linear(12, 10), Readout("membrane"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(_dyadic(p.shape))
+    x = _unaligned(torch.randint(0, 9, (batch, 1, 8, 8)).float() / 8)
+    g = _graph(net, x, T=4)
+    assert [n.target for n in g.graph.nodes if n.op == "call_module"][:2] == ["1", "encoder_1"]  # hoisted
+    ref = snnc.run(g, x.clone())
+    assert 0.05 < ref.abs().mean().item() and ref.std().item() > 0  # not an all-silent net
+    hybrid = snnc.compile(g, target="tvm:llvm", convs="tvm")
+    assert hybrid.meta["hybrid_convs"] == {"conv_0": "tvm", "conv_2": "tvm"}
+    assert torch.equal(hybrid(x), ref)
+    relax_mod = snnc.compile(g, target="tvm:llvm", mode="relax")
+    assert torch.equal(relax_mod(x), ref)
+    loaded = snnc.load(hybrid.export(tmp_path / "net.so"))
+    first = loaded(x)
+    assert torch.equal(first, ref)
+    other = x.flip(0) * 0.5
+    assert torch.equal(loaded(other), snnc.run(g, other.clone()))
+    assert torch.equal(first, ref)  # the VM did not reuse the buffer the first output lives in
+    assert torch.equal(loaded(x), ref)  # and no state carried over between calls
