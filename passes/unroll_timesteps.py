@@ -13,8 +13,10 @@ Guarantees: the result computes, in one call, what T calls of the per-step graph
     a ``DirectEncoder`` is moved past the stateless layers before the first neuron, since those
     layers see the same input at every step and need to run once, not T times;
   * a graph without an encoder takes ``[T, N, ...]`` inputs; readouts reduce over T.
-The input graph is not modified. Outputs equal the per-step reference run for T steps (same op
-order per element; tested bit-exact in float32).
+The input graph is not modified. In eval mode, outputs equal the per-step reference run for T
+steps (same op order per element; tested bit-exact in float32). In training mode a BatchNorm on
+the merged batch takes its statistics over T*N samples instead of N per step (the statistics
+tdBN uses), so training-mode outputs differ from T separate per-step calls.
 """
 from __future__ import annotations
 
