@@ -34,7 +34,7 @@ bench-deps: $(STAMP)
 	$(PIP) install -q requests loguru scipy h5py packaging pbr
 
 bench: bench-deps
-	for b in bench/*.py; do $(VPY) $$b || exit 1; done
+	for b in bench/*.py; do $(VPY) -P $$b || exit 1; done  # -P: bench/tvm.py must not shadow tvm
 
 clean:
 	rm -rf $(VENV) build *.egg-info

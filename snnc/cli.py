@@ -155,7 +155,8 @@ def cmd_bench(args) -> int:
             raise SnncError(f"no bench named {args.name!r} in {BENCH_DIR}; available: {names}")
     failed = []
     for s in scripts:
-        r = subprocess.run([sys.executable, str(s)] + (["--quick"] if args.quick else []))
+        # -P: bench/ is not put on sys.path, so bench/tvm.py cannot shadow the tvm package
+        r = subprocess.run([sys.executable, "-P", str(s)] + (["--quick"] if args.quick else []))
         if r.returncode != 0:
             failed.append(s.stem)
     if failed:
