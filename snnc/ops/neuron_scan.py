@@ -31,12 +31,7 @@ def step_loop(neuron, x_seq):
     """The reference multi-step loop: T calls of ``neuron.step`` under autograd."""
     if neuron.surrogate is not None and hasattr(neuron.surrogate, "reset"):
         neuron.surrogate.reset()   # multi-step state is local to the call (STDB's spike times)
-    v = neuron.initial_membrane(x_seq[0])
-    out = []
-    for t in range(x_seq.shape[0]):
-        s, v = neuron.step(x_seq[t], v)
-        out.append(s)
-    return torch.stack(out)
+    return neuron.step_loop(x_seq)
 
 
 def linear_charge(neuron):

@@ -107,6 +107,10 @@ class Neuron(nn.Module, abc.ABC):
         """``[T, N, ...] -> [T, N, ...]``: the iterative update of Wu 2019, state kept local."""
         if self.surrogate is not None and hasattr(self.surrogate, "multi_step"):
             return self.surrogate.multi_step(self, x_seq)
+        return self.step_loop(x_seq)
+
+    def step_loop(self, x_seq):
+        """The reference loop: T calls of ``step`` with the membrane as a local variable."""
         v = self.initial_membrane(x_seq[0])
         out = []
         for t in range(x_seq.shape[0]):
