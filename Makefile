@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# spikingjelly (framework-import tests): its metadata requires torchvision, which would replace
 	# the CPU torch by a CUDA build; it runs without it, so install it without dependencies
 	$(PIP) install -q --no-deps spikingjelly==2.0.0
-	$(PIP) install -q scipy
+	$(PIP) install -q loguru scipy requests h5py packaging  # what spikingjelly imports
 	touch $(STAMP)
 
 demo: $(STAMP)
