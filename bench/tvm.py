@@ -163,7 +163,7 @@ def bench_compile(g):
 
 def bench_lif_kernel(runs):
     from snnc.targets import tvm_build as tb
-    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
+    from snnc.targets.tvm_hybrid import TVMKernelCall
     from snnc.targets.tvm_kernels import neuron_scan_kernel, pick_lanes
     from snnc.targets.tvm_lower import neuron_scan
     shape = (4, 16, 128, 32, 32)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import snnc
+from snnc.data import nir_paper_dir
 from snnc.data import digits
 from snnc.zoo import digits_cnn
 
@@ -154,7 +155,7 @@ def stage_ecosystem(state):
     from pathlib import Path
 
     from snnc.ops import IF, LIF, DirectEncoder
-    paper = Path("/work/shared/data/nir-paper")
+    paper = nir_paper_dir()
     try:
         import nir  # noqa: F401
     except ImportError:
@@ -219,7 +220,7 @@ def stage_data(state):
     if importlib.util.find_spec("tonic") is None:
         print("[data]  event data sets need tonic (pip install tonic): skipped")
         return
-    paper_cnn = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
+    paper_cnn = nir_paper_dir() / "cnn_sinabs.nir"
     with tempfile.TemporaryDirectory() as tmp:
         write_nmnist(Path(tmp), per_class=2, events=3000)
         ds = dataset("nmnist", tmp, "test", T=8)

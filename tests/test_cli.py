@@ -2,15 +2,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import snnc
+from snnc.data import nir_paper_dir
 from snnc.cli import main
-from snnc.ops import IF, LIF, Readout
+from snnc.ops import LIF
 from snnc.zoo import digits_snn
 
 
@@ -191,7 +191,7 @@ def test_compile_convert_matches_snnc_convert(tmp_path, cli):
 
 def test_compile_a_nir_file_from_another_library(tmp_path, cli):
     pytest.importorskip("nir")
-    paper = Path("/work/shared/data/nir-paper/lif_norse.nir")
+    paper = nir_paper_dir() / "lif_norse.nir"
     if not paper.exists():
         pytest.skip("NIR paper graphs not present")
     rc, _, err = cli("compile", paper, "--T", "1000", "-o", tmp_path / "lif.pt")

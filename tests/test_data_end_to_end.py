@@ -1,7 +1,6 @@
 """Data in the published formats through snnc end to end: the NIR paper's N-MNIST CNN
 (written by sinabs) over N-MNIST-format event files, and an ANN->SNN conversion calibrated on
 CIFAR-10-format batches."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +8,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import snnc
+from snnc.data import nir_paper_dir
 from snnc.data import dataset, time_first
 from snnc.data.writers import write_cifar10, write_nmnist
 from snnc.passes import unroll_timesteps
 
-PAPER_CNN = Path("/work/shared/data/nir-paper/cnn_sinabs.nir")
+PAPER_CNN = nir_paper_dir() / "cnn_sinabs.nir"
 
 
 def test_nir_paper_cnn_over_nmnist_files(tmp_path):

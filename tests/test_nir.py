@@ -1,6 +1,5 @@
 """NIR import/export: the NIR paper's graphs (written by norse, sinabs, rockpool), exact round trips,
 and clear errors for what snnc cannot represent."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import snnc
+from snnc.data import nir_paper_dir
 from snnc.errors import FileFormatError, SnncError, UnsupportedOp
 from snnc.fileio import OverwriteError
 from snnc.ops import IF, LIF, DirectEncoder, ParametricLIF, Readout
 
 nir = pytest.importorskip("nir")
-PAPER = Path("/work/shared/data/nir-paper")
+PAPER = nir_paper_dir()
 needs_paper = pytest.mark.skipif(not PAPER.exists(), reason="NIR paper graphs not present")
 PATTERN = "0000001000 0000000000 0010000100 0110010100 1101111111 1111000000 0000000111 1111111110 0000110000 0000000000"
 

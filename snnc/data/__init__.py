@@ -28,3 +28,12 @@ def from_spec(spec: str, split: str = "test", T=None, **options):
         raise InputError(f"{name} is event data: give T, the number of frames per sample (CLI: --T), "
                          "to frame its events")
     return dataset(name, root, split=split, T=T, **options)
+
+
+def nir_paper_dir():
+    """The NIR paper's graphs (``shared/data/nir-paper`` beside the repository, or the folder in
+    ``$SNNC_NIR_PAPER``); used by tests and the demo when present."""
+    import os
+    from pathlib import Path
+    default = Path(__file__).resolve().parents[3] / "shared" / "data" / "nir-paper"
+    return Path(os.environ.get("SNNC_NIR_PAPER", default))
