@@ -25,3 +25,9 @@ def test_tvm_refuses_subtract_after_leak(graph):
 def test_quantize_integer_refuses_subtract_after_leak(graph):
     with pytest.raises(UnsupportedOp, match=r"node %_1 .*reset='subtract_after_leak' has no integer form"):
         quantize_integer(graph)
+
+
+def test_onnx_runs_subtract_after_leak_exactly(graph):
+    x = torch.rand(3, 2, 4) * 3
+    m = snnc.compile(graph, target="onnx")
+    assert torch.equal(m(x), snnc.run(graph, x))
