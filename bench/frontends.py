@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from torch import nn
 
 import snnc
-
-
-def _median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from snnc.report import median_seconds
 
 
 def _scaled(model):
@@ -51,7 +40,7 @@ def bench_spikingjelly(T, batch, repeats):
     compiled = snnc.compile(snnc.trace(m, x), target="torch")
     ref = theirs()
     same = torch.equal(ref, compiled(x))
-    t_theirs, t_ours = _median_time(theirs, repeats), _median_time(lambda: compiled(x), repeats)
+    t_theirs, t_ours = median_seconds(theirs, repeats), median_seconds(lambda: compiled(x), repeats)
     return {"bench": "frontends", "framework": "spikingjelly 2.0 (multi-step, torch backend)", "T": T, "batch": batch,
             "spikes_identical": same, "output_spikes": int(ref.sum()), "framework_ms": 1e3 * t_theirs, "snnc_torch_ms": 1e3 * t_ours,
             "ratio": t_theirs / t_ours}
@@ -74,7 +63,7 @@ def bench_snntorch(T, batch, repeats):
     compiled = snnc.compile(g, target="torch")
     ref = theirs()
     same = torch.equal(ref, compiled(x))
-    t_theirs, t_ours = _median_time(theirs, repeats), _median_time(lambda: compiled(x), repeats)
+    t_theirs, t_ours = median_seconds(theirs, repeats), median_seconds(lambda: compiled(x), repeats)
     return {"bench": "frontends", "framework": "snntorch 1.0 (per-step loop)", "T": T, "batch": batch,
             "spikes_identical": same, "output_spikes": int(ref.sum()), "framework_ms": 1e3 * t_theirs, "snnc_torch_ms": 1e3 * t_ours,
             "ratio": t_theirs / t_ours}

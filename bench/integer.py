@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 # bench/tvm.py would shadow the tvm package for scripts run from this folder
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -33,6 +31,7 @@ from snnc.data import digits  # noqa: E402
 from snnc.demo import accuracy, train_ann  # noqa: E402
 from snnc.ops import IntConv2d, IntLinear  # noqa: E402
 from snnc.passes import fold_bn, insert_surrogate, quantize_integer, threshold_balance, unroll_timesteps  # noqa: E402
+from snnc.report import median_seconds  # noqa: E402
 from snnc.passes.quantize_integer import quantize_input  # noqa: E402
 from snnc.zoo import digits_cnn, digits_snn  # noqa: E402
 
@@ -106,15 +105,6 @@ def trained_snn(data, T, epochs):
     return None, fold_bn(insert_surrogate(g, None))
 
 
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_model(name, ann, g, data, repeats, emit):
     x, y = data.x_test, data.y_test
     float_acc = accuracy(lambda b: snnc.run(g, b), x, y)
@@ -139,9 +129,9 @@ def bench_model(name, ann, g, data, repeats, emit):
             m = snnc.compile(q, target="tvm:int")
             ref = snnc.run(q, xq)
             same = (m(xq) == ref).all(-1).float().mean().item() * 100
-            t_tvm = median_seconds(lambda: m(xq), repeats)
-            t_ref = median_seconds(lambda: snnc.run(q, xq), repeats)
-            t_float = median_seconds(lambda: snnc.run(g, x), repeats)
+            t_tvm = median_seconds(lambda: m(xq), repeats, warmup=False)
+            t_ref = median_seconds(lambda: snnc.run(q, xq), repeats, warmup=False)
+            t_float = median_seconds(lambda: snnc.run(g, x), repeats, warmup=False)
             emit({**base, "precision": "int8", "target": "tvm:int (llvm)", "bit_exact_samples_percent": same,
                   "seconds_test_set": t_tvm, "speedup_vs_integer_reference": t_ref / t_tvm,
                   "speedup_vs_float_snn_torch": t_float / t_tvm})

@@ -24,6 +24,8 @@ These are compute-only estimates (memory access, which often dominates, is not m
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -314,12 +316,22 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     return paths
 
 
+def median_seconds(fn, repeats, warmup=True):
+    """Median wall time of ``repeats`` calls of ``fn`` (after one untimed call with ``warmup``):
+    the one timer the report and the bench scripts share."""
+    if warmup:
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def quick_latency_bench(repeats=5, T=4, batch=8):
     """Built-in bench: a small conv SNN (zoo.bench_net) through each available target, against the
     same model run step by step in torch eager in this process. Yields JSON-able dicts (ratios)."""
-    import statistics
-    import time
-
     from .compiled import compile
     from .passes import unroll_timesteps
     from .runtime import reset
@@ -330,20 +342,11 @@ def quick_latency_bench(repeats=5, T=4, batch=8):
     model = bench_net(channels=(3, 16, 32, 32)).eval()
     x = torch.rand(T, batch, 3, 16, 16)
 
-    def timed(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
     def eager():
         reset(model)
         with torch.no_grad():
             return torch.stack([model(xt) for xt in x])
-    base = timed(eager)
+    base = median_seconds(eager, repeats)
     yield {"bench": "quick_latency", "impl": "torch eager (per step)", "T": T, "batch": batch, "ms": 1e3 * base, "ratio": 1.0}
     g = unroll_timesteps(trace(model, x[0]), T=T)
     for target in ("torch", "onnx", "tvm:llvm"):
@@ -352,6 +355,6 @@ def quick_latency_bench(repeats=5, T=4, batch=8):
         except (SnncError, ImportError) as e:
             yield {"bench": "quick_latency", "impl": f"snnc {target}", "skipped": str(e).split("\n")[0][:200]}
             continue
-        sec = timed(lambda: m(x))
+        sec = median_seconds(lambda: m(x), repeats)
         yield {"bench": "quick_latency", "impl": f"snnc {target}", "T": T, "batch": batch, "ms": 1e3 * sec,
                "ratio": base / sec, "ratio_meaning": "speed-up over torch eager (median of repeats)"}
