@@ -9,10 +9,12 @@ It cannot carry code: members are raw bytes that the reader checks, never unpick
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -92,13 +94,14 @@ def write_bundle(path, meta: dict, files: dict[str, bytes], overwrite: bool = Fa
 
 
 def is_bundle(path) -> bool:
-    """Whether ``path`` starts like a bundle (a tar whose first member is ``snnc.json``)."""
+    """Whether ``path`` starts like a bundle (a tar whose first member is ``snnc.json``), even a
+    truncated one (``read_bundle`` then says so)."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            first = tar.next()
-    except (tarfile.TarError, EOFError, OSError):
+        with open(path, "rb") as f:
+            head = f.read(len(BUNDLE_META) + 1)
+    except OSError:
         return False
-    return first is not None and first.name == BUNDLE_META
+    return head == BUNDLE_META.encode() + b"\0"
 
 
 def read_bundle(path, what: str = "snnc file", expect_format: str | None = None) -> tuple[dict, dict[str, bytes]]:
@@ -147,3 +150,55 @@ def private_dir(prefix: str = "snnc-") -> str:
     """A fresh folder only this user can read or write (``mkdtemp`` makes it 0700), for verified
     bytes that a library loader needs as a file: nobody can swap them between check and load."""
     return tempfile.mkdtemp(prefix=prefix)
+
+
+def _private_enough(folder: Path) -> bool:
+    """A cache folder nobody else can write into (ours, not group/world-writable): an entry there
+    was written by this user, so loading it is as safe as loading what this user compiled."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def read_cache_entry(path, member: str) -> Path | None:
+    """The verified ``member`` of a cache bundle, copied into a private folder for a loader that
+    needs a file; ``None`` (and a damaged entry removed) when it is missing, damaged, or the
+    cache folder is writable by others. The caller rebuilds then."""
+    path = Path(path)
+    if not path.is_file() or not _private_enough(path.parent):
+        return None
+    try:
+        meta, files = read_bundle(path, "cache entry", expect_format="snnc-cache")
+    except FileFormatError:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+    if member not in files:
+        return None
+    folder = private_dir()
+    atexit.register(shutil.rmtree, folder, True)  # the loaded library stays mapped; the file can go
+    out = Path(folder) / member
+    out.write_bytes(files[member])
+    return out
+
+
+def write_cache_entry(path, member: str, write) -> Path | None:
+    """Write ``write(tmp_file)``'s bytes as a verified cache bundle at ``path`` (folder made 0700);
+    ``None`` when the cache folder cannot be written or is not private (the cache is optional)."""
+    path = Path(path)
+    folder = Path(private_dir())
+    atexit.register(shutil.rmtree, folder, True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private_enough(path.parent):
+            return None
+        write(str(folder / member))
+        write_bundle(path, {"format": "snnc-cache", "version": 1}, {member: (folder / member).read_bytes()},
+                     overwrite=True)
+        return folder / member
+    except OSError:
+        return None

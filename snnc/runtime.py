@@ -33,6 +33,7 @@ def run(gm: nn.Module, inputs, T: int | None = None):
       Returns the last output if the graph ends in a readout, else the outputs stacked ``[T, ...]``.
     """
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    inputs = quantize_float_inputs(gm, inputs)
     spec = graph_spec(gm) if hasattr(gm, "snnc_spec") else {"layout": "step", "inputs": None}
     reset(gm)
     with torch.no_grad():
@@ -48,6 +49,16 @@ def run(gm: nn.Module, inputs, T: int | None = None):
         outs = [gm(*[x[t] if ps else x for x, ps in zip(inputs, per_step)]) for t in range(T)]
     reset(gm)
     return outs[-1] if _ends_in_readout(gm) else torch.stack(outs)
+
+
+def quantize_float_inputs(gm, inputs: list) -> list:
+    """An integer graph (``quantize_integer``) takes int8; float inputs are quantized with the
+    graph's input scale, exactly as the ``tvm:int`` module does on the host, so both give the
+    same outputs for the same data."""
+    if getattr(gm, "snnc_integer", None) is None:
+        return inputs
+    from snnc.passes.quantize_integer import quantize_input
+    return [quantize_input(gm, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
 
 
 def save(gm: fx.GraphModule, path, overwrite: bool = False):
