@@ -108,6 +108,9 @@ def read_bundle(path, what: str = "snnc file", expect_format: str | None = None)
     """``(meta, files)`` of a bundle, every member checked against the sha256 and size that
     ``snnc.json`` records; anything else is a ``FileFormatError`` naming ``path``."""
     path = require_file(path, what)
+    if not is_bundle(path):
+        raise FileFormatError(f"{path} is not an snnc {what} (it does not start with the {BUNDLE_META} "
+                              "header that snnc writes)")
     try:
         with tarfile.open(path, mode="r:") as tar:  # "r:": never decompress (no zip bombs)
             members = tar.getmembers()
