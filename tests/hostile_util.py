@@ -19,17 +19,18 @@ from snnc.passes import quantize_integer, unroll_timesteps
 TARGETS = ("torch", "onnx", "tvm:llvm", "tvm:int")
 
 
-def net():
+def net(width=16):
     torch.manual_seed(0)
-    return nn.Sequential(DirectEncoder(), nn.Linear(8, 16), LIF(tau=2.0), nn.Linear(16, 4), Readout()).eval()
+    return nn.Sequential(DirectEncoder(), nn.Linear(8, width), LIF(tau=2.0), nn.Linear(width, width), LIF(tau=2.0),
+                         nn.Linear(width, 4), Readout()).eval()
 
 
-def graph(batch=4, T=3):
-    return unroll_timesteps(snnc.trace(net(), torch.zeros(batch, 8)), T=T)
+def graph(batch=4, T=3, width=16):
+    return unroll_timesteps(snnc.trace(net(width), torch.zeros(batch, 8)), T=T)
 
 
-def compiled(target, batch=4, **options):
-    g = graph(batch)
+def compiled(target, batch=4, width=16, **options):
+    g = graph(batch, width=width)
     if target == "tvm:int":
         g = quantize_integer(g, weight_bits=8)
     return snnc.compile(g, target=target, **options)
