@@ -174,8 +174,7 @@ def replace(src, dst):
     real(src, dst)
     os.kill(os.getpid(), signal.SIGKILL)
 g = H.graph()
-for lin in [m for m in g.modules() if isinstance(m, torch.nn.Linear)]:
-    lin.weight.data.mul_(-1)
+[m for m in g.modules() if isinstance(m, torch.nn.Linear)][-1].bias.data.add_(0.5)
 m = snnc.compile(g, target={target!r}{mode})
 torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'new.pt')!r})
 fileio.os.replace = replace  # the export's own rename (the compile's cache writes are done)
