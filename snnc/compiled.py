@@ -99,6 +99,9 @@ def load(path, trust: bool = False) -> "CompiledModule":
         artefact = Path(folder) / name
         artefact.write_bytes(files[name])
         module = _target_module(target).load(artefact, meta)
+    except FileFormatError as e:  # name the user's file, not the private copy
+        shutil.rmtree(folder, ignore_errors=True)
+        raise FileFormatError(str(e).replace(str(artefact), f"{path} [{name}]")) from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -35,6 +35,7 @@ strict compare) differ from the snnc neuron's. See ``snnc/nir_export.py``.
 """
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 from pathlib import Path
@@ -270,8 +271,8 @@ class _Builder:
 
     def module(self, nir_name, mod, arg):
         name = "".join(c if c.isalnum() or c == "_" else "_" for c in str(nir_name))
-        if not name or name[0].isdigit():
-            name = f"n{name}"
+        if not name or name[0].isdigit() or keyword.iskeyword(name) or hasattr(self.root, name):
+            name = f"n{name}"  # "if" (nir's default name for an IF node) or "forward" cannot be attributes
         base, i = name, 1
         while name in self.names:
             i += 1

@@ -223,11 +223,15 @@ def load(path, meta):
     data = open(path, "rb").read()
     try:
         proto = onnx.load_from_string(data)
+    except Exception as e:  # DecodeError: truncated or not an ONNX model
+        raise FileFormatError(f"{path} is not a valid ONNX model (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    _refuse_external_data(proto, path)
+    try:
         onnx.checker.check_model(proto)
     except Exception as e:  # DecodeError / ValidationError: truncated or not an ONNX model
         raise FileFormatError(f"{path} is not a valid ONNX model (truncated or corrupt?): "
                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    _refuse_external_data(proto, path)
     spec = CompiledModule.spec_from_meta(meta)
     if len(proto.graph.input) != len(spec["inputs"]):
         raise FileFormatError(f"{path} has {len(proto.graph.input)} input(s) but its metadata lists "

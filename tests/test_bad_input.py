@@ -108,7 +108,7 @@ def test_truncated_or_garbage_onnx_file_names_the_file(onnx_module, tmp_path):
         snnc.load(path)
     path.write_bytes(data)
     _rebundle(path, artefact=b"\x00garbage" * 10)  # hashes right, artefact not ONNX
-    with pytest.raises(FileFormatError, match="model.onnx is not a valid ONNX model"):
+    with pytest.raises(FileFormatError, match=r"net.onnx \[model.onnx\] is not a valid ONNX model"):
         snnc.load(path)
     path.write_bytes(b"")
     with pytest.raises(FileFormatError, match="net.onnx is empty"):
@@ -119,7 +119,7 @@ def test_metadata_damage_or_mismatch_names_the_file(onnx_module, tmp_path):
     path = onnx_module.export(tmp_path / "net.onnx")
     data = path.read_bytes()
     _rebundle(path, lambda m: m["inputs"].append([[2, 4], "float32"]))
-    with pytest.raises(FileFormatError, match=r"model.onnx has 1 input\(s\) but its metadata lists 2"):
+    with pytest.raises(FileFormatError, match=r"net.onnx \[model.onnx\] has 1 input\(s\) but its metadata lists 2"):
         snnc.load(path)
     path.write_bytes(data)
     _rebundle(path, lambda m: m.update(inputs="nonsense"))

@@ -106,7 +106,7 @@ def test_export_load_round_trip(compiled, tmp_path):
     meta, files = read_bundle(path)
     meta.pop("files")
     bad.write_bytes(bundle_bytes(meta, {meta["artefact"]: b"not a tar at all"}))
-    with pytest.raises(FileFormatError, match="module.tar is not a readable tvm:int artefact"):
+    with pytest.raises(FileFormatError, match=r"bad.tar \[module.tar\] is not a readable tvm:int artefact"):
         snnc.load(bad)
 
 
