@@ -16,6 +16,9 @@ Two ways to run, one artefact:
     (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
+Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
+thread that calls a Relax-mode module gets its own ``relax.VirtualMachine`` (one VM's registers
+cannot serve two calls at once); the executable is shared.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
