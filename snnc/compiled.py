@@ -126,7 +126,7 @@ def _load_legacy(path, meta_path, trust):
     if not trust:
         raise FileFormatError(f"{path} is an export from before format version 2 (no integrity hashes); "
                               "re-export it, or load it with snnc.load(path, trust=True) if you trust it")
-    warnings.warn(f"snnc: loading {path} without integrity checks (old export format)", stacklevel=3)
+    warnings.warn(f"loading {path} without integrity checks (old export format)", stacklevel=3)
     require_file(meta_path, "snnc metadata file")
     try:
         meta = json.loads(meta_path.read_text())

@@ -104,6 +104,22 @@ def is_bundle(path) -> bool:
     return head == BUNDLE_META.encode() + b"\0"
 
 
+def bundle_format(path) -> str | None:
+    """The ``format`` that a bundle's ``snnc.json`` declares (unverified: only to pick a reader),
+    or ``None`` when ``path`` is not a readable bundle."""
+    if not is_bundle(path):
+        return None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            first = tar.next()
+            if first is None or first.size > MAX_META_BYTES:
+                return None
+            meta = json.loads(tar.extractfile(first).read())
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
 def read_bundle(path, what: str = "snnc file", expect_format: str | None = None) -> tuple[dict, dict[str, bytes]]:
     """``(meta, files)`` of a bundle, every member checked against the sha256 and size that
     ``snnc.json`` records; anything else is a ``FileFormatError`` naming ``path``."""

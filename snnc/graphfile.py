@@ -18,7 +18,6 @@ only with ``trust=True``.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -41,19 +40,19 @@ def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', None) or 'builtins'}.{getattr(obj, '__qualname__', obj.__name__)}"
 
 
-@functools.lru_cache(maxsize=1)
 def allowlist() -> dict:
     """``{"module": {name: class}, "function": {name: fn}, "method": {name}}``: everything a graph
     file may name. Derived from the IR's op tables (``ir.MODULE_OPS`` / ``FUNCTION_OPS`` /
     ``METHOD_OPS``) and every op class in ``snnc.ops`` (with its subclasses); this is the one
-    place to switch to the op-record registry."""
+    place to switch to the op-record registry. Computed per call: front ends may register
+    layer types at any time (``ir.register_module_op``)."""
     from . import ops
     from .ir import FUNCTION_OPS, METHOD_OPS, MODULE_OPS
     classes = set(MODULE_OPS)
     todo = [v for v in vars(ops).values() if isinstance(v, type) and issubclass(v, nn.Module)]
     while todo:
         cls = todo.pop()
-        if cls not in classes:
+        if cls not in classes and cls.__module__.split(".")[0] == "snnc":  # snnc's own, not any import
             classes.add(cls)
             todo.extend(cls.__subclasses__())
     return {"module": {_qualname(c): c for c in classes},
@@ -65,7 +64,7 @@ def allowlist() -> dict:
 
 class _Encoder:
     def __init__(self, where: str):
-        self.where, self.tensors = where, {}
+        self.where, self.tensors, self.classes = where, {}, {}
 
     def tensor(self, key: str, t: torch.Tensor) -> dict:
         if key in self.tensors:
@@ -153,7 +152,7 @@ def _decode(v, nodes: dict, tensors: dict, where: str):
 
 def _encode_module(mod: nn.Module, enc: _Encoder, ctx: str, prefix: str) -> dict:
     cls = _qualname(type(mod))
-    if type(mod) not in allowlist()["module"].values():
+    if enc.classes.get(cls) is not type(mod):
         raise SnncError(f"{ctx}: module type {type(mod).__name__} is not an op the spiking IR knows; "
                         "graph files hold IR ops only")
     state = {}
@@ -163,15 +162,16 @@ def _encode_module(mod: nn.Module, enc: _Encoder, ctx: str, prefix: str) -> dict
         state[k] = enc.value(v, ctx, f"{prefix}{k}")
     params = {k: None if p is None else enc.tensor(f"{prefix}{k}", p) for k, p in mod._parameters.items()}
     buffers = {k: None if b is None else enc.tensor(f"{prefix}{k}", b) for k, b in mod._buffers.items()}
-    children = {k: None if c is None else _encode_module(c, enc, ctx, f"{prefix}{k}.") for k, c in mod._modules.items()}
+    children = {k: None if c is None else _encode_module(c, enc, ctx, f"{prefix}{k}.")
+                for k, c in mod._modules.items()}
     return {"class": cls, "state": state, "parameters": params, "buffers": buffers,
             "non_persistent": sorted(mod._non_persistent_buffers_set), "children": children}
 
 
-def _decode_module(rec, tensors: dict, where: str) -> nn.Module:
+def _decode_module(rec, tensors: dict, where: str, classes: dict) -> nn.Module:
     if not isinstance(rec, dict) or not isinstance(rec.get("class"), str):
         raise FileFormatError(f"{where}: malformed module record")
-    cls = allowlist()["module"].get(rec["class"])
+    cls = classes.get(rec["class"])
     if cls is None:
         raise FileFormatError(f"{where}: module class {rec['class']!r} is not an op snnc knows "
                               "(graph files may only name spiking-IR ops)")
@@ -193,7 +193,7 @@ def _decode_module(rec, tensors: dict, where: str) -> nn.Module:
         mod._buffers[k] = None if v is None else _decode(v, {}, tensors, where)
     mod._non_persistent_buffers_set = set(rec.get("non_persistent", []))
     for k, v in rec.get("children", {}).items():
-        mod._modules[k] = None if v is None else _decode_module(v, tensors, f"{where}.{k}")
+        mod._modules[k] = None if v is None else _decode_module(v, tensors, f"{where}.{k}", classes)
     return mod
 
 
@@ -218,6 +218,7 @@ def encode(gm: fx.GraphModule) -> tuple[dict, dict]:
     anything that is not plain data or an IR op."""
     from .ir import graph_spec
     kinds, enc = allowlist(), _Encoder("graph")
+    enc.classes = kinds["module"]
     nodes, modules, attrs = [], {}, {}
     for n in gm.graph.nodes:
         ctx = node_ref(n)
@@ -279,7 +280,7 @@ def decode(graph: dict, tensors: dict, where: str) -> fx.GraphModule:
             raise FileFormatError(f"{where}: graph.json has no valid {part!r}")
     root = nn.Module()
     for path, rec in graph["modules"].items():
-        _set_path(root, path, _decode_module(rec, tensors, f"{where}: module {path!r}"), where)
+        _set_path(root, path, _decode_module(rec, tensors, f"{where}: module {path!r}", kinds["module"]), where)
     for path, rec in graph["attributes"].items():
         _set_path(root, path, _decode(rec, {}, tensors, where), where)
     g, nodes = fx.Graph(), {}

@@ -146,12 +146,12 @@ def open_compiled(path, T=None, dt=None, trust=False):
     """A callable compiled module: an exported artefact (``snnc compile``), or a graph / .nir
     file compiled for the torch target (a per-step graph with neurons is unrolled over ``T`` first)."""
     from .compiled import COMPILED_FORMAT, META_SUFFIX, load
-    from .fileio import is_bundle, read_bundle
+    from .fileio import bundle_format, is_bundle
     from .ops import Neuron
     path = require_file(path, "compiled module")
     if path.with_name(path.name + META_SUFFIX).exists() and not is_bundle(path):
         return load(path, trust=trust)
-    if is_bundle(path) and read_bundle(path)[0].get("format") == COMPILED_FORMAT:
+    if bundle_format(path) == COMPILED_FORMAT:
         return load(path)
     kind, obj = open_model(path, dt=dt, trust=trust)
     if kind != "graph":

@@ -55,7 +55,8 @@ def quantize_float_inputs(gm, inputs: list) -> list:
     """An integer graph (``quantize_integer``) takes int8; float inputs are quantized with the
     graph's input scale, exactly as the ``tvm:int`` module does on the host, so both give the
     same outputs for the same data."""
-    if getattr(gm, "snnc_integer", None) is None:
+    meta = getattr(gm, "snnc_integer", None)
+    if not isinstance(meta, dict) or meta.get("input_scale") is None or "input_bits" not in meta:
         return inputs
     from snnc.passes.quantize_integer import quantize_input
     return [quantize_input(gm, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
@@ -99,7 +100,7 @@ def load_graph(path, trust: bool = False) -> fx.GraphModule:
 def load_trusted_pickle(path, what: str):
     """``torch.load(weights_only=False)`` of a file the user said they trust, with a one-line warning."""
     import warnings
-    warnings.warn(f"snnc: loading {path} as a pickle: it can run code; do this only for files you trust",
+    warnings.warn(f"loading {path} as a pickle: it can run code; do this only for files you trust",
                   stacklevel=3)
     try:
         return torch.load(path, weights_only=False, map_location="cpu")
