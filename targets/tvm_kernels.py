@@ -59,7 +59,8 @@ class NeuronScan:
     charge: ChargeFn
     v_th: float | int | str = 1.0
     compare: str = ">="            # ">=" (spikingjelly) or ">" (Wu 2019)
-    reset: str = "subtract"        # "subtract" (Rueckauer 2017) or "zero" (hard reset to v_reset)
+    reset: str = "subtract"        # "subtract" (Rueckauer 2017), "zero" (hard reset to v_reset) or
+                                   # "subtract_after_leak" (snntorch: V = H, the next charge subtracts)
     v_reset: float | int = 0
     v_init: float | int = 0
     threshold_size: int = 1
@@ -75,8 +76,8 @@ def pick_lanes(n: int, widest: int = 16) -> int:
 
 
 def _rule(p: NeuronScan, dtype: str):
-    """fire(h, i, th) / reset(h, i, th) as expression builders; ``th`` is the threshold buffer
-    (or None for a scalar v_th) and ``i`` the flat neuron index."""
+    """charge(v, x, i, th) / fire(h, i, th) / reset(h, i, th) as expression builders; ``th`` is
+    the threshold buffer (or None for a scalar v_th) and ``i`` the flat neuron index."""
     one, zero = T.Cast(dtype, 1), T.Cast(dtype, 0)
     v_reset = T.Cast(dtype, p.v_reset)
 
@@ -95,8 +96,17 @@ def _rule(p: NeuronScan, dtype: str):
         # s is 0 or 1, so H - v_th*S and H*(1-S) + v_reset*S are these selects, bit for bit
         if p.reset == "subtract":
             return T.Select(fired(h, i, th), h - threshold(i, th), h)
+        if p.reset == "subtract_after_leak":
+            return h
         return T.Select(fired(h, i, th), v_reset, h)
-    return fire, reset
+
+    def charge(v, x, i, th=None):
+        # snntorch's order: H[t] = f(V[t-1], X[t]) - v_th * Θ(V[t-1] - v_th), the reset not decayed
+        if p.reset == "subtract_after_leak":
+            h = p.charge(v, x)
+            return T.Select(fired(v, i, th), h - threshold(i, th), h)
+        return p.charge(v, x)
+    return charge, fire, reset
 
 
 def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *,
@@ -108,7 +118,7 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
     size (then ``lanes`` must divide every M it will see: pass ``pick_lanes(sample_size)``).
     ``device`` is ``"cpu"`` (parallel + vectorised chunks) or ``"gpu"`` (one thread per neuron).
     """
-    if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero"):
+    if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero", "subtract_after_leak"):
         raise ValueError(f"neuron_scan_kernel: compare={p.compare!r} reset={p.reset!r} not supported")
     if device == "gpu":
         return _scan_gpu(T_steps, M, dtype, p)
@@ -121,8 +131,7 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
 def _scan_cpu(Tn, M_static, dtype, p, lanes):
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge = p.charge
+    charge, fire, reset = _rule(p, dtype)
 
     @T.prim_func(s_tir=True)
     def neuron_scan(x: T.handle, s: T.handle):
@@ -132,11 +141,11 @@ def _scan_cpu(Tn, M_static, dtype, p, lanes):
         with T.sblock("root"):
             for io in T.parallel(M // lanes):
                 for ii in T.vectorized(lanes):
-                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii])
+                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii], io * lanes + ii)
                 for t in T.unroll(1, Tn):
                     for ii in T.vectorized(lanes):
                         S[t, io * lanes + ii] = charge(reset(S[t - 1, io * lanes + ii], io * lanes + ii),
-                                                       X[t, io * lanes + ii])
+                                                       X[t, io * lanes + ii], io * lanes + ii)
                     for ii in T.vectorized(lanes):
                         S[t - 1, io * lanes + ii] = fire(S[t - 1, io * lanes + ii], io * lanes + ii)
                 for ii in T.vectorized(lanes):
@@ -147,8 +156,8 @@ def _scan_cpu(Tn, M_static, dtype, p, lanes):
 def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge, C = p.charge, p.threshold_size
+    charge, fire, reset = _rule(p, dtype)
+    C = p.threshold_size
 
     @T.prim_func(s_tir=True)
     def neuron_scan(x: T.handle, th: T.handle, s: T.handle):
@@ -159,11 +168,11 @@ def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
         with T.sblock("root"):
             for io in T.parallel(M // lanes):
                 for ii in T.vectorized(lanes):
-                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii])
+                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii], io * lanes + ii, VTH)
                 for t in T.unroll(1, Tn):
                     for ii in T.vectorized(lanes):
                         S[t, io * lanes + ii] = charge(reset(S[t - 1, io * lanes + ii], io * lanes + ii, VTH),
-                                                       X[t, io * lanes + ii])
+                                                       X[t, io * lanes + ii], io * lanes + ii, VTH)
                     for ii in T.vectorized(lanes):
                         S[t - 1, io * lanes + ii] = fire(S[t - 1, io * lanes + ii], io * lanes + ii, VTH)
                 for ii in T.vectorized(lanes):
@@ -175,8 +184,8 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
     """One thread per neuron; H and V in registers (``local`` scalars); S written once per step."""
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge, C = p.charge, max(1, p.threshold_size)
+    charge, fire, reset = _rule(p, dtype)
+    C = max(1, p.threshold_size)
     with_th = p.v_th == "buffer"
 
     @T.prim_func(s_tir=True)
@@ -196,7 +205,7 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                         if bx * threads + tx < M:
                             V[0] = init
                             for t in T.serial(Tn):  # nvcc unrolls it; one launch for all T
-                                H[0] = charge(V[0], X[t, bx * threads + tx])
+                                H[0] = charge(V[0], X[t, bx * threads + tx], bx * threads + tx, VTH)
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx, VTH)
                                 V[0] = reset(H[0], bx * threads + tx, VTH)
     if with_th:
@@ -218,7 +227,7 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                         if bx * threads + tx < M:
                             V[0] = init
                             for t in T.serial(Tn):  # nvcc unrolls it; one launch for all T
-                                H[0] = charge(V[0], X[t, bx * threads + tx])
+                                H[0] = charge(V[0], X[t, bx * threads + tx], bx * threads + tx)
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx)
                                 V[0] = reset(H[0], bx * threads + tx)
     return neuron_scan_scalar_th

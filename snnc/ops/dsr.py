@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from .registry import FORWARD, register_op, seq_when_multi_step
+
 from .neuron_scan import linear_charge
-from .neurons import IF, LIF
-from .surrogate import heaviside
+from .neurons import IF, LIF, heaviside
 
 
 def _loop(neuron, x_seq):
@@ -144,3 +145,7 @@ class DSRLIF(_DSRFiring, LIF):
 
     def attrs(self):
         return self.dsr_attrs(LIF.attrs(self))
+
+
+for _cls in (DSRIF, DSRLIF):
+    register_op(_cls, spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step, hooks={"onnx": FORWARD})
