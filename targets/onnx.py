@@ -38,8 +38,8 @@ import torch
 from torch import fx, nn
 
 from snnc.compiled import CompiledModule, output_meaning
-from snnc.errors import FileFormatError, SnncError, UnsupportedOp, node_ref
-from snnc.ir import example_inputs, graph_spec, op_name
+from snnc.errors import FileFormatError, SnncError, UnsupportedOp
+from snnc.ir import example_inputs, graph_spec
 from snnc.ops import Neuron, registry
 
 OPSET = 18

@@ -278,3 +278,94 @@ def readout_kernel(T_steps: int, M: int | None, dtype: str, *, device: str = "cp
                 for ii in T.vectorized(lanes):
                     Y[io * lanes + ii] = mean(X, io * lanes + ii)
     return readout
+
+
+def state_scan_kernel(T_steps: int, M: int | None, dtype: str, update, init, *,
+                      device: str = "cpu", lanes: int | None = None):
+    """PrimFunc ``(X[T, M], S[T, M])``: the fused scan of a neuron with several state variables.
+
+    ``update(x, state) -> (spike, new_state)`` builds TIR expressions from ``x`` and the list of
+    state values (the neuron's own update rule); ``init`` lists each state variable's initial
+    value. Each chunk of neurons keeps its state in a local buffer and walks t = 0..T-1; the new
+    state of variable k is one select over k, so any number of variables needs no new code. The
+    loops inside a chunk are serial (no let-bound scalars in vectorised loops, TVM-NOTES.md)."""
+    K = len(init)
+    init = [T.Cast(dtype, v) for v in init]
+
+    def _state(ST, j):
+        return [ST[k, j] for k in range(K)]
+
+    def spike(x, ST, j):
+        return update(x, _state(ST, j))[0]
+
+    def new_state(x, ST, j, k):
+        values = update(x, _state(ST, j))[1]
+        out = values[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, values[idx], out)
+        return out
+
+    def initial(k):
+        out = init[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, init[idx], out)
+        return out
+
+    if device == "gpu":
+        return _state_scan_gpu(T_steps, M, dtype, K, spike, new_state, initial)
+    lanes = lanes or (pick_lanes(M) if M is not None else 1)
+    if M is not None and M % lanes:
+        raise ValueError(f"state_scan_kernel: lanes={lanes} does not divide M={M}")
+    Mv = _size(M)
+
+    @T.prim_func(s_tir=True)
+    def state_scan(x: T.handle, s: T.handle):
+        T.func_attr({"tir.noalias": True})
+        X = T.match_buffer(x, (T_steps, Mv), dtype)
+        S = T.match_buffer(s, (T_steps, Mv), dtype)
+        with T.sblock("root"):
+            for io in T.parallel(Mv // lanes):
+                with T.sblock("chunk"):
+                    T.reads(X[0:T_steps, io * lanes:io * lanes + lanes])
+                    T.writes(S[0:T_steps, io * lanes:io * lanes + lanes])
+                    ST = T.alloc_buffer((K, lanes), dtype, scope="local")
+                    NEW = T.alloc_buffer((K, lanes), dtype, scope="local")
+                    for k in T.serial(K):
+                        for j in T.serial(lanes):
+                            ST[k, j] = initial(k)
+                    for t in T.serial(T_steps):
+                        for j in T.serial(lanes):
+                            S[t, io * lanes + j] = spike(X[t, io * lanes + j], ST, j)
+                            for k in T.serial(K):
+                                NEW[k, j] = new_state(X[t, io * lanes + j], ST, j, k)
+                            for k in T.serial(K):
+                                ST[k, j] = NEW[k, j]
+    return state_scan
+
+
+def _state_scan_gpu(Tn, M_static, dtype, K, spike, new_state, initial, threads=256):
+    M = _size(M_static)
+
+    @T.prim_func(s_tir=True)
+    def state_scan(x: T.handle, s: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        X = T.match_buffer(x, (Tn, M), dtype)
+        S = T.match_buffer(s, (Tn, M), dtype)
+        with T.sblock("root"):
+            for bx in T.thread_binding((M + threads - 1) // threads, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    with T.sblock("scan"):
+                        T.reads(X[0:Tn, bx * threads + tx])
+                        T.writes(S[0:Tn, bx * threads + tx])
+                        ST = T.alloc_buffer((K, 1), dtype, scope="local")
+                        NEW = T.alloc_buffer((K, 1), dtype, scope="local")
+                        if bx * threads + tx < M:
+                            for k in T.serial(K):
+                                ST[k, 0] = initial(k)
+                            for t in T.serial(Tn):
+                                S[t, bx * threads + tx] = spike(X[t, bx * threads + tx], ST, 0)
+                                for k in T.serial(K):
+                                    NEW[k, 0] = new_state(X[t, bx * threads + tx], ST, 0, k)
+                                for k in T.serial(K):
+                                    ST[k, 0] = NEW[k, 0]
+    return state_scan

@@ -15,19 +15,19 @@ Guarantees: the Relax function ``main`` takes the graph's inputs (static shapes 
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import tvm
-from torch import fx, nn
+from torch import fx
 from tvm import relax
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
-from tvm.script import tirx as T
 
 from snnc.errors import UnsupportedOp, node_ref
 from snnc.ir import info
 from snnc.ops import registry
 
-from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel
+from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel, state_scan_kernel
 
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps must not merge a hand-scheduled kernel
 
@@ -44,12 +44,53 @@ class _Constants:
 
     def __getattr__(self, name):
         value = getattr(self._neuron, name)
+        if isinstance(value, types.MethodType) and value.__self__ is self._neuron:
+            return types.MethodType(value.__func__, self)   # its methods see the constants too
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise UnsupportedOp(f"{type(self._neuron).__name__}.{name} is a tensor of {value.numel()} values; "
                                     "the TVM lowering of charge() takes scalar parameters")
             return float(value.detach().float())
         return value
+
+
+class _TIRMath:
+    """TIR forms of the helpers a neuron's ``update`` may use (torch forms: ``TorchMath``)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def heaviside(self, z, strict):
+        one, zero = tvm.tirx.const(1, self.dtype), tvm.tirx.const(0, self.dtype)
+        return tvm.tirx.Select(z > zero if strict else z >= zero, one, zero)
+
+
+def update_rule(neuron, dtype="float32"):
+    """``update(x, state) -> (spike, new_state)`` on TIR expressions for a multi-state neuron:
+    its own ``update`` method, evaluated on TIR values."""
+    view, math_ = _Constants(neuron), _TIRMath(dtype)
+
+    def rule(x, state):
+        try:
+            s, new = type(neuron).update(view, x, tuple(state), math_)
+        except UnsupportedOp:
+            raise
+        except Exception as e:
+            raise UnsupportedOp(f"{type(neuron).__name__}.update is not plain arithmetic, so it has no TVM "
+                                f"lowering ({type(e).__name__}: {e})") from None
+        return s, list(new)
+    return rule
+
+
+def state_kernel(neuron, steps, M, dtype, device, lanes=None):
+    """The scan PrimFunc of a neuron with several state variables (its record's ``state``)."""
+    init = [float(t.reshape(-1)[0]) for t in neuron.initial_state(torch.zeros(1))]
+    return state_scan_kernel(steps, M, dtype, update_rule(neuron, dtype), init, device=device, lanes=lanes)
+
+
+def multi_state(neuron) -> bool:
+    rec = registry.module_record(neuron)
+    return rec is not None and len(rec.state) > 1
 
 
 def charge_rule(neuron, dtype="float32"):
@@ -124,9 +165,12 @@ def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
     (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
     steps, M = shape[0], math.prod(shape[1:])
-    rule, th = neuron_scan(mod, shape[2:], dtype)
     name = f"{type(mod).op_name.replace('.', '_')}_scan"
-    func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
+    if multi_state(mod):
+        func, th = state_kernel(mod, steps, M, dtype, imp.snnc_device), None
+    else:
+        rule, th = neuron_scan(mod, shape[2:], dtype)
+        func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
     gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
     flat = _reshape(bb, x, (steps, M))

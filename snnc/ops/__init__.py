@@ -4,6 +4,7 @@ from . import standard  # records of the torch layers the IR keeps
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
+from .alif import ALIF
 from .neurons import IF, LIF, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
 from .qcfs import QCFS, use_qcfs
