@@ -20,7 +20,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from .errors import VerifyError, node_ref
+from .errors import InputError, VerifyError, node_ref
 from .ops import registry, reset
 from .ops.registry import OpRecord
 
@@ -145,7 +145,57 @@ def annotate(gm: fx.GraphModule, example=None, expected: dict | None = None) -> 
         annot.run(*inputs)
     reset(gm)
     gm._snnc_meta_key = _fingerprint(gm)
+    install_call_check(gm)
     return gm
+
+
+# --- the calling convention -------------------------------------------------------------------
+# A per-step graph (layout "step", no T) takes ONE time step [N, ...] per call and keeps neuron
+# state between calls; a multi-step graph (after unroll_timesteps) takes the whole [T, N, ...]
+# sequence for the T it was unrolled for (or, when it encodes time itself, one static [N, ...]).
+# Calling a graph with another layout is refused instead of being reinterpreted.
+
+def _shape_words(layout, T):
+    return {"seq": f"[T={T}, N, ...]", "step": "[N, ...]"}[layout]
+
+
+def check_call(gm: fx.GraphModule, inputs) -> None:
+    """Raise ``InputError`` when ``inputs`` do not follow ``gm``'s calling convention, naming the
+    expected and the given shape and what to call instead."""
+    spec = getattr(gm, "snnc_spec", None)
+    if not spec or not spec.get("inputs"):
+        return
+    T, layout = spec.get("T"), spec["layout"]
+    for i, (x, (want, _)) in enumerate(zip(inputs, spec["inputs"])):
+        if not isinstance(x, torch.Tensor):
+            continue
+        got, rank = list(x.shape), len(want)
+        if layout == "step" and T is None and x.dim() == rank + 1 and _has_state(gm):
+            raise InputError(
+                f"input {i}: this graph runs one time step per call and expects shape {list(want)} "
+                f"([N, ...]); got {got}, a [T, N, ...] sequence of {got[0]} steps? Run it with "
+                f"snnc.run(g, x, T={got[0]}), or make the multi-step graph with unroll_timesteps(g, T={got[0]})")
+        if layout == "step" and T is not None and x.dim() == rank + 1:
+            raise InputError(f"input {i}: this graph encodes its T={T} time steps itself and expects one "
+                             f"static input of shape {list(want)} ([N, ...]); got {got}")
+        if layout == "seq" and (x.dim() != rank or (T is not None and got[0] != T)):
+            raise InputError(f"input {i}: this multi-step graph was unrolled for T={T} and expects shape "
+                             f"{list(want)} ({_shape_words(layout, T)}); got {got}"
+                             + (f"; unroll the per-step graph again with T={got[0]}" if x.dim() == rank else ""))
+
+
+def _has_state(gm) -> bool:
+    return any(getattr(registry.module_record(m), "state", ()) for m in gm.modules())
+
+
+def _call_check_hook(module, args):
+    check_call(module, args)
+
+
+def install_call_check(gm: fx.GraphModule) -> None:
+    """Make ``gm(...)`` check its calling convention (a forward pre-hook; idempotent)."""
+    if _call_check_hook not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_call_check_hook)
 
 
 def _fingerprint(gm: fx.GraphModule):

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .errors import FileFormatError, InputError
 from .fileio import atomic_write, require_file
-from .ir import graph_spec
+from .ir import graph_spec, install_call_check
 from .ops import Readout, reset
 
 GRAPH_FORMAT = "snnc-graph"
@@ -71,4 +71,5 @@ def load_graph(path) -> fx.GraphModule:
                               f"format={GRAPH_FORMAT!r}; write one with snnc.save)")
     gm = payload["module"]
     gm.snnc_spec = payload["spec"]
+    install_call_check(gm)
     return gm
