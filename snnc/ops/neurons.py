@@ -251,8 +251,13 @@ class ParametricLIF(Neuron):
 _TVM_NEURON = "snnc.targets.tvm_lower:_convert_neuron"
 _NEURON = dict(spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step)
 register_op(Neuron, **_NEURON, refused={"onnx": "abstract base class"})
+# "int": the constants (decay, gain, v_leak) of H = v_leak + decay (V - v_leak) + gain X that
+# quantize_integer turns into integer arithmetic; "fused_scan": (decay, gain) of the training scan
 register_op(IF, **_NEURON, hooks={"onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
-                                  "fused_scan": lambda n: (1.0, 1.0)})
+                                  "fused_scan": lambda n: (1.0, 1.0), "int": lambda n: (1.0, 1.0, 0.0)})
 register_op(LIF, **_NEURON, hooks={"onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
-                                   "fused_scan": lambda n: (n.decay, n.gain)})
-register_op(ParametricLIF, **_NEURON, hooks={"onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD})
+                                   "fused_scan": lambda n: (n.decay, n.gain),
+                                   "int": lambda n: (n.decay, n.gain, n.v_leak)})
+register_op(ParametricLIF, **_NEURON, hooks={
+    "onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
+    "int": lambda n: (1.0 - float(n.k.detach()), float(n.k.detach()), n.v_leak)})

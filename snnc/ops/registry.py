@@ -74,12 +74,8 @@ _GRAPH = {"placeholder": OpRecord("placeholder", spiking="keep"),
 def register(record: OpRecord) -> OpRecord:
     """Add ``record`` (or replace the record of the same name: a module re-imported, or a
     front end refining an op); every class, function and method it matches points to it."""
-    old = _BY_NAME.get(record.name)
-    if old is not None:
-        for table, keys in ((_BY_MODULE, old.modules), (_BY_FUNCTION, old.functions), (_BY_METHOD, old.methods)):
-            for k in keys:
-                if table.get(k) is old:
-                    del table[k]
+    if record.name in _BY_NAME:
+        unregister(record.name)
     _BY_NAME[record.name] = record
     for cls in record.modules:
         _BY_MODULE[cls] = record
@@ -100,6 +96,15 @@ def register_op(cls, **fields) -> OpRecord:
 def seq_when_multi_step(mod):
     """``accepts`` of ops that loop over time themselves in ``step_mode="m"``: ``[T, N, ...]`` only."""
     return {"seq"} if getattr(mod, "step_mode", None) == "m" else None
+
+
+def unregister(name: str) -> None:
+    """Remove the record ``name`` (a test's temporary op, a front end replacing its ops)."""
+    old = _BY_NAME.pop(name)
+    for table, keys in ((_BY_MODULE, old.modules), (_BY_FUNCTION, old.functions), (_BY_METHOD, old.methods)):
+        for k in keys:
+            if table.get(k) is old:
+                del table[k]
 
 
 def add_hook(name: str, stage: str, hook) -> None:
