@@ -26,8 +26,9 @@ def check_known_ops(gm: fx.GraphModule) -> None:
 def verify(gm: fx.GraphModule) -> fx.GraphModule:
     """Raise ``VerifyError`` naming the first bad node; returns ``gm`` unchanged otherwise.
 
-    The metadata check re-runs the graph only when the graph changed since its metadata was
-    computed (a pass that annotated its result is not run a second time)."""
+    The metadata check runs nothing when the graph is unchanged since its metadata was computed
+    (a pass that annotated its result is not run a second time); otherwise it checks the shapes
+    from the op records and fake tensors, and runs the graph only when those cannot decide."""
     try:
         gm.graph.lint()
     except Exception as e:  # fx's lint raises RuntimeError with its own wording
@@ -36,9 +37,31 @@ def verify(gm: fx.GraphModule) -> fx.GraphModule:
     layouts = _static_layouts(gm)
     for n in gm.graph.nodes:
         _check_layout(gm, n, layouts)
-    if not metadata_is_current(gm):
+    if not metadata_is_current(gm) and not _metadata_matches_static_shapes(gm):
         annotate(gm, expected={n: info(n) for n in gm.graph.nodes})
     return gm
+
+
+def _metadata_matches_static_shapes(gm) -> bool:
+    """Check stale-looking metadata without running the model (op records' shape rules and fake
+    tensors); False when that cannot decide (a node without metadata, a data-dependent op)."""
+    from .static_shapes import static_shapes
+    if not all("snnc" in n.meta for n in gm.graph.nodes):
+        return False
+    shapes = static_shapes(gm)
+    if shapes is None:
+        return False
+    for n in gm.graph.nodes:
+        old = info(n)
+        if old is None:
+            continue
+        if n not in shapes:
+            return False
+        if (old.shape, old.dtype) != shapes[n]:
+            shape, dtype = shapes[n]
+            raise VerifyError(f"{node_ref(n)}: metadata says {old.dtype}{list(old.shape)} but the graph "
+                              f"computes {dtype}{list(shape)}; the last pass left stale metadata")
+    return True
 
 
 def _static_layouts(gm):

@@ -105,8 +105,13 @@ def test_verifier_does_not_rerun_an_annotated_graph_but_catches_stale_metadata(m
     out.get_submodule("4").out_features = 99    # a change behind the metadata's back ...
     out.get_submodule("4").weight.data = torch.zeros(99, 32)
     out.get_submodule("4").bias.data = torch.zeros(99)
-    with pytest.raises(VerifyError, match=r"node %_4 .*metadata says torch.float32\[2, 3\] but the graph computes"):
-        snnc.verify(out)                    # ... is re-checked by running the graph
+    with pytest.raises(VerifyError, match=r"node %_4 .*metadata says torch.float32\[2, 3\] but the graph computes "
+                                          r"torch.float32\[2, 99\]"):
+        snnc.verify(out)                    # ... is caught from the shapes alone (fake tensors) ...
+    assert len(runs) == 1
+    out.graph.create_node("call_function", torch.relu, (next(iter(out.graph.nodes)),))   # a node without metadata
+    with pytest.raises(VerifyError, match="metadata says"):
+        snnc.verify(out)                    # ... or by running the graph when the shapes cannot tell
     assert len(runs) == 2
 
 
@@ -115,3 +120,22 @@ def test_importing_ops_imports_no_tvm_and_has_no_cycles():
             "assert 'tvm' not in sys.modules, 'tvm imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_static_shapes_equal_what_the_graph_computes():
+    from snnc.ir import info
+    from snnc.ops import ALIF, NeuNorm, Readout
+    from snnc.static_shapes import static_shapes
+    graphs = [
+        unroll_timesteps(snnc.trace(nn.Sequential(PoissonEncoder(), nn.Linear(4, 3), ALIF(), Readout()),
+                                    torch.zeros(2, 4)), T=3),
+        unroll_timesteps(snnc.trace(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), NeuNorm(2, 4, 4), LIF(),
+                                                  nn.MaxPool2d(2), nn.Flatten()), torch.zeros(2, 1, 4, 4)), T=5),
+    ]
+    for g in graphs:
+        shapes = static_shapes(g)
+        assert shapes is not None
+        for n in g.graph.nodes:
+            if info(n) is not None:
+                assert shapes[n] == (info(n).shape, info(n).dtype), n.name
+        assert all(getattr(m, "v", None) is None for m in g.modules())   # no fake state left behind

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .neurons import LIF, heaviside
-from .registry import FORWARD, register_op, seq_when_multi_step
+from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
 
 
 class TorchMath:
@@ -94,5 +94,5 @@ class ALIF(LIF):
         return {**a, "rho": self.rho, "beta": self.beta}
 
 
-register_op(ALIF, spiking="yes", state=("v", "a"), over_time="loop", accepts=seq_when_multi_step,
+register_op(ALIF, spiking="yes", state=("v", "a"), over_time="loop", accepts=seq_when_multi_step, shape=same_as_input,
             hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_neuron"})

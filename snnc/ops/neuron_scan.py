@@ -36,11 +36,12 @@ def step_loop(neuron, x_seq):
 
 def _fused_record_class(neuron):
     """The registered class whose ``fused_scan`` hook describes ``neuron``'s charge: the nearest
-    base with a record that has the hook, provided ``neuron`` still uses that class's ``charge``."""
+    base with a record, if that record has the hook and ``neuron`` still uses its ``charge``."""
     for cls in type(neuron).__mro__:
         rec = registry.module_class_record(cls)
-        if rec is not None and "fused_scan" in rec.hooks:
-            return cls if type(neuron).charge is cls.charge else None
+        if rec is not None:   # the nearest record describes the neuron (ALIF's: two states, no hook)
+            ok = "fused_scan" in rec.hooks and type(neuron).charge is cls.charge
+            return cls if ok else None
     return None
 
 

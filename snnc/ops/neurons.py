@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from .registry import FORWARD, register_op, seq_when_multi_step
+from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
 
 def heaviside(z, strict: bool):
     """``Θ(z)`` exactly as ``Neuron.fire`` computes it (same ops, same dtype)."""
@@ -249,7 +249,7 @@ class ParametricLIF(Neuron):
 # The TVM lowering calls the neuron's own ``charge`` on TIR expressions (plain arithmetic works on
 # both), so a new neuron with an arithmetic ``charge`` needs no TVM code.
 _TVM_NEURON = "snnc.targets.tvm_lower:_convert_neuron"
-_NEURON = dict(spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step)
+_NEURON = dict(spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step, shape=same_as_input)
 register_op(Neuron, **_NEURON, refused={"onnx": "abstract base class"})
 # "int": the constants (decay, gain, v_leak) of H = v_leak + decay (V - v_leak) + gain X that
 # quantize_integer turns into integer arithmetic; "fused_scan": (decay, gain) of the training scan

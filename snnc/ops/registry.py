@@ -13,6 +13,8 @@ A record says, in one place, what the IR and every stage need to know about an o
     state       ``()`` for stateless ops, else the names of the state variables carried over time
                 (a LIF: ``("v",)``; an adaptive LIF: ``("v", "a")``)
     attrs       ``attrs(module) -> dict`` shown in the dump
+    shape       ``shape(module, [(shape, dtype), ...]) -> (shape, dtype)`` without running the op
+                (stateful ops need one; stateless ops may leave it to fake-tensor execution)
     hooks       stage -> hook. A hook is a callable, a lazy ``"package.module:function"`` reference
                 (resolved on first use, so importing ``snnc.ops`` never imports tvm), or
                 ``FORWARD``: the stage exports the reference forward itself (ONNX traces it)
@@ -52,6 +54,8 @@ class OpRecord:
     over_time: str = ""                  # "loop": loops over T itself when multi-step (neurons,
                                          # readouts, NeuNorm); "encode": makes time from a static input
     attrs: Callable | None = None
+    shape: Callable | None = None        # (mod, [(shape, dtype) of tensor inputs]) -> (shape, dtype);
+                                         # None: the op runs on fake tensors to find out
     hooks: dict = dataclasses.field(default_factory=dict)
     refused: dict = dataclasses.field(default_factory=dict)   # stage -> why it has no hook
 
@@ -91,6 +95,11 @@ def register_op(cls, **fields) -> OpRecord:
     ``attrs()``, spiking flag from ``cls.spiking_output`` unless given."""
     fields.setdefault("spiking", getattr(cls, "spiking_output", "no"))
     return register(OpRecord(cls.op_name, modules=(cls,), attrs=lambda m: m.attrs(), **fields))
+
+
+def same_as_input(mod, ins):
+    """Shape rule of elementwise ops (neurons): shaped like the first input."""
+    return ins[0]
 
 
 def seq_when_multi_step(mod):
