@@ -6,15 +6,8 @@ from torch import fx, nn
 
 from .errors import FileFormatError, InputError
 from .fileio import is_bundle, read_bundle, require_file, write_bundle
-from .ir import graph_spec
-from .ops import Readout, is_snnc_op
-
-def reset(model: nn.Module) -> nn.Module:
-    """Reset the state of every snnc op inside ``model`` (membranes, readouts, encoder RNGs)."""
-    for m in model.modules():
-        if is_snnc_op(m) and hasattr(m, "reset"):
-            m.reset()
-    return model
+from .ir import graph_spec, install_call_check
+from .ops import Readout, reset
 
 
 def _ends_in_readout(gm: fx.GraphModule) -> bool:
@@ -80,7 +73,9 @@ def load_graph(path, trust: bool = False) -> fx.GraphModule:
     path = require_file(path, "graph file")
     if is_bundle(path):
         _, files = read_bundle(path, "graph file", expect_format=GRAPH_FORMAT)
-        return graph_from_files(files, str(path))
+        gm = graph_from_files(files, str(path))
+        install_call_check(gm)
+        return gm
     if not trust:
         raise FileFormatError(f"{path} is not an snnc graph file of this version (an old pickled graph, or not "
                               "a graph); a pickle can run code when read: load it with "
@@ -94,6 +89,7 @@ def load_graph(path, trust: bool = False) -> fx.GraphModule:
                               f"format={GRAPH_FORMAT!r}; write one with snnc.save)")
     gm = payload["module"]
     gm.snnc_spec = payload["spec"]
+    install_call_check(gm)
     return gm
 
 
