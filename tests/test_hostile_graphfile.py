@@ -63,6 +63,14 @@ def test_zoo_roundtrip(name, tmp_path):
     _roundtrip(g, tmp_path, torch.rand(shape))
 
 
+def test_alif_multi_state_neuron_roundtrip(tmp_path):
+    from snnc.ops import ALIF
+    torch.manual_seed(0)
+    x = torch.rand(2, 6) * 3
+    g = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(6, 5), ALIF(tau=2.0, rho=0.8, beta=0.3)), x), T=4)
+    _roundtrip(g, tmp_path, torch.rand(4, 2, 6) * 3)
+
+
 def test_surrogates_by_name_and_training_flags(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(2, 1, 8, 8)
