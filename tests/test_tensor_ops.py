@@ -180,3 +180,87 @@ def test_every_float_target_matches_the_reference(name, target, opts):
     assert torch.equal(snnc.run(u, x), ref)      # the unrolled graph computes the same numbers
     got = snnc.compile(u, target=target, **opts)(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+class SeqNet(nn.Module):
+    """A multi-step forward on ``[T, N, C, L]`` written the spikingjelly way: time merged into the
+    batch for the conv (``flatten(0, 1)`` ... ``view(T, N, ...)``), a Python list over ``s[t]``
+    stacked back into a sequence, ``.mean(0)`` over time at the end."""
+
+    def __init__(self, T=4):
+        super().__init__()
+        self.T = T
+        self.conv, self.bn = nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.lif1, self.lif2 = LIF(step_mode="m", v_th=0.5), LIF(step_mode="m", v_th=0.5)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x.flatten(0, 1)))
+        s = self.lif1(y.view(x.shape[0], x.shape[1], 4, 16))
+        outs = []
+        for t in range(self.T):
+            outs.append(self.fc(s[t].flatten(1)))
+        return self.lif2(torch.stack(outs)).mean(0)
+
+
+def test_multi_step_forward_gets_time_layouts_and_runs_in_every_target():
+    net = _randomize(SeqNet())
+    net.fc.weight.data.abs_()
+    g = snnc.trace(net, torch.zeros(4, 2, 2, 16))
+    lines = {}   # op -> its first line in the dump
+    for line in snnc.dump(g).splitlines()[1:-2]:
+        lines.setdefault(line.split("=")[1].split("(")[0].strip(), line)
+    assert "@flat" in lines["flatten"] and "@flat" in lines["nn.conv1d"]   # time merged into the batch
+    assert "@seq" in lines["view"] and "@seq" in lines["stack"]             # split back / stacked steps
+    assert "@" not in lines["mean"].split("=")[0]                           # mean(0): time removed
+    x = torch.rand(4, 2, 2, 16) * 2
+    ref = snnc.run(g, x)
+    with torch.no_grad():
+        assert torch.equal(ref, net(x))
+    assert 0 < ref.mean() < 1
+    for target, opts in TARGETS[1:]:
+        if target.startswith("tvm") and pytest.importorskip("tvm") is None:
+            continue
+        torch.testing.assert_close(snnc.compile(g, target=target, **opts)(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unroll_moves_dims_past_time():
+    """Golden IR: ops that name dims run once on [T, N, ...] with their dims shifted, shapes are
+    read per step (so ``view(N, ...)`` stays a per-step view), and conv runs on the merged batch."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lif = nn.Conv1d(2, 4, 3), LIF()
+
+        def forward(self, x):
+            s = self.lif(self.conv(x))
+            return torch.cat([s.mean(2), s[:, 1:3].flatten(1)], 1).view(x.shape[0], 4, -1)
+
+    u = unroll_timesteps(snnc.trace(Net(), torch.zeros(2, 2, 10)), T=4)
+    body = [line.split("=", 1)[1].split("#")[0].strip() for line in snnc.dump(u).splitlines()[1:-2]]
+    assert body == [
+        "time.merge(%0)",
+        "nn.conv1d(%1) {out=4, kernel=3, stride=1, pad=0} (weight=f32[4,2,3], bias=f32[4])",
+        "time.split(%2) {T=4}",
+        "snn.lif(%3) {tau=2, v_th=1, reset=subtract}",
+        "mean(%4, 3)",
+        "getitem(%4, (slice(None, None, None), slice(None, None, None), slice(1, 3, None)))",
+        "flatten(%6, 2)",
+        "cat((%5, %7), 2)",
+        "getitem(%0, 0)",
+        "getattr(%9, shape)",
+        "getitem(%10, 0)",
+        "view(%8, 4, %11, 4, -1)",
+    ]
+    assert "f32[4,2,4,5]@seq = view" in snnc.dump(u)
+
+
+@pytest.mark.parametrize("name", [n if n == "joins" else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
+def test_tvm_cuda_builds(name, tmp_path):
+    """No GPU here: the CUDA module must build (nvcc); ``test_tvm.py`` runs it where a GPU is lent."""
+    pytest.importorskip("tvm")
+    from snnc.targets.tvm import cuda_source
+    _, g, _ = _graph(name)
+    m = snnc.compile(unroll_timesteps(g, T=T), target="tvm:cuda", arch="sm_80", dump_dir=tmp_path)
+    assert "__global__" in cuda_source(m.relax_lib.module)

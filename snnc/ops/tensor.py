@@ -152,6 +152,17 @@ def _layout_rule(fate):
     return rule
 
 
+def _stack_layout(node, ins, value, T):
+    """``torch.stack(steps)`` of T per-step values along dim 0, in a graph over T steps (a list
+    built in a loop over ``x[t]``), is a ``[T, N, ...]`` sequence; otherwise as for other dim ops."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = _get(node.args, node.kwargs, 1, "dim", 0)
+    if T and ins and all(i.layout == "step" for i in ins) and len(tensors) == T and \
+            _norm(dim, len(ins[0].shape) + 1) == 0:
+        return "seq"
+    return _layout_rule(lambda n, r: _fate_dim(n, 1, "dim", 0, r, insert=True))(node, ins, value, T)
+
+
 def _reshape_layout(node, ins, value, T):
     if not ins or getattr(value, "shape", None) is None:
         return ins[0].layout if ins else "step"
@@ -266,8 +277,8 @@ for _rec in [
     _dims_op("repeat", _fate_repeat, _seq_sizes(1), (), ("repeat",)),
     _dims_op("expand", _fate_expand, _seq_sizes(-1), (), ("expand",)),
     _dims_op("cat", lambda n, r: _fate_dim(n, 1, "dim", 0, r), _seq_dim(1, "dim", 0), (torch.cat, torch.concat), ()),
-    _dims_op("stack", lambda n, r: _fate_dim(n, 1, "dim", 0, r, insert=True), _seq_dim(1, "dim", 0),
-             (torch.stack,), ()),
+    OpRecord("stack", functions=(torch.stack,), spiking="keep", hooks=_BOTH, node_layout=_stack_layout,
+             seq_form=_seq_dim(1, "dim", 0)),
     _dims_op("getitem", _fate_getitem, _seq_getitem, (operator.getitem,),
              hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_tensor_ops:convert_getitem"}),
     OpRecord("view", methods=("view",), spiking="keep", hooks=_VIEW, node_layout=_reshape_layout,
