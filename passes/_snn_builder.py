@@ -314,7 +314,8 @@ class Builder:
 
     def generic(self, node):
         ins = self._tensor_args(node)
-        if any(not _is_one(self.unit[a]) for a in ins):
+        # an op that reads only a shape (x.size(0), x.shape) does not care about the scale
+        if info(node) is not None and any(not _is_one(self.unit[a]) for a in ins):
             raise UnsupportedOp(f"threshold_balance: {node_ref(node)} ({op_name(self.root, node)}) reads "
                                 "spikes of a converted layer; only conv/linear, pooling, reshapes, adds and "
                                 "dropout may follow a converted activation")

@@ -264,3 +264,4 @@ def test_tvm_cuda_builds(name, tmp_path):
     _, g, _ = _graph(name)
     m = snnc.compile(unroll_timesteps(g, T=T), target="tvm:cuda", arch="sm_80", dump_dir=tmp_path)
     assert "__global__" in cuda_source(m.relax_lib.module)
+

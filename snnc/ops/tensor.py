@@ -290,7 +290,9 @@ for _rec in [
     OpRecord("contiguous", methods=("contiguous",), spiking="keep", hooks=_VIEW),
     _elementwise("sub", (operator.sub, torch.sub), ("sub",)),
     _elementwise("neg", (operator.neg, torch.neg), ("neg",)),
-    _elementwise("iadd", (operator.iadd,), hooks={"onnx": FORWARD, "tvm": FORWARD}),
+    # torch.fx records ``a += b`` as ``add`` (a Proxy has no __iadd__); this record is for graphs
+    # that carry the in-place op itself
+    OpRecord("iadd", functions=(operator.iadd,), hooks=_BOTH),
     _elementwise("nn.gelu", (F.gelu,), ("gelu",), (nn.GELU,)),
     _elementwise("nn.sigmoid", (torch.sigmoid, F.sigmoid), ("sigmoid",), (nn.Sigmoid,)),
     _elementwise("nn.tanh", (torch.tanh, F.tanh), ("tanh",), (nn.Tanh,)),
