@@ -5,7 +5,7 @@ from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
-from .neurons import IF, LIF, Neuron, ParametricLIF
+from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
 from .qcfs import QCFS, use_qcfs
 from .voting import Voting
