@@ -265,3 +265,27 @@ def test_tvm_cuda_builds(name, tmp_path):
     m = snnc.compile(unroll_timesteps(g, T=T), target="tvm:cuda", arch="sm_80", dump_dir=tmp_path)
     assert "__global__" in cuda_source(m.relax_lib.module)
 
+
+
+class _OnSeq(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.lif, self.f = LIF(step_mode="m"), f
+
+    def forward(self, x):           # x [T, N, C, L]
+        return self.f(self.lif(x))
+
+
+@pytest.mark.parametrize("f,layout", [
+    (lambda s: s.sum(0), "step"), (lambda s: s[-1], "step"), (lambda s: torch.mean(s, dim=(0, 2)), "step"),
+    (lambda s: s.permute(1, 0, 2, 3), "step"), (lambda s: s.flatten(0, 2), "step"),
+    (lambda s: s[1:], "seq"), (lambda s: s[:, :, 0], "seq"), (lambda s: s.transpose(2, 3), "seq"),
+    (lambda s: s.sum(-1), "seq"), (lambda s: s.unsqueeze(2).squeeze(2), "seq"),
+    (lambda s: torch.cat([s, s], 1), "seq"), (lambda s: s.flatten(0, 1), "flat"),
+    (lambda s: s.flatten(0, 1).view(3, 2, -1), "seq"), (lambda s: s.reshape(3, 2, -1), "seq"),
+], ids=["sum0", "last_step", "mean02", "permute10", "flatten02", "steps1:", "index2", "transpose23",
+        "sum-1", "unsqueeze_squeeze", "cat1", "flatten01", "view_back", "reshape"])
+def test_what_an_op_does_to_the_time_axis(f, layout):
+    g = snnc.trace(_OnSeq(f), torch.zeros(3, 2, 4, 5))
+    out = next(n for n in g.graph.nodes if n.op == "output").args[0]
+    assert out.meta["snnc"].layout == layout
