@@ -99,8 +99,8 @@ class Conv1dNet(nn.Module):
         self.h = nn.AdaptiveMaxPool1d(1)
 
     def forward(self, x):                              # x [N, 2, 16]
-        y = self.f(x)
-        return torch.cat([self.g(y), self.h(y)[..., 0]], 1)
+        y = self.f(x)                                  # [N, 4, 3]
+        return torch.cat([self.g(y), self.h(y)[..., 0], F.max_pool1d(y, 3).reshape(shape=(-1, 4))], 1)
 
 
 class Conv2dNet(nn.Module):

@@ -222,6 +222,7 @@ def _seq_sizes(lead):
     """view/reshape (lead = T), repeat (lead = 1), expand (lead = -1): one entry for time in front
     of the per-step sizes (after the new leading dims that repeat/expand may add)."""
     def form(graph, node, args, kwargs, T):
+        kwargs = dict(kwargs)
         sizes = _varargs(args, 1) if len(args) > 1 else tuple(kwargs.pop("shape", kwargs.pop("size", ())))
         extra = max(0, len(sizes) - _rank(node.args[0])) if lead != "T" else 0
         new = (*sizes[:extra], T if lead == "T" else lead, *sizes[extra:])
@@ -230,6 +231,7 @@ def _seq_sizes(lead):
 
 
 def _seq_permute(graph, node, args, kwargs, T):
+    kwargs = dict(kwargs)
     dims = _varargs(args, 1) if len(args) > 1 else tuple(kwargs.pop("dims"))
     rank = _rank(node.args[0])
     return _emit(graph, node, (args[0], (0, *[_norm(d, rank) + 1 for d in dims])), kwargs)
