@@ -24,7 +24,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .registry import FORWARD, OpRecord, register
 
@@ -69,13 +69,6 @@ def _norm(d, rank):
 def _rank(node):
     m = node.meta.get("snnc")
     return len(m.shape) if hasattr(m, "shape") else None
-
-
-def _first_tensor(node):
-    a = node.args[0] if node.args else None
-    if isinstance(a, (tuple, list)):
-        a = a[0] if a else None
-    return a
 
 
 # --- dim-0 fate: what an op does to the leading axis of its input ---------------------------------
