@@ -278,12 +278,10 @@ def _folded(gm):
     if not any(op_name(gm, n) == "nn.batch_norm" for n in gm.graph.nodes):
         return gm
     from .passes import fold_bn
-    g = fold_bn(gm)   # works on a copy
-    left = [n for n in g.graph.nodes if op_name(g, n) == "nn.batch_norm"]
-    if left:
-        raise UnsupportedOp(f"{node_ref(left[0])}: BatchNorm that does not follow a conv or linear layer cannot be "
-                            "folded, and NIR has no BatchNorm node")
-    return g
+    try:
+        return fold_bn(gm)   # works on a copy
+    except SnncError as e:
+        raise UnsupportedOp(f"to_nir: NIR has no BatchNorm node, and {e}") from None
 
 
 def to_nir(gm: fx.GraphModule, dt: float = 1.0, path=None, overwrite: bool = False):
@@ -342,12 +340,12 @@ def to_nir(gm: fx.GraphModule, dt: float = 1.0, path=None, overwrite: bool = Fal
         meta["readout"] = ", ".join(readouts)
         warnings.warn("to_nir: readout " + ", ".join(readouts) + " (a reduction over time steps) has no NIR node; the "
                       "NIR graph outputs its per-step input: average the NIR outputs over time (mode=membrane / "
-                      "spike_count) to get snnc's result", stacklevel=2)
+                      "spike_count) to get snnc's result", stacklevel=3)
     graph = nir.NIRGraph(nodes=ex.nodes, edges=ex.edges, metadata=meta)
     if ex.inexact:
         warnings.warn("to_nir: neurons " + ", ".join(ex.inexact) + " reset by subtraction, compare with '>=' or "
                       "start from v_init != 0; NIR's standard fields cannot say that (the exact snnc neuron is in "
-                      "the node metadata, which snnc.from_nir reads; other NIR readers will differ)", stacklevel=2)
+                      "the node metadata, which snnc.from_nir reads; other NIR readers will differ)", stacklevel=3)
     if path is not None:
         atomic_write(path, lambda tmp: nir.write(tmp, graph), overwrite=overwrite)
     return graph

@@ -48,6 +48,20 @@ class Delay(nn.Module):
         return {"steps": self.steps}
 
 
+def _tvm_delay(imp, node):
+    """Relax: ``concat([zeros[d], x[:T-d]], axis=0)`` on the ``[T, N, ...]`` input (no state)."""
+    import numpy as np
+    from tvm import relax
+    mod, x, bb = imp.named_modules[node.target], imp.env[node.args[0]], imp.block_builder
+    from ..ir import info
+    shape, dtype = tuple(int(s) for s in info(node).shape), str(info(node).dtype).replace("torch.", "")
+    d = min(mod.steps, shape[0])
+    if d == 0:
+        return x
+    zeros = relax.const(np.zeros((d, *shape[1:]), dtype=dtype))
+    head = bb.emit(relax.op.strided_slice(x, axes=[0], begin=[0], end=[shape[0] - d]))
+    return bb.emit(relax.op.concat([zeros, head], axis=0))
+
+
 register_op(Delay, state=("fifo",), over_time="loop", accepts=seq_when_multi_step, shape=same_as_input,
-            hooks={"onnx": FORWARD, "nir_out": FORWARD},
-            refused={"tvm": "no TVM lowering for a shift along T yet"})
+            hooks={"onnx": FORWARD, "nir_out": FORWARD, "tvm": _tvm_delay})
