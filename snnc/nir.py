@@ -35,6 +35,7 @@ strict compare) differ from the snnc neuron's. See ``snnc/nir_export.py``.
 """
 from __future__ import annotations
 
+import keyword
 import operator
 import warnings
 from pathlib import Path
@@ -234,7 +235,7 @@ class _Builder:
 
     def module(self, nir_name, mod, arg):
         name = "".join(c if c.isalnum() or c == "_" else "_" for c in str(nir_name))
-        if not name or name[0].isdigit():
+        if not name or name[0].isdigit() or keyword.iskeyword(name):  # a valid attribute in fx code
             name = f"n{name}"
         base, i = name, 1
         while name in self.names:

@@ -120,7 +120,7 @@ def _two_state(name, kind, node, dt, meta, tau_syn, w_in):
 
 def _split_gain(gain):
     """A uniform gain goes into the neuron (``gain_in``); per-neuron gains become an input scale."""
-    g = input_gain(gain, 1.0)
+    g = input_gain(np.asarray(gain, dtype=np.float64), 1.0)
     if g is None:
         return 1.0, None
     if np.all(g == g.flat[0]):
