@@ -17,11 +17,23 @@ a discretisation; it is the forward-Euler step that norse and the NIR paper's re
                  nodes (dt is required when the graph has a time constant).
     fire/reset   NIR: z = 1[v > v_threshold], then v = v_reset  ->  compare=">", reset="zero"
 
+    NIR CubaLIF  tau_syn dI/dt = -I + w_in X, then LIF on I  ->  snn.current_lif {alpha = 1 - dt/tau_syn,
+                 beta = 1 - dt/tau_mem, gain_in = (w_in dt/tau_syn)(r dt/tau_mem)} (the two gains
+                 multiply: I is linear in X); CubaLI / LI / I -> snn.current_li (no fire; LI: alpha = 0,
+                 I: beta = 1 too); Delay -> snn.delay (delay/dt whole steps). ``snnc/nir_neurons.py``.
+    cycles       a recurrent edge carries the previous step's output: each cycle must pass through one
+                 neuron and otherwise be a chain of weights (neuron -> w_rec -> neuron, the NIR paper's
+                 Braille graphs), which becomes ``snn.feedback(neuron, w_rec)``; others are refused by name.
+
 Per-neuron ``v_threshold`` arrays become a tensor ``v_th`` (reduced to a float or ``[C,1,1]``
 when the values allow); per-neuron ``tau``, ``v_leak`` or ``v_reset`` that differ between neurons
-have no snnc form and raise ``UnsupportedOp``. ``CubaLIF`` (two state variables: a synaptic
-current and a membrane) and recurrent (cyclic) graphs are rejected by name: snnc's neurons have
-one state variable and its per-step graphs are feed-forward.
+have no snnc form and raise ``UnsupportedOp``; per-neuron input gains become a ``mul`` first.
+
+NIR's fields do not say every writer's semantics: sinabs writes its IAF (MultiSpike,
+MembraneSubtract) as a plain IF, snntorch its Leaky/Synaptic (reset by subtraction one step late)
+as LIF/CubaLIF with reset to v_reset. ``from_nir`` recognises those writers' signatures and warns
+naming the nodes; ``reset=`` makes every neuron not described exactly use another reset
+(``"subtract_after_leak"``: snntorch's default).
 
 Other nodes: Affine/Linear -> nn.linear, Conv1d/Conv2d -> nn.conv, Flatten -> nn.flatten
 (NIR shapes carry no batch dimension, so dims shift by one), AvgPool2d -> nn.avg_pool2d,
