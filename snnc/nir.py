@@ -58,7 +58,7 @@ from torch import fx, nn
 
 from .errors import FileFormatError, SnncError, UnsupportedOp
 from .fileio import require_file
-from .nir_neurons import mappings, threshold_value  # noqa: F401 (threshold_value: public helper)
+from .nir_neurons import foreign_semantics, mappings, meta as _meta, threshold_value  # noqa: F401
 from .ops import Feedback
 
 SUPPORTED_NODES = ("Input", "Output", "Affine", "Linear", "Conv1d", "Conv2d", "Flatten", "SumPool2d",
@@ -117,20 +117,6 @@ def _linear(node, bias):
 
 def _pair(v):
     return tuple(int(i) for i in np.broadcast_to(np.atleast_1d(v), (2,)))
-
-
-def _meta(node) -> dict:
-    """Node metadata with h5py's bytes/0-d arrays turned into plain Python values."""
-    out = {}
-    for k, v in (getattr(node, "metadata", None) or {}).items():
-        if isinstance(v, bytes):
-            v = v.decode()
-        elif isinstance(v, np.ndarray) and v.ndim == 0:
-            v = v.item()
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
 
 
 def _sccs(nodes, succ) -> list[list[str]]:
@@ -292,43 +278,6 @@ def _path_module(g, name):
                         "Linear or Conv nodes there")
 
 
-def _foreign_semantics(g, nir) -> list[str]:
-    """Warnings, by node, for nodes whose writer runs them otherwise than NIR's equations say.
-
-    * IF nodes at NIR's defaults (r = 1, v_reset = 0): sinabs writes its IAF layers this way and runs
-      them with MultiSpike / MembraneSubtract by default (several spikes per step, reset by
-      subtraction); NIR's IF fires at most once per step and resets to v_reset.
-    * LIF / CubaLIF nodes with r = tau_mem / 1e-4 (and w_in = tau_syn / 1e-4): snntorch's
-      ``export_to_nir`` writes Leaky / Synaptic this way (its fixed dt = 1e-4) and snntorch resets
-      by subtraction one step late by default (``reset="subtract_after_leak"`` here)."""
-    if _meta(g).get("writer") == "snnc":
-        return []
-    key = lambda k: (len(k), k)
-    ifs, snt = [], []
-    for k, n in g.nodes.items():
-        if "snnc_op" in _meta(n) or "alpha" in _meta(n):
-            continue
-        if isinstance(n, nir.IF) and np.all(np.asarray(n.r) == 1) and np.all(np.asarray(n.v_reset) == 0):
-            ifs.append(k)
-        tau = getattr(n, "tau_mem", getattr(n, "tau", None))
-        if isinstance(n, (nir.LIF, nir.CubaLIF)) and np.allclose(np.asarray(n.r), np.asarray(tau) / 1e-4, rtol=1e-5) \
-                and (not isinstance(n, nir.CubaLIF) or np.allclose(np.asarray(n.w_in), np.asarray(n.tau_syn) / 1e-4, rtol=1e-5)):
-            snt.append(k)
-    out = []
-    if ifs:
-        out.append(f"NIR nodes {', '.join(sorted(ifs, key=key))} (IF with r=1, v_reset=0, as sinabs writes its IAF "
-                   "layers): snnc runs NIR's IF (at most one spike per step, reset to v_reset). sinabs runs its IAF "
-                   "with MultiSpike and MembraneSubtract by default (several spikes per step, reset by subtraction); "
-                   "if this graph came from such a model, snnc's spikes differ wherever the membrane exceeds the "
-                   "threshold by more than it")
-    if snt:
-        out.append(f"NIR nodes {', '.join(sorted(snt, key=key))} (LIF/CubaLIF with r = tau/1e-4, as "
-                   "snntorch.export_to_nir writes Leaky/Synaptic): snnc runs NIR's reset to v_reset at the spike; "
-                   "snntorch's default resets by subtraction one step late: pass reset='subtract_after_leak' "
-                   "to follow it")
-    return out
-
-
 def from_nir(graph_or_path, dt: float | None = None, reset: str | None = None, warn: bool = True) -> fx.GraphModule:
     """Import a NIR graph (a ``nir.NIRGraph`` or a ``.nir`` file) as a per-step spiking-IR graph.
 
@@ -338,8 +287,9 @@ def from_nir(graph_or_path, dt: float | None = None, reset: str | None = None, w
     ``[T, N, ...]`` inputs. ``reset`` overrides NIR's reset-to-``v_reset`` for the spiking nodes the
     file does not describe exactly (not written by snnc): e.g. ``"subtract_after_leak"`` runs a graph
     written by ``snntorch.export_to_nir`` as snntorch runs its default ``Leaky``/``Synaptic``
-    (reset by subtraction, one step late), which NIR's fields cannot say. ``warn=False`` silences the warning about IF nodes whose writer (sinabs)
-    may run them with other spike / reset functions than NIR's.
+    (reset by subtraction, one step late), which NIR's fields cannot say. ``warn=False`` silences
+    the warnings, by node, about nodes whose writer (sinabs, snntorch) runs them otherwise than
+    NIR's equations say.
     """
     from .ir import annotate, make_spec
     from .verifier import verify
@@ -416,7 +366,7 @@ def from_nir(graph_or_path, dt: float | None = None, reset: str | None = None, w
         annotate(gm, example)
     except SnncError as e:
         raise FileFormatError(f"NIR graph does not run with input shapes {[list(s) for s in inputs]}: {e}") from None
-    for msg in _foreign_semantics(g, nir) if warn and reset is None else []:
+    for msg in foreign_semantics(g, nir) if warn and reset is None else []:
         warnings.warn(msg + " (warn=False silences this)", stacklevel=2)
     return verify(gm)
 

@@ -161,6 +161,57 @@ def delay_node(name, node, dt, meta):
     return Delay(int(round(d))), None
 
 
+def meta(node) -> dict:
+    """Node metadata with h5py's bytes/0-d arrays turned into plain Python values."""
+    out = {}
+    for k, v in (getattr(node, "metadata", None) or {}).items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.ndarray) and v.ndim == 0:
+            v = v.item()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def foreign_semantics(g, nir) -> list[str]:
+    """Warnings, by node, for nodes whose writer runs them otherwise than NIR's equations say.
+
+    * IF nodes at NIR's defaults (r = 1, v_reset = 0): sinabs writes its IAF layers this way and runs
+      them with MultiSpike / MembraneSubtract by default (several spikes per step, reset by
+      subtraction); NIR's IF fires at most once per step and resets to v_reset.
+    * LIF / CubaLIF nodes with r = tau_mem / 1e-4 (and w_in = tau_syn / 1e-4): snntorch's
+      ``export_to_nir`` writes Leaky / Synaptic this way (its fixed dt = 1e-4) and snntorch resets
+      by subtraction one step late by default (``reset="subtract_after_leak"`` here)."""
+    if meta(g).get("writer") == "snnc":
+        return []
+    key = lambda k: (len(k), k)
+    ifs, snt = [], []
+    for k, n in g.nodes.items():
+        if "snnc_op" in meta(n) or "alpha" in meta(n):
+            continue
+        if isinstance(n, nir.IF) and np.all(np.asarray(n.r) == 1) and np.all(np.asarray(n.v_reset) == 0):
+            ifs.append(k)
+        tau = getattr(n, "tau_mem", getattr(n, "tau", None))
+        if isinstance(n, (nir.LIF, nir.CubaLIF)) and np.allclose(np.asarray(n.r), np.asarray(tau) / 1e-4, rtol=1e-5) \
+                and (not isinstance(n, nir.CubaLIF) or np.allclose(np.asarray(n.w_in), np.asarray(n.tau_syn) / 1e-4, rtol=1e-5)):
+            snt.append(k)
+    out = []
+    if ifs:
+        out.append(f"NIR nodes {', '.join(sorted(ifs, key=key))} (IF with r=1, v_reset=0, as sinabs writes its IAF "
+                   "layers): snnc runs NIR's IF (at most one spike per step, reset to v_reset). sinabs runs its IAF "
+                   "with MultiSpike and MembraneSubtract by default (several spikes per step, reset by subtraction); "
+                   "if this graph came from such a model, snnc's spikes differ wherever the membrane exceeds the "
+                   "threshold by more than it")
+    if snt:
+        out.append(f"NIR nodes {', '.join(sorted(snt, key=key))} (LIF/CubaLIF with r = tau/1e-4, as "
+                   "snntorch.export_to_nir writes Leaky/Synaptic): snnc runs NIR's reset to v_reset at the spike; "
+                   "snntorch's default resets by subtraction one step late: pass reset='subtract_after_leak' "
+                   "to follow it")
+    return out
+
+
 def mappings(nir):
     """NIR node class -> mapping function, for the classes this ``nir`` release has."""
     out = {nir.IF: if_node, nir.LIF: lif_node, nir.CubaLIF: cuba_lif_node, nir.LI: li_node, nir.I: li_node,
