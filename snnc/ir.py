@@ -1,8 +1,9 @@
-"""The spiking IR: op table, node metadata and the input spec a graph carries.
+"""The spiking IR: node metadata, the input spec a graph carries, and its calling convention.
 
 A spiking-IR graph is a ``torch.fx.GraphModule`` whose leaves are torch.nn layers and
 ``snnc.ops`` modules. Every node knows its *op name* (``nn.conv2d``, ``snn.lif``, ``add`` ...)
-from the table below, and after ``annotate`` every tensor node carries ``node.meta["snnc"]``:
+from its op record (``snnc.ops.registry``), and after ``annotate`` every tensor node carries
+``node.meta["snnc"]``:
 
     TensorInfo(shape, dtype, spiking, layout)
 

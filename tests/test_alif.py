@@ -63,7 +63,7 @@ def test_golden_ir_and_record():
 
 
 @pytest.mark.parametrize("reset", ["subtract", "zero"])
-@pytest.mark.parametrize("target", ["onnx", "tvm:relax", "tvm:hybrid"])
+@pytest.mark.parametrize("target", ["onnx", "onnx:scan", "tvm:relax", "tvm:hybrid"])
 def test_targets_match_reference_bit_exactly(target, reset):
     if target.startswith("tvm"):
         pytest.importorskip("tvm")
@@ -71,8 +71,8 @@ def test_targets_match_reference_bit_exactly(target, reset):
     x = torch.rand(20, 3, 8)
     ref = snnc.run(g, x)
     assert 0.05 < ref.mean() < 0.9
-    if target == "onnx":
-        m = snnc.compile(g, target="onnx")
+    if target.startswith("onnx"):   # the loop over T unrolled, or one ONNX Scan carrying (v, a)
+        m = snnc.compile(g, target="onnx", loop="scan" if target.endswith("scan") else "unroll")
     else:
         m = snnc.compile(g, target="tvm:llvm", mode=target.split(":")[1])
     assert torch.equal(m(x), ref)
@@ -98,3 +98,11 @@ def test_bad_arguments_are_named():
         ALIF(rho=1.5)
     with pytest.raises(ValueError, match="subtract_after_leak"):
         ALIF(reset="subtract_after_leak")
+
+
+def test_exported_tvm_library_runs_alif_without_the_model(tmp_path):
+    pytest.importorskip("tvm")
+    g = unroll_timesteps(snnc.trace(_net(), torch.zeros(3, 8)), T=10)
+    x = torch.rand(10, 3, 8)
+    path = snnc.compile(g, target="tvm:llvm", mode="relax").export(tmp_path / "alif.so")
+    assert torch.equal(snnc.load(path)(x), snnc.run(g, x))

@@ -8,7 +8,7 @@ from .alif import ALIF
 from .cuba import CurrentLI, CurrentLIF
 from .delay import Delay
 from .feedback import Feedback
-from .neurons import IF, LIF, Neuron, ParametricLIF
+from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
 from .qcfs import QCFS, use_qcfs
 from .voting import Voting

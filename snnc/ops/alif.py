@@ -11,8 +11,7 @@ spiking neurons", eqs. 1-3, with the adaptation increment written without its (1
          | H[t] * (1 - S[t]) + v_reset * S[t]    (reset="zero")
 
 Two state variables ``(v, a)``; after step t the stored ``a`` is already ``a[t+1]``. The update is
-written once, in ``update``, with plain arithmetic plus the two helpers of ``math`` (``heaviside``,
-``select``), so the same function is the torch reference and the body of the TVM scan kernel.
+written once, in ``update``, with plain arithmetic plus ``math.heaviside``, so the same function is the torch reference and the body of the TVM scan kernel.
 This file (its op record at the bottom) is all snnc needs to run the neuron in torch, ONNX and
 both TVM modes.
 """
@@ -20,24 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from .neurons import LIF, heaviside
+from .neurons import LIF, MultiStateNeuron, TorchMath
 from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
 
 
-class TorchMath:
-    """The non-arithmetic helpers an ``update`` may use, on torch tensors (TVM has its own)."""
-
-    @staticmethod
-    def heaviside(z, strict):
-        return heaviside(z, strict)
-
-
-class ALIF(LIF):
+class ALIF(MultiStateNeuron, LIF):
     """Adaptive LIF; ``rho`` = decay of the adaptation, ``beta`` = threshold increase per unit of
     adaptation. Other arguments as ``LIF`` (``tau=2.0`` by default)."""
 
     op_name = "snn.alif"
-    state_names = ("v", "a")
 
     def __init__(self, tau=None, decay=None, rho=0.9, beta=0.2, **kw):
         super().__init__(tau=tau, decay=decay, **kw)
@@ -68,26 +58,6 @@ class ALIF(LIF):
 
     def initial_state(self, x):
         return (torch.full_like(x, self.v_init), torch.zeros_like(x))
-
-    # the Neuron interface, with the state a tuple
-    def step(self, x, state):
-        return self.update(x, state)
-
-    def initial_membrane(self, x):
-        return self.initial_state(x)
-
-    def forward(self, x):
-        if self.step_mode == "m":
-            return self.multi_step(x)
-        if self.v is None or self.v[0].shape != x.shape:
-            self.v = self.initial_state(x)
-        s, self.v = self.update(x, self.v)
-        return s
-
-    def multi_step(self, x_seq):
-        if self.surrogate is not None and hasattr(self.surrogate, "reset"):
-            self.surrogate.reset()
-        return self.step_loop(x_seq)
 
     def attrs(self):
         a = super().attrs()

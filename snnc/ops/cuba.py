@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .alif import TorchMath
-from .neurons import LIF
+from .neurons import LIF, MultiStateNeuron, TorchMath
 from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
 
 
@@ -41,8 +40,8 @@ def _unit(name, value, cls):
     return float(value)
 
 
-class _TwoState(LIF):
-    """The Neuron interface over a state tuple ``(i, v)`` (the ``ALIF`` pattern)."""
+class _TwoState(MultiStateNeuron, LIF):
+    """The parameters shared by both current-based neurons; the state tuple is ``(i, v)``."""
 
     state_names = ("i", "v")
 
@@ -61,23 +60,6 @@ class _TwoState(LIF):
 
     def initial_state(self, x):
         return (torch.zeros_like(x), torch.full_like(x, self.v_init))
-
-    def step(self, x, state):
-        return self.update(x, state)
-
-    def initial_membrane(self, x):
-        return self.initial_state(x)
-
-    def forward(self, x):
-        if self.step_mode == "m":
-            return self.multi_step(x)
-        if self.v is None or self.v[0].shape != x.shape:
-            self.v = self.initial_state(x)
-        out, self.v = self.update(x, self.v)
-        return out
-
-    def multi_step(self, x_seq):
-        return self.step_loop(x_seq)
 
     def two_state_attrs(self):
         a = {"alpha": self.alpha, "beta": self.beta}

@@ -152,6 +152,49 @@ class Neuron(nn.Module, abc.ABC):
         return ", ".join(f"{k}={v}" for k, v in self.attrs().items()) + f", step_mode={self.step_mode}"
 
 
+class TorchMath:
+    """The non-arithmetic helpers an ``update`` may use, on torch tensors (the TVM lowering passes
+    TIR forms with the same names)."""
+
+    @staticmethod
+    def heaviside(z, strict):
+        return heaviside(z, strict)
+
+
+class MultiStateNeuron(Neuron):
+    """Base of neurons with several state variables (their op record's ``state``, e.g. ``("v", "a")``).
+
+    Subclasses define ``initial_state(x) -> tuple`` and ``update(x, state, math=TorchMath) ->
+    (spikes, state)`` with plain arithmetic and ``math.heaviside``: that one method is the torch
+    reference, and evaluated on TIR values the body of the TVM scan kernel. Single-step mode keeps
+    the tuple in ``self.v`` between calls; multi-step mode keeps it local to the call."""
+
+    def update(self, x, state, math=TorchMath):
+        raise NotImplementedError
+
+    def initial_state(self, x):
+        raise NotImplementedError
+
+    def step(self, x, state):
+        return self.update(x, state)
+
+    def initial_membrane(self, x):
+        return self.initial_state(x)
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            return self.multi_step(x)
+        if self.v is None or self.v[0].shape != x.shape:
+            self.v = self.initial_state(x)
+        s, self.v = self.update(x, self.v)
+        return s
+
+    def multi_step(self, x_seq):
+        if self.surrogate is not None and hasattr(self.surrogate, "reset"):
+            self.surrogate.reset()
+        return self.step_loop(x_seq)
+
+
 class IF(Neuron):
     """Integrate-and-fire: ``H[t] = V[t-1] + X[t]`` (no leak). The neuron of ANN->SNN conversion."""
 
