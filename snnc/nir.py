@@ -158,6 +158,29 @@ def _sccs(nodes, succ) -> list[list[str]]:
     return out
 
 
+def _inline_subgraphs(g, nir):
+    """A node that is itself a ``NIRGraph`` (older snntorch / nirtorch write RLeaky / RSynaptic
+    that way) is replaced by its nodes, named ``outer.inner``; edges into it go to the targets of
+    its Input node(s), edges out of it come from the sources of its Output node(s)."""
+    if not any(isinstance(n, nir.NIRGraph) for n in g.nodes.values()):
+        return g
+    nodes, edges, ins, outs = {}, [], {}, {}
+    for k, n in g.nodes.items():
+        if not isinstance(n, nir.NIRGraph):
+            nodes[k] = n
+            continue
+        sub = _inline_subgraphs(n, nir)
+        inner = {f"{k}.{j}": m for j, m in sub.nodes.items() if not isinstance(m, (nir.Input, nir.Output))}
+        nodes.update(inner)
+        ins[k] = [f"{k}.{d}" for s, d in sub.edges if isinstance(sub.nodes[s], nir.Input)]
+        outs[k] = [f"{k}.{s}" for s, d in sub.edges if isinstance(sub.nodes[d], nir.Output)]
+        edges += [(f"{k}.{s}", f"{k}.{d}") for s, d in sub.edges
+                  if not isinstance(sub.nodes[s], nir.Input) and not isinstance(sub.nodes[d], nir.Output)]
+    for s, d in g.edges:
+        edges += [(a, b) for a in outs.get(s, [s]) for b in ins.get(d, [d])]
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=dict(getattr(g, "metadata", None) or {}))
+
+
 def _fold_cycles(g, stateful):
     """NIR's recurrent edges: each cycle must pass through exactly one neuron ``n`` and otherwise
     be a chain of stateless nodes ``n -> w1 -> ... -> n`` (the NIR paper's Braille graphs:
@@ -294,7 +317,7 @@ def from_nir(graph_or_path, dt: float | None = None, reset: str | None = None, w
     from .ir import annotate, make_spec
     from .verifier import verify
     nir = _nir()
-    g = _read(graph_or_path)
+    g = _inline_subgraphs(_read(graph_or_path), nir)
     if dt is None and "dt" in _meta(g):
         dt = float(_meta(g)["dt"])
     neurons = mappings(nir)

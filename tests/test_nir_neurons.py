@@ -122,6 +122,15 @@ def test_recurrent_cycles_import_as_feedback_and_bad_cycles_are_named():
         v = np.where(s > 0, 0.0, v)
         want.append(s)
     np.testing.assert_array_equal(out[:, 0].numpy(), np.stack(want))
+    # the same recurrent layer as a nested NIRGraph node (how older snntorch/nirtorch write RLeaky)
+    sub = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([n])}), "lif": lif,
+                              "w_rec": nir.Linear(weight=w), "output": nir.Output(output_type={"output": np.array([n])})},
+                       edges=[("input", "lif"), ("lif", "w_rec"), ("w_rec", "lif"), ("lif", "output")], type_check=False)
+    nested = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([n])}), "rl": sub,
+                                 "output": nir.Output(output_type={"output": np.array([n])})},
+                          edges=[("input", "rl"), ("rl", "output")], type_check=False)
+    flat = snnc.from_nir(nested, dt=1.0, warn=False)
+    assert "# rl_lif" in snnc.dump(flat) and torch.equal(snnc.run(flat, x, T=6), out)
     two = _graph({"a": lif, "b": lif}, [("input", "a"), ("a", "b"), ("b", "a"), ("b", "output")], n, n)
     with pytest.raises(UnsupportedOp, match="cycle through a, b\\) with 2 neurons in it"):
         snnc.from_nir(two, dt=1.0)
