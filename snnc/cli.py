@@ -229,9 +229,14 @@ def cmd_nir(args) -> int:
     """Export a per-step graph (or a torch SNN module traced on --input-shape) to a NIR file."""
     from .nir import to_nir
     _refuse_overwrite(args.output, args.overwrite)
+    import warnings
     gm = _graph_from(args)
-    to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({len(list(gm.graph.nodes))} graph nodes, dt={args.dt or 1.0})")
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        g = to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
+    for w in notes:   # what NIR's fields cannot say (readout, subtractive reset): one line each
+        print(f"note: {w.message}")
+    print(f"wrote {args.output} ({len(g.nodes)} NIR nodes, {len(g.edges)} edges, dt={args.dt or 1.0})")
     return 0
 
 
