@@ -21,7 +21,7 @@ from snnc.errors import SnncError
 from snnc.fileio import atomic_write
 
 _MEMORY_CACHE: dict[str, tuple] = {}  # key -> (runtime module, library path or None)
-_LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py", "tvm_schedule.py")
+_LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py", "tvm_schedule.py", "tvm_tune.py")
 DEFAULT_CUDA_ARCH = "sm_80"
 
 
@@ -53,6 +53,10 @@ def llvm_target(mcpu: str | None = "host", num_cores: int | None = None) -> dict
     if mcpu:
         d["mcpu"] = mcpu
     return d
+
+
+def llvm_threads(d: dict) -> int:
+    return int(d.get("num-cores") or os.cpu_count() or 1)
 
 
 def cuda_target(arch: str | None = None) -> dict:
