@@ -20,6 +20,17 @@ Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-6
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+
+Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
+``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
+size with one VM call per forward. A graph that reshapes to a hard-coded batch cannot be made
+symbolic; it (and ``batch="static"``, and every tuned library) is built for the traced batch B,
+and ``TVMModule`` runs a batch of n as ceil(n/B) calls on chunks of B, the last one zero-padded
+(exact: samples never interact at inference). ``meta["library_batch"]`` says which.
+
+Tuning (``tvm:llvm``): ``tune=True``, ``trials=N`` (per kernel), ``tune_minutes=M`` (wall budget),
+``database=DIR``, ``progress`` -- MetaSchedule over the library's conv/dense kernels, see
+``tvm_tune.py``; implies a static library as above.
 """
 from __future__ import annotations
 
