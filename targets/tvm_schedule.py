@@ -83,27 +83,33 @@ def _schedule_oc(func, lanes: int, reg_n: int = 8):
     laid out [x][f] (``transform_layout``) or the f vector is a strided gather."""
     sch = s_tir.Schedule(func)
     try:
-        conv = sch.get_sblock("conv2d_nchw")
-        n, f, y, x, rc, ry, rx = sch.get_loops(conv)
-        x_ext = int(sch.get(x).extent)
-        wblock = sch.cache_read(conv, 1, "global")
-        sch.transform_layout(wblock, ("write", 0), lambda a, b, c, d: (a // lanes, b, c, d, a % lanes))
-        fo, fi = sch.split(f, [None, lanes])
-        xo, xi = sch.split(x, [None, _divisor(x_ext, reg_n)])
-        sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi)
-        acc = sch.cache_write(conv, 0, "local")
-        sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
-        sch.reverse_compute_at(acc, xo)
-        for block in sch.get_consumers(acc):  # bias add, BN scale, ...: fold into the write-back
-            sch.reverse_compute_inline(block)
-        sch.parallel(sch.fuse(n, fo, y))
-        sch.vectorize(fi)
-        sch.unroll(xi)
-        sch.decompose_reduction(conv, rc)
-        _parallel_pad(sch, conv)
+        oc_steps(sch, lanes, reg_n)
         return sch.mod["main"]
     except Exception:  # noqa: BLE001 - a refusal means "try the other schedule"
         return None
+
+
+def oc_steps(sch, lanes: int = 16, reg_n: int = 8) -> None:
+    """The schedule primitives of ``_schedule_oc`` applied to ``sch`` (its trace is what a
+    tuning database stores)."""
+    conv = sch.get_sblock("conv2d_nchw")
+    n, f, y, x, rc, ry, rx = sch.get_loops(conv)
+    x_ext = int(sch.get(x).extent)
+    wblock = sch.cache_read(conv, 1, "global")
+    sch.transform_layout(wblock, ("write", 0), lambda a, b, c, d: (a // lanes, b, c, d, a % lanes))
+    fo, fi = sch.split(f, [None, lanes])
+    xo, xi = sch.split(x, [None, _divisor(x_ext, reg_n)])
+    sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi)
+    acc = sch.cache_write(conv, 0, "local")
+    sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
+    sch.reverse_compute_at(acc, xo)
+    for block in sch.get_consumers(acc):  # bias add, BN scale, ...: fold into the write-back
+        sch.reverse_compute_inline(block)
+    sch.parallel(sch.fuse(n, fo, y))
+    sch.vectorize(fi)
+    sch.unroll(xi)
+    sch.decompose_reduction(conv, rc)
+    _parallel_pad(sch, conv)
 
 
 def _parallel_pad(sch, conv):

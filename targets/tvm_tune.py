@@ -95,31 +95,37 @@ def _time(func, args, dev, repeat=3) -> float:
     """Median seconds of one call of a built PrimFunc (``time_evaluator``)."""
     lib = tvm.compile(tb._noalias(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})),
                       target=tvm.target.Target.current())
-    f = lib.time_evaluator("main", dev, number=1, repeat=repeat)
-    return float(np.median(f(*args).results))
+    f = lib["main"]
+    f(*args)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def _random_args(func, dev):
     out = []
-    for p in func.params:
-        buf = func.buffer_map[p]
-        shape = [int(s) for s in buf.shape]
-        out.append(tvm.runtime.tensor(np.random.uniform(-1, 1, shape).astype(buf.dtype), device=dev))
+    for info in ms.arg_info.ArgInfo.from_prim_func(func):
+        shape = [int(s) for s in info.shape]
+        out.append(tvm.runtime.tensor(np.random.uniform(-1, 1, shape).astype(str(info.dtype)), device=dev))
     return out
 
 
-def _pick(legal, tasks, db, target) -> dict:
-    """Per tuned function: the best database schedule if it beats the hand schedule, timed here
-    on random data of the function's shapes (both compiled for the same target)."""
+def _pick(legal, db, target) -> dict:
+    """Per conv/dense function of the module: the database's best schedule if it beats the hand
+    schedule, both timed here on random data of the function's shapes and the same target.
+    Functions are looked up by structure, so layers of equal shape share one task's result."""
     dev = tvm.cpu(0)
     choices = {}
     with target:
-        for task in tasks:
-            name = task.task_name
-            if name not in [gv.name_hint for gv in legal.functions]:
+        for gv, func in list(legal.functions.items()):
+            name = gv.name_hint
+            if not isinstance(func, tvm.tirx.PrimFunc) or not any(op in name for op in TUNED_OPS):
                 continue
-            func = legal[name]
-            sch = db.query_schedule(task.dispatched[0], target, name)
+            workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            sch = db.query_schedule(workload, target, name)
             if sch is None:
                 continue
             tuned = sch.mod["main"]
@@ -131,7 +137,8 @@ def _pick(legal, tasks, db, target) -> dict:
             choices[name] = {"use": use, "tuned_ms": round(t_tuned * 1e3, 3),
                              "hand_ms": None if hand is None else round(t_hand * 1e3, 3)}
             if use == "tuned":
-                legal[name] = tuned.with_attr("op_pattern", OPAQUE).with_attr("tir.is_scheduled", True)
+                legal[gv] = (tuned.without_attr("global_symbol")  # the module names it
+                             .with_attr("op_pattern", OPAQUE).with_attr("tir.is_scheduled", True))
     return choices
 
 
@@ -192,7 +199,7 @@ def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, pro
     choices = {}
 
     def build():
-        choices.update(_pick(legal, tasks, db, target))
+        choices.update(_pick(legal, db, target))
         return tb.build_relax(legal, tdict)
     built, hit = tb.cached(lib_key, build, cache)
     if hit:

@@ -236,3 +236,44 @@ def test_tuning_database_is_written_reused_and_the_library_stays_exact(tmp_path,
     assert again.meta["tuning"]["tuned_now"] == 0  # nothing left to tune: database + cached library
     x3 = torch.randn(2, 3, 2, 8, 8) * 2  # a batch of 3 on a library tuned (static) for 2: chunks
     _agree(again(x3), snnc.compile(g, target="torch")(x3))
+
+
+def test_a_complete_database_is_applied_without_tuning(tmp_path, monkeypatch):
+    """A database that already holds ``trials`` records per kernel (here: the hand schedule's
+    trace, committed as MetaSchedule would) is applied without tuning, the choice between its
+    schedule and the hand schedule is recorded, outputs match, and other batch sizes run."""
+    import tvm
+    from tvm import relax, s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from snnc.targets import tvm_build as tb
+    from snnc.targets.tvm_lower import to_relax
+    from snnc.targets.tvm_schedule import oc_steps
+    monkeypatch.setenv("SNNC_CACHE_DIR", str(tmp_path / "cache"))
+    net = _conv_lif_net((16, 16, 16))
+    x = torch.randn(2, 2, 16, 8, 8) * 2
+    g = unroll_timesteps(snnc.trace(net, x[0]), T=2)
+    from snnc.targets.tvm import _prepare
+    tdict = tb.llvm_target("host")
+    target = tb.make_target(tdict)
+    with target:
+        legal = relax.get_pipeline("zero")(to_relax(_prepare(g, None), "cpu", batch="static"))
+    (tmp_path / "db").mkdir()
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path / "db"))
+    tasks = [t for t in ms.relax_integration.extract_tasks(legal, target) if "conv2d" in t.task_name]
+    assert len(tasks) == 1 and tasks[0].weight == 2  # two convs of one shape: one task
+    for t in tasks:
+        sch = s_tir.Schedule(t.dispatched[0])
+        oc_steps(sch)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(t.dispatched[0]), [1e-3], target,
+            ms.arg_info.ArgInfo.from_prim_func(t.dispatched[0]["main"])))
+    m = snnc.compile(g, target="tvm:llvm", mode="relax", trials=1, database=tmp_path / "db", progress=False)
+    tuning = m.meta["tuning"]
+    assert tuning["tasks"] == 1 and tuning["tuned_now"] == 0 and len(tuning["kernels"]) == 1  # one shared kernel
+    assert all(k["use"] in ("tuned", "hand") and k["tuned_ms"] > 0 for k in tuning["kernels"].values())
+    ref = snnc.compile(g, target="torch")
+    _agree(m(x), ref(x))
+    x3 = torch.randn(2, 3, 16, 8, 8) * 2
+    _agree(m(x3), ref(x3))
+    assert tvm is not None
