@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from snnc.ir import info
-from snnc.ops import Neuron, Readout
+from snnc.ops import registry
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import multi_state, neuron_scan, state_kernel
@@ -140,7 +140,9 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             continue
         mod = g.get_submodule(node.target)
         once = calls.count(node.target) == 1
-        if isinstance(mod, Neuron):
+        rec = registry.module_record(mod)
+        loops = rec is not None and rec.over_time == "loop"   # ops with a scan kernel (check_supported ran)
+        if loops and rec.spiking_of(mod) == "yes":
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
             name = f"scan_{len(kernels)}"
@@ -159,7 +161,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"conv_{len(kernels)}"
             kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
             g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
-        elif isinstance(mod, Readout):
+        elif loops and rec.layout(mod, ["seq"]) == "step":   # a readout: [T, N, ...] -> [N, ...]
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
