@@ -124,11 +124,10 @@ def test_cli_compile_tvm_llvm_then_run_digits_with_the_default_batch(tmp_path, c
             if p.dim() > 1:
                 p.mul_(3)
     torch.save(model, tmp_path / "snn.pt")
-    assert main(["compile", str(tmp_path / "snn.pt"), "--input-shape", "1,1,8,8", "--T", "4",
+    assert main(["compile", str(tmp_path / "snn.pt"), "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "4",
                  "--target", "tvm:llvm", "-o", str(tmp_path / "net.so")]) == 0
     capsys.readouterr()
-    meta = json.loads((tmp_path / "net.so.snnc.json").read_text())
-    assert meta["library_batch"] == "any"
+    assert snnc.load(tmp_path / "net.so").meta["library_batch"] == "any"
     # the default --batch-size (256) on 300 samples: one full batch and one of 44
     assert main(["run", str(tmp_path / "net.so"), "--data", "digits", "--limit", "300", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -210,10 +209,12 @@ def test_tuning_arguments_are_checked(conv_net):
 def test_cli_tune_arguments_are_checked(tmp_path, capsys):
     torch.save(digits_snn(4).eval(), tmp_path / "snn.pt")
     with pytest.raises(SystemExit) as e:
-        main(["compile", str(tmp_path / "snn.pt"), "--input-shape", "1,1,8,8", "--T", "2", "--target", "tvm:llvm",
+        main(["compile", str(tmp_path / "snn.pt"), "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "2",
+              "--target", "tvm:llvm",
               "--tune", "--trials", "0", "-o", str(tmp_path / "n.so")])
     assert e.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err
-    assert main(["compile", str(tmp_path / "snn.pt"), "--input-shape", "1,1,8,8", "--T", "2", "--target", "onnx",
+    assert main(["compile", str(tmp_path / "snn.pt"), "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "2",
+                 "--target", "onnx",
                  "--tune", "-o", str(tmp_path / "n.onnx")]) == 1
     assert "--tune: tuning is for --target tvm:llvm" in capsys.readouterr().err
 
