@@ -119,7 +119,13 @@ def cmd_compile(args) -> int:
     options = {"method": args.method} if args.method else {}
     pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
     gm = pm.run(gm)
-    module = compile_target(gm, args.target)
+    tune = {k: v for k, v in (("trials", args.trials), ("tune_minutes", args.tune_minutes),
+                              ("database", args.tune_database)) if v is not None}
+    if args.tune or tune:
+        if args.target != "tvm:llvm":
+            raise SnncError(f"--tune: tuning is for --target tvm:llvm, not {args.target}")
+        tune.update(tune=True, mode="relax")  # the tuned kernels live in the exported library
+    module = compile_target(gm, args.target, **tune)
     out = module.export(args.output, overwrite=args.overwrite)
     for name, sec in pm.timings:
         print(f"  {name:<18} {sec * 1e3:8.1f} ms")
@@ -229,9 +235,14 @@ def cmd_nir(args) -> int:
     """Export a per-step graph (or a torch SNN module traced on --input-shape) to a NIR file."""
     from .nir import to_nir
     _refuse_overwrite(args.output, args.overwrite)
+    import warnings
     gm = _graph_from(args)
-    to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({len(list(gm.graph.nodes))} graph nodes, dt={args.dt or 1.0})")
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        g = to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
+    for w in notes:   # what NIR's fields cannot say (readout, subtractive reset): one line each
+        print(f"note: {w.message}")
+    print(f"wrote {args.output} ({len(g.nodes)} NIR nodes, {len(g.edges)} edges, dt={args.dt or 1.0})")
     return 0
 
 
@@ -259,6 +270,26 @@ def cmd_retrain(args) -> int:
     save(gm, args.output, overwrite=args.overwrite)
     print(f"retrained {args.model} for {args.epochs} epoch(s) -> {args.output}")
     return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -290,6 +321,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=_bits, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
+    s.add_argument("--tune", action="store_true",
+                   help="tvm:llvm: MetaSchedule-tune the library's convolutions (database reused next time)")
+    s.add_argument("--trials", type=_positive_int, help="--tune: measured schedules per kernel (default 64)")
+    s.add_argument("--tune-minutes", type=_positive_float, help="--tune: wall-time budget in minutes (default 10)")
+    s.add_argument("--tune-database", metavar="DIR", help="--tune: database folder (default: in the snnc cache)")
     s.add_argument("-o", "--output", required=True, help="the one file to write (any name; metadata inside)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=cmd_compile)
