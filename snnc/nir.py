@@ -116,7 +116,8 @@ def _neuron_kwargs(meta: dict) -> dict:
     """The snnc-only neuron options ``to_nir`` wrote into the metadata (else NIR's own)."""
     kw = {"reset": meta.get("reset", "zero"), "compare": meta.get("compare", ">")}
     if "v_init" in meta:
-        kw["v_init"] = float(meta["v_init"])
+        v = np.asarray(meta["v_init"], dtype=np.float32)   # a float, or per channel (snnc's to_nir)
+        kw["v_init"] = float(v) if v.ndim == 0 else torch.from_numpy(v.copy())
     return kw
 
 

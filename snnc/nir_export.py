@@ -32,6 +32,7 @@ from .errors import SnncError, UnsupportedOp, node_ref
 from .fileio import atomic_write
 from .ir import graph_spec, info, op_name
 from .ops import IF, LIF, DirectEncoder, ParametricLIF
+from .ops.neurons import has_v_init
 
 _PASS_THROUGH = (DirectEncoder, nn.Dropout, nn.Identity)
 SUPPORTED_OPS = ("nn.linear", "nn.conv1d", "nn.conv2d", "nn.flatten", "flatten", "nn.avg_pool2d", "mul (by a constant)",
@@ -53,8 +54,8 @@ def _neuron(mod, shape, dt):
     """The NIR node for an snnc neuron over a batchless ``shape``, plus the exact snnc form."""
     import nir
     meta = {"snnc_op": type(mod).op_name, "reset": mod.reset_mode, "compare": mod.compare}
-    if mod.v_init != 0.0:
-        meta["v_init"] = mod.v_init
+    if has_v_init(mod):
+        meta["v_init"] = mod.v_init.tolist() if isinstance(mod.v_init, torch.Tensor) else mod.v_init
     v_th, v_reset = _full(mod.v_th, shape), _full(mod.v_reset if mod.reset_mode == "zero" else 0.0, shape)
     if isinstance(mod, IF):
         return nir.IF(r=_full(1.0 / dt, shape), v_threshold=v_th, v_reset=v_reset, metadata=meta)
@@ -76,7 +77,7 @@ def _neuron(mod, shape, dt):
 
 
 def _differs_from_nir(mod) -> bool:
-    return mod.reset_mode != "zero" or mod.compare == ">=" or mod.v_init != 0.0
+    return mod.reset_mode != "zero" or mod.compare == ">=" or has_v_init(mod)
 
 
 def _const_mul_factor(node):

@@ -195,8 +195,10 @@ def test_unsupported_graphs_are_clear_errors():
         threshold_balance(bn, x)
     mp = snnc.trace(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                   nn.Linear(8, 2)).eval(), x[:2])
-    with pytest.raises(UnsupportedOp, match=r"node %_2 .* is a max pooling.*max_pool='spikes'"):
-        threshold_balance(mp, x)
+    with pytest.raises(UnsupportedOp, match=r"node %_2 .* is a max pooling .* max_pool='refuse'.*'lateral'"):
+        threshold_balance(mp, x, max_pool="refuse")
+    with pytest.raises(InputError, match="max_pool='avg'"):
+        threshold_balance(mp, x, max_pool="avg")
     s = threshold_balance(mp, x, max_pool="spikes")
     assert snnc.run(s, x, T=4).shape == (8, 2)
     with pytest.raises(InputError, match="method='median'"):

@@ -4,6 +4,7 @@ from .dsr import DSRIF, DSRLIF
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .neurons import IF, LIF, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
+from .pooling import SpikeMaxPool2d
 from .qcfs import QCFS, use_qcfs
 from .voting import Voting
 

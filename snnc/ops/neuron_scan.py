@@ -68,7 +68,8 @@ def _native_plan(neuron, x_seq, surrogate):
     from .surrogate import ATan, Rectangular, Sigmoid, Triangle
     v_th = neuron.v_th
     if (x_seq.dtype != torch.float32 or x_seq.device.type != "cpu" or type(surrogate) not in
-            (ATan, Rectangular, Sigmoid, Triangle) or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)):
+            (ATan, Rectangular, Sigmoid, Triangle) or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)
+            or isinstance(neuron.v_init, torch.Tensor)):
         return None
     lib = native.load()
     if lib is None:

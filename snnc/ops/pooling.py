@@ -1,0 +1,102 @@
+"""Spiking max pooling: what a converted SNN runs where the ANN had ``MaxPool2d``.
+
+A rate-coded SNN cannot take the max of its inputs' *rates* by taking the max of their spikes at
+each step: ``max_j s_j[t]`` (an OR of the spike trains) fires whenever any input fires, so its rate
+is the rate of the union, larger than the largest rate, and the error grows with T as the trains
+decorrelate. Both modes below keep a running sum of each input over time,
+
+    S_j[t] = S_j[t-1] + X_j[t]           (S_j[-1] = 0; for spikes: the spike count so far)
+
+and pass on, per pooling window, one value per step:
+
+``mode="lateral"`` — lateral-inhibition pooling (LIPooling, Li et al. 2022, "Efficient and
+accurate conversion of spiking neural network with burst spikes", IJCAI): each input integrates
+its input, the output takes the largest integrated value and inhibits every input of the window
+by what it sent. Written out, the output is the increase of the window's largest running sum,
+
+    M[t] = max_j S_j[t],      Y[t] = M[t] - M[t-1]        (M[-1] = 0)
+
+so ``sum_t Y[t] = max_j S_j[T]`` exactly: the time average of the output *is* the max of the
+time-averaged inputs, at every T. With spike inputs ``Y[t]`` is a spike (each S_j grows by at most
+one per step, so M does too).
+
+``mode="gate"`` — Rueckauer et al. 2017 §2.4 (Frontiers in Neuroscience; Orchard 2015): a gate
+lets through only the spikes of the input with the largest count so far (ties: the first),
+
+    Y[t] = X_{j*}[t],   j* = argmax_j S_j[t]
+
+The output count approaches the largest count as the winner settles; while it switches, the
+output can miss or repeat spikes.
+
+Single-step (``step_mode="s"``): the running sums live in ``self.sums`` (and ``self.prev``) until
+``reset()``. Multi-step: ``[T, N, C, H, W] -> [T, N, C, H', W']`` with the state local.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+class SpikeMaxPool2d(nn.Module):
+    """Max pooling over spike trains (or currents) by running sums; see the module docstring."""
+
+    op_name = "snn.max_pool2d"
+    spiking_output = "keep"
+    stateful_over_time = True   # unroll_timesteps gives it the [T, N, ...] layout and step_mode "m"
+    MODES = ("lateral", "gate")
+
+    def __init__(self, kernel_size, stride=None, padding=0, mode="lateral", step_mode="s"):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"SpikeMaxPool2d: mode={mode!r}; expected one of {self.MODES}")
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.padding = _pair(padding)
+        self.mode = mode
+        self.step_mode = step_mode
+        self.sums = self.prev = None
+
+    @classmethod
+    def from_max_pool(cls, pool: nn.MaxPool2d, mode: str = "lateral") -> "SpikeMaxPool2d":
+        if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
+            raise ValueError("SpikeMaxPool2d: only MaxPool2d without dilation, ceil_mode or return_indices "
+                             f"converts; got {pool}")
+        return cls(pool.kernel_size, pool.stride, pool.padding, mode=mode)
+
+    def _pool(self, s, indices=False):
+        return F.max_pool2d(s, self.kernel_size, self.stride, self.padding, return_indices=indices)
+
+    def _step(self, x, sums, prev):
+        sums = x if sums is None else sums + x
+        if self.mode == "lateral":
+            m = self._pool(sums)
+            return (m if prev is None else m - prev), sums, m
+        _, idx = self._pool(sums, indices=True)   # idx: flat H*W positions of each window's winner
+        y = x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        return y, sums, None
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            sums = prev = None
+            out = []
+            for t in range(x.shape[0]):
+                y, sums, prev = self._step(x[t], sums, prev)
+                out.append(y)
+            return torch.stack(out)
+        if self.sums is not None and self.sums.shape != x.shape:
+            self.reset()
+        y, self.sums, self.prev = self._step(x, self.sums, self.prev)
+        return y
+
+    def reset(self):
+        self.sums = self.prev = None
+
+    def attrs(self):
+        k, s, p = (("x".join(map(str, v)) if v[0] != v[1] else str(v[0]))
+                   for v in (self.kernel_size, self.stride, self.padding))
+        return {"kernel": k, "stride": s, "pad": p, "mode": self.mode}
