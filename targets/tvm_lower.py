@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 
 from snnc.errors import UnsupportedOp, node_ref
 from snnc.ir import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, info, op_name
-from snnc.ops import IF, LIF, DirectEncoder, MergeTime, ParametricLIF, Readout, SplitTime
+from snnc.ops import IF, LIF, DirectEncoder, MergeTime, ParametricLIF, Readout, SpikeMaxPool2d, SplitTime
 
 from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel
 
@@ -155,6 +155,23 @@ def _convert_reshape(imp, node):
     return _reshape(imp.block_builder, imp.env[node.args[0]], _seq_shape(node)[0])
 
 
+def _convert_spike_max_pool(imp, node):
+    """``SpikeMaxPool2d(mode="lateral")`` on ``[T, N, C, H, W]``, as its multi-step forward:
+    running sums (cumsum over T), one max_pool2d over the T*N batch, the increase of the max."""
+    mod, x = imp.named_modules[node.target], imp.env[node.args[0]]
+    (shape, _), (out_shape, dtype) = _seq_shape(node.args[0]), _seq_shape(node)
+    bb, steps = imp.block_builder, shape[0]
+    sums = bb.emit(relax.op.reshape(relax.op.cumsum(x, axis=0), (steps * shape[1], *shape[2:])))
+    m = bb.emit(relax.op.nn.max_pool2d(sums, mod.kernel_size, mod.stride, mod.padding))
+    m = bb.emit(relax.op.reshape(m, out_shape))
+    if steps == 1:
+        return m
+    first = bb.emit(relax.op.strided_slice(m, axes=[0], begin=[0], end=[1]))
+    later = bb.emit(relax.op.subtract(relax.op.strided_slice(m, axes=[0], begin=[1], end=[steps]),
+                                      relax.op.strided_slice(m, axes=[0], begin=[0], end=[steps - 1])))
+    return bb.emit(relax.op.concat([first, later], axis=0))
+
+
 def _convert_batch_norm(imp, node):
     """Inference BN with the running statistics (the frontend's converter emits training=True,
     which legalizes to batch statistics)."""
@@ -171,7 +188,7 @@ def _convert_batch_norm(imp, node):
 SPIKING_CONVERTERS = {
     IF: _convert_neuron, LIF: _convert_neuron, ParametricLIF: _convert_neuron,
     Readout: _convert_readout, DirectEncoder: _convert_direct_encoder,
-    MergeTime: _convert_reshape, SplitTime: _convert_reshape,
+    MergeTime: _convert_reshape, SplitTime: _convert_reshape, SpikeMaxPool2d: _convert_spike_max_pool,
 }
 # standard layers whose frontend converter does not match the reference (inference) semantics
 OVERRIDES = {nn.BatchNorm1d: _convert_batch_norm, nn.BatchNorm2d: _convert_batch_norm}
@@ -216,6 +233,9 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
             if getattr(mod, "reset_mode", "subtract") not in ("subtract", "zero"):
                 raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} with reset={mod.reset_mode!r} has no "
                                     "TVM lowering (the fused scan implements reset='subtract' and 'zero')")
+            if isinstance(mod, SpikeMaxPool2d) and mod.mode != "lateral":
+                raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} with mode={mod.mode!r} has no TVM "
+                                    "lowering (mode='lateral' has); run it on the torch or onnx target")
             if getattr(mod, "step_mode", "m") != "m" and not isinstance(mod, DirectEncoder):
                 raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} runs per step; the TVM "
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")

@@ -303,3 +303,29 @@ def test_channel_wise_half_threshold_on_identity_skip_uses_per_channel_v_init():
     assert torch.allclose(snnc.run(snn, x, T=8), snnc.run(u, x), atol=1e-5)
     pytest.importorskip("onnxruntime")
     assert torch.allclose(snnc.compile(u, target="onnx")(x), snnc.run(u, x), atol=1e-4)
+
+
+def _max_pool_snn(mode, T=5):
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(16, 1, 8, 8)
+    return unroll_timesteps(threshold_balance(snnc.trace(ann, x[:2]), x, method="max", max_pool=mode), T), x
+
+
+@pytest.mark.parametrize("mode", ["lateral", "gate"])
+def test_spike_max_pool_runs_on_onnx_bit_exactly(mode):
+    pytest.importorskip("onnxruntime")
+    g, x = _max_pool_snn(mode)
+    assert torch.equal(snnc.compile(g, target="onnx")(x), snnc.run(g, x))
+
+
+@pytest.mark.slow
+def test_spike_max_pool_runs_on_tvm_llvm():
+    pytest.importorskip("tvm")
+    g, x = _max_pool_snn("lateral")
+    x = x[:2]   # the relax build has the traced batch
+    for mode in ("hybrid", "relax"):
+        assert torch.allclose(snnc.compile(g, target="tvm:llvm", mode=mode)(x), snnc.run(g, x), atol=1e-5)
+    with pytest.raises(UnsupportedOp, match="mode='gate' has no TVM lowering"):
+        snnc.compile(_max_pool_snn("gate")[0], target="tvm:llvm")

@@ -81,6 +81,11 @@ class SpikeMaxPool2d(nn.Module):
         return y, sums, None
 
     def forward(self, x):
+        if self.step_mode == "m" and self.mode == "lateral":
+            # all steps at once: running sums (cumsum adds in time order, as the step form does),
+            # one pooling over the T*N batch, then the increase of the max
+            m = self._pool(x.cumsum(0).flatten(0, 1)).unflatten(0, x.shape[:2])
+            return torch.cat([m[:1], m[1:] - m[:-1]])
         if self.step_mode == "m":
             sums = prev = None
             out = []
