@@ -111,7 +111,7 @@ def test_accuracy_rises_with_T_under_the_default():
     (2 -> 8 -> 32) and reaches the ANN's within 1.5 points at T=32."""
     from snnc.demo import accuracy
     ann, data = _trained_cnn()
-    calib = data.x_train[:256]
+    calib = data.x_train[:128]
     accs = [accuracy(lambda v: snnc.run(snnc.convert(ann, calib, T=T), v), data.x_test, data.y_test)
             for T in (2, 8, 32)]
     assert accs[0] <= accs[1] + 0.5 <= accs[2] + 1.0
@@ -129,7 +129,7 @@ def test_train_qcfs_then_default_conversion_uses_its_thresholds():
     calib = data.x_train[:128]
     q0 = train_qcfs(ann, data, epochs=0, L=2, calib=calib)
     assert sum(isinstance(m, QCFS) for m in q0.modules()) == 3 and not any(isinstance(m, nn.ReLU) for m in q0.modules())
-    relu_out = torch.relu(ann[1](ann[0](calib))).flatten()      # the first conv-BN-ReLU, by hand
+    relu_out = torch.relu(ann[1](ann[0](calib))).detach().flatten()   # the first conv-BN-ReLU, by hand
     want = torch.quantile(relu_out[relu_out > 0], 0.999)
     assert float(q0[2].threshold.detach()) == pytest.approx(float(want), rel=1e-4)
     q = train_qcfs(ann, data, epochs=1, L=2, calib=calib)
@@ -152,3 +152,45 @@ def test_max_pool_to_avg_pool_keeps_geometry_and_original():
     assert (a[2].kernel_size, a[2].stride, a[2].padding) == (3, 2, 1)
     x = torch.rand(2, 1, 8, 8)
     assert a(x).shape == m(x).shape and not torch.equal(a(x), m(x))
+
+
+def _cli(capsys, *args):
+    from snnc.cli import main
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_compile_convert_takes_every_conversion_option(tmp_path, capsys):
+    """``snnc compile --convert`` passes --method/--channel-wise/--max-pool/--v-init-fraction/...
+    to snnc.convert (same graph as the API call), reports the default's choice, and refuses
+    conversion options without --convert."""
+    from torch.utils.data import DataLoader, Subset
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(64, 10)).eval()
+    torch.save(ann, tmp_path / "ann.pt")
+    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples",
+                        "64", "--T", "3", "--method", "percentile", "--q", "99", "--channel-wise", "--max-pool", "gate",
+                        "--v-init-fraction", "0.25", "--reset", "zero", "-o", tmp_path / "a.pt")
+    assert rc == 0, err
+    d = snnc.data.from_spec("digits", "train")
+    calib = DataLoader(Subset(d, range(64)), batch_size=64)
+    want = snnc.convert(ann, calib, T=3, method="percentile", q=99.0, channel_wise=True, max_pool="gate",
+                        v_init_fraction=0.25, reset="zero")
+    x = snnc.data.digits().x_test[:16]
+    assert torch.equal(snnc.load(tmp_path / "a.pt")(x), snnc.run(want, x))
+    assert "mode=gate" in snnc.dump(want) and "conversion: percentile" in out
+    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples",
+                        "64", "--T", "2", "--no-bias-correction", "-o", tmp_path / "b.pt")
+    assert rc == 0, err
+    assert "chosen for T=2" in out and "agreement with the ANN" in out
+    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--input-shape", "1,1,8,8", "--channel-wise",
+                      "-o", tmp_path / "c.pt")
+    assert rc == 1 and "--channel-wise: conversion options need --convert" in err
+    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--max-pool", "avg",
+                      "-o", tmp_path / "d.pt")
+    assert rc == 2 and "--max-pool" in err
