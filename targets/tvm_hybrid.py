@@ -19,10 +19,10 @@ import torch
 from torch import fx, nn
 
 from snnc.ir import info
-from snnc.ops import Neuron, Readout
+from snnc.ops import registry
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
-from .tvm_lower import neuron_scan
+from .tvm_lower import multi_state, neuron_scan, state_kernel
 from .tvm_schedule import conv2d_kernel
 
 TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
@@ -140,13 +140,20 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             continue
         mod = g.get_submodule(node.target)
         once = calls.count(node.target) == 1
-        if isinstance(mod, Neuron):
+        rec = registry.module_record(mod)
+        loops = rec is not None and rec.over_time == "loop"   # ops with a scan kernel (check_supported ran)
+        if loops and rec.spiking_of(mod) == "yes":
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
-            rule, th = neuron_scan(mod, sample, dtype)
             name = f"scan_{len(kernels)}"
-            kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
-                             dict(device=device, lanes=pick_lanes(math.prod(sample))))
+            if multi_state(mod):
+                th = None
+                kernels[name] = (state_kernel, (mod, shape[0], None, dtype, device),
+                                 dict(lanes=pick_lanes(math.prod(sample))))
+            else:
+                rule, th = neuron_scan(mod, sample, dtype)
+                kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
+                                 dict(device=device, lanes=pick_lanes(math.prod(sample))))
             th = None if th is None else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
@@ -154,7 +161,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"conv_{len(kernels)}"
             kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
             g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
-        elif isinstance(mod, Readout):
+        elif loops and rec.layout(mod, ["seq"]) == "step":   # a readout: [T, N, ...] -> [N, ...]
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),

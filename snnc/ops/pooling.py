@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import FORWARD, register_op, seq_when_multi_step
+
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
@@ -47,7 +49,6 @@ class SpikeMaxPool2d(nn.Module):
 
     op_name = "snn.max_pool2d"
     spiking_output = "keep"
-    stateful_over_time = True   # unroll_timesteps gives it the [T, N, ...] layout and step_mode "m"
     MODES = ("lateral", "gate")
 
     def __init__(self, kernel_size, stride=None, padding=0, mode="lateral", step_mode="s"):
@@ -105,3 +106,17 @@ class SpikeMaxPool2d(nn.Module):
         k, s, p = (("x".join(map(str, v)) if v[0] != v[1] else str(v[0]))
                    for v in (self.kernel_size, self.stride, self.padding))
         return {"kernel": k, "stride": s, "pad": p, "mode": self.mode}
+
+
+def _pooled_shape(mod, ins):
+    """``[..., C, H, W] -> [..., C, H', W']`` (floor mode, no dilation: what from_max_pool accepts)."""
+    shape, dtype = ins[0]
+    (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
+    h, w = shape[-2:]
+    return (*shape[:-2], (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1), dtype
+
+
+# loops over T itself when multi-step (running sums are its state); ONNX exports the reference
+# forward; TVM lowers mode="lateral" (targets/tvm_spike_pool.py)
+register_op(SpikeMaxPool2d, spiking="keep", state=("sums", "prev"), over_time="loop", accepts=seq_when_multi_step,
+            shape=_pooled_shape, hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_spike_pool:convert_spike_max_pool"})
