@@ -24,6 +24,7 @@ BIAS_CORRECTION_MAX_T = 16   # above it the rate-code bias is small and the corr
 CANDIDATES = {
     "percentile": dict(method="percentile"),
     "percentile-cw": dict(method="percentile", channel_wise=True),
+    "percentile-cw-half": dict(method="percentile", channel_wise=True, v_init_fraction=0.5),
     "mse": dict(method="mse"),
     "mse-cw": dict(method="mse", channel_wise=True),
     "mse-bc": dict(method="mse", bias_correction=True),
