@@ -33,8 +33,9 @@ from snnc.ops import IF, DirectEncoder, PoissonEncoder, Readout, SpikeMaxPool2d,
 from snnc.ops.qcfs import QCFS
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, SpikeMaxPool2d)
-_POOL_FUNCS = (F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_MAX_POOLS, SpikeMaxPool2d)
+_POOL_FUNCS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.max_pool2d)
 _RESHAPE_METHODS = ("flatten", "view", "reshape")
 _SAME_SHAPE_METHODS = ("contiguous",)
 _ADDS = (operator.add, torch.add)
@@ -247,6 +248,9 @@ class Builder:
                 "or 'spikes' (per-step max of spikes, over-estimates the rate)")
         if how == "spikes":
             return None
+        if isinstance(mod, nn.MaxPool1d):
+            raise UnsupportedOp(f"threshold_balance: {node_ref(node)} is a MaxPool1d; max_pool={how!r} has a 2-d "
+                                "op only (SpikeMaxPool2d): use max_pool='spikes' or a MaxPool2d")
         pool = mod if mod is not None else nn.MaxPool2d(*node.args[1:], **node.kwargs)
         try:
             spiking_pool = SpikeMaxPool2d.from_max_pool(pool, mode=how)
@@ -258,7 +262,7 @@ class Builder:
     def pool_or_reshape(self, node, mod):
         src = node.args[0]
         u = self.unit[src]
-        is_max = isinstance(mod, nn.MaxPool2d) or node.target is F.max_pool2d
+        is_max = isinstance(mod, _MAX_POOLS) or node.target is F.max_pool2d
         replaced = self._max_pool(node, mod) if is_max and src not in self.unconverted else None
         if isinstance(mod, nn.Flatten) or node.target is torch.flatten or \
                 (node.op == "call_method" and node.target in _RESHAPE_METHODS):
@@ -329,7 +333,8 @@ class Builder:
 
     def generic(self, node):
         ins = self._tensor_args(node)
-        if any(not _is_one(self.unit[a]) for a in ins):
+        # an op that reads only a shape (x.size(0), x.shape) does not care about the scale
+        if info(node) is not None and any(not _is_one(self.unit[a]) for a in ins):
             raise UnsupportedOp(f"threshold_balance: {node_ref(node)} ({op_name(self.root, node)}) reads "
                                 "spikes of a converted layer; only conv/linear, pooling, reshapes, adds and "
                                 "dropout may follow a converted activation")
