@@ -10,6 +10,7 @@ from .delay import Delay
 from .feedback import Feedback
 from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
+from .pooling import SpikeMaxPool2d
 from .qcfs import QCFS, use_qcfs
 from .voting import Voting
 
