@@ -173,7 +173,7 @@ def test_cli_compile_convert_takes_every_conversion_option(tmp_path, capsys):
     ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(64, 10)).eval()
     torch.save(ann, tmp_path / "ann.pt")
-    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples",
+    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--convert", "--calib", "digits", "--calib-samples",
                         "64", "--T", "3", "--method", "percentile", "--q", "99", "--channel-wise", "--max-pool", "gate",
                         "--v-init-fraction", "0.25", "--reset", "zero", "-o", tmp_path / "a.pt")
     assert rc == 0, err
@@ -184,13 +184,13 @@ def test_cli_compile_convert_takes_every_conversion_option(tmp_path, capsys):
     x = snnc.data.digits().x_test[:16]
     assert torch.equal(snnc.load(tmp_path / "a.pt")(x), snnc.run(want, x))
     assert "mode=gate" in snnc.dump(want) and "conversion: percentile" in out
-    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples",
+    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--convert", "--calib", "digits", "--calib-samples",
                         "64", "--T", "2", "--no-bias-correction", "-o", tmp_path / "b.pt")
     assert rc == 0, err
     assert "chosen for T=2" in out and "agreement with the ANN" in out
-    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--input-shape", "1,1,8,8", "--channel-wise",
+    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--input-shape", "1,1,8,8", "--channel-wise",
                       "-o", tmp_path / "c.pt")
     assert rc == 1 and "--channel-wise: conversion options need --convert" in err
-    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--max-pool", "avg",
+    rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--convert", "--calib", "digits", "--max-pool", "avg",
                       "-o", tmp_path / "d.pt")
     assert rc == 2 and "--max-pool" in err
