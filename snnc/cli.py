@@ -66,7 +66,9 @@ def cmd_compile(args) -> int:
     options = {"method": args.method} if args.method else {}
     pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
     gm = pm.run(gm)
-    module = compile_target(gm, args.target)
+    if args.loop and args.target != "onnx":
+        raise SnncError(f"--loop is an option of the onnx target, not of {args.target}")
+    module = compile_target(gm, args.target, **({"loop": args.loop} if args.loop else {}))
     out = module.export(args.output, overwrite=args.overwrite)
     for name, sec in pm.timings:
         print(f"  {name:<18} {sec * 1e3:8.1f} ms")
@@ -219,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
+    s.add_argument("--loop", choices=("auto", "unroll", "scan"),
+                   help="onnx: write each neuron's loop over T unrolled or as one ONNX Scan (default auto: "
+                        "Scan from T=16, where unrolled export time grows with T)")
     s.add_argument("-o", "--output", required=True, help="artefact to write (plus OUT.snnc.json)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=cmd_compile)
