@@ -19,11 +19,11 @@ import torch
 from torch import fx, nn
 
 from snnc.ir import info
-from snnc.ops import Neuron, Readout
+from snnc.ops import registry
 
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
-from .tvm_lower import neuron_scan
+from .tvm_lower import multi_state, neuron_scan, state_kernel
 from .tvm_schedule import conv2d_kernel
 
 TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
@@ -193,13 +193,20 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
             continue
         mod = g.get_submodule(node.target)
         once = calls.count(node.target) == 1
-        if isinstance(mod, Neuron):
+        rec = registry.module_record(mod)
+        loops = rec is not None and rec.over_time == "loop"   # ops with a scan kernel (check_supported ran)
+        if loops and rec.spiking_of(mod) == "yes":
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
-            rule, th = neuron_scan(mod, sample, dtype)
             name = f"scan_{len(kernels)}"
-            kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
-                             dict(device=device, lanes=pick_lanes(math.prod(sample))))
+            if multi_state(mod):
+                th = None
+                kernels[name] = (state_kernel, (mod, shape[0], None, dtype, device),
+                                 dict(lanes=pick_lanes(math.prod(sample))))
+            else:
+                rule, th = neuron_scan(mod, sample, dtype)
+                kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
+                                 dict(device=device, lanes=pick_lanes(math.prod(sample))))
             th = None if th is None else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
@@ -214,7 +221,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
                 name = f"linear_{len(kernels)}"
                 kernels[name] = None  # nothing for TVM to build: only numbers the layers
                 g.add_submodule(node.target, SpikeLinearCall(mod, name, info(node.args[0]).shape, spike))
-        elif isinstance(mod, Readout):
+        elif loops and rec.layout(mod, ["seq"]) == "step":   # a readout: [T, N, ...] -> [N, ...]
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
