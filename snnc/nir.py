@@ -35,6 +35,8 @@ strict compare) differ from the snnc neuron's. See ``snnc/nir_export.py``.
 """
 from __future__ import annotations
 
+import keyword
+import math
 import operator
 from pathlib import Path
 
@@ -58,11 +60,51 @@ def _nir():
     return nir
 
 
+# Bounds on what a NIR file may ask for: weights read into memory, and the elements of one input.
+MAX_NIR_BYTES = 2 << 30
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+def _check_hdf5(path) -> None:
+    """Refuse what would make h5py read outside the file or allocate without bound, before
+    ``nir.read`` touches the data: external links, external / virtual dataset storage (HDF5 reads
+    any path they name), and datasets larger in total than ``MAX_NIR_BYTES`` (a compressed
+    dataset can expand 1000x)."""
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise FileFormatError(f"{path} is not a readable NIR file (not HDF5, or truncated): {e}") from None
+    total = 0
+    with f:
+        todo = [("", f)]
+        while todo:
+            prefix, group = todo.pop()
+            for key in group.keys():
+                name = f"{prefix}/{key}"
+                link = group.get(key, getlink=True)
+                if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+                    raise FileFormatError(f"{path}: {name} is a link to {getattr(link, 'filename', '') or link.path!r}; "
+                                          "snnc reads NIR files without links")
+                obj = group.get(key)
+                if isinstance(obj, h5py.Group):
+                    todo.append((name, obj))
+                elif isinstance(obj, h5py.Dataset):
+                    if obj.external or obj.is_virtual:
+                        raise FileFormatError(f"{path}: dataset {name} keeps its data in other files "
+                                              "(HDF5 external/virtual storage); snnc refuses to read them")
+                    total += int(obj.size or 0) * obj.dtype.itemsize
+                    if total > MAX_NIR_BYTES:
+                        raise FileFormatError(f"{path}: datasets up to {name} hold more than {MAX_NIR_BYTES >> 20} MiB; "
+                                              "snnc refuses NIR files this large")
+
+
 def _read(graph_or_path):
     nir = _nir()
     if isinstance(graph_or_path, nir.NIRGraph):
         return graph_or_path
     path = require_file(Path(graph_or_path), "NIR file")
+    _check_hdf5(path)
     try:
         return nir.read(path)
     except ValueError as e:
@@ -229,8 +271,8 @@ class _Builder:
 
     def module(self, nir_name, mod, arg):
         name = "".join(c if c.isalnum() or c == "_" else "_" for c in str(nir_name))
-        if not name or name[0].isdigit():
-            name = f"n{name}"
+        if not name or name[0].isdigit() or keyword.iskeyword(name) or hasattr(self.root, name):
+            name = f"n{name}"  # "if" (nir's default name for an IF node) or "forward" cannot be attributes
         base, i = name, 1
         while name in self.names:
             i += 1
@@ -281,6 +323,9 @@ def from_nir(graph_or_path, dt: float | None = None) -> fx.GraphModule:
         kind = type(node).__name__
         if isinstance(node, nir.Input):
             shape = tuple(int(i) for i in np.atleast_1d(node.input_type["input"]))
+            if any(d < 1 for d in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
+                raise FileFormatError(f"NIR input '{name}' has shape {list(shape)}: every dim must be >= 1 and "
+                                      f"the input at most {MAX_INPUT_ELEMENTS} elements")
             values[name] = b.graph.placeholder(b.module_name(name))
             inputs.append(shape)
             continue

@@ -19,6 +19,9 @@ Two ways to run, one artefact:
     fp32, not bit-exact); ``convs="int8"`` forces them wherever the input is spikes.
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
+Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
+thread that calls a Relax-mode module gets its own ``relax.VirtualMachine`` (one VM's registers
+cannot serve two calls at once); the executable is shared.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
@@ -29,6 +32,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -72,7 +76,8 @@ class TVMModule(CompiledModule):
         self._relax_lib = relax_lib
         self._relax_build = relax_build  # () -> runtime module, for exports of a hybrid module
         self._hybrid = hybrid
-        self._vm = None
+        self._vms = {}  # thread id -> its own Relax VM (one VM's registers cannot serve two threads)
+        self._vm_lock = threading.Lock()
         self.dynamic_batch = hybrid is not None  # the Relax module has static shapes
 
     @property
@@ -98,13 +103,16 @@ class TVMModule(CompiledModule):
         if self._hybrid is not None:
             return run_hybrid(self._hybrid, inputs)
         dev = self._device()
-        if self._vm is None:
-            self._vm = relax.VirtualMachine(self.relax_lib.module, dev)
-        out = self._vm["main"](*[_to_tvm(x, dev) for x in inputs])
+        vm = self._vms.get(threading.get_ident())
+        if vm is None:
+            with self._vm_lock:  # the lazy library build and VM creation happen once per thread
+                vm = self._vms[threading.get_ident()] = relax.VirtualMachine(self.relax_lib.module, dev)
+        out = vm["main"](*[_to_tvm(x, dev) for x in inputs])
         return _to_torch(out)
 
     def _write(self, path):
-        self.relax_lib.write(path)
+        with self._vm_lock:
+            self.relax_lib.write(path)
 
     def run_remote(self, host: str, port: int, *inputs, key: str | None = None, session_timeout: int = 60):
         """Upload the exported library to a ``tvm.rpc`` server at ``host:port`` (with ``key``: a

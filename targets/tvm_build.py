@@ -4,7 +4,8 @@ module or a kernel library, and the compiled-module cache (in-process + on disk)
 Cache: the key hashes the graph's IR dump, every parameter and buffer, the input spec, the
 target dict, the build mode, the TVM version and the source of snnc's lowering files, so any
 change to the model or to the compiler misses. Entries are shared libraries in
-``$SNNC_CACHE_DIR`` (default ``~/.cache/snnc``) under ``tvm/``, written atomically; a second
+``$SNNC_CACHE_DIR`` (default ``~/.cache/snnc``) under ``tvm/``, written atomically as verified
+bundles (``fileio.write_cache_entry``); a second
 compile of the same graph loads the library instead of building it (tens of ms).
 """
 from __future__ import annotations
@@ -115,23 +116,23 @@ class Built:
 
 
 def cached(key: str, build, use_cache: bool = True) -> tuple[Built, bool]:
-    """``(built, hit)``: the library for ``key``, from memory, disk, or ``build()``."""
+    """``(built, hit)``: the library for ``key``, from memory, disk, or ``build()``. Disk entries
+    are snnc bundles: verified (sha256) before dlopen, rebuilt when damaged, and only read from a
+    cache folder nobody else can write into (``fileio.read_cache_entry``)."""
+    from snnc.fileio import read_cache_entry, write_cache_entry
     if use_cache and key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key], True
-    path = cache_dir() / f"{key}.so"
-    if use_cache and path.exists():
+    path = cache_dir() / f"{key}.so.snnc"
+    lib_path = read_cache_entry(path, "lib.so") if use_cache else None
+    if lib_path is not None:
         try:
-            _MEMORY_CACHE[key] = Built(tvm.runtime.load_module(str(path)), path)
+            _MEMORY_CACHE[key] = Built(tvm.runtime.load_module(str(lib_path)), lib_path)
             return _MEMORY_CACHE[key], True
-        except Exception:  # a stale or truncated entry: rebuild it below
+        except Exception:  # a library of another TVM build: rebuild it below
             pass
     built = Built(build())
     if use_cache:
-        try:
-            atomic_write(path, built.write, overwrite=True)
-            built.path = path
-        except OSError:
-            pass  # a read-only cache folder only costs the next compile
+        built.path = write_cache_entry(path, "lib.so", built.write) or built.path
         _MEMORY_CACHE[key] = built
     return built, False
 

@@ -8,11 +8,16 @@ TVM wins some layers, e.g. the 3-channel first conv). The graph here is the unro
 itself with each neuron / readout / conv module swapped for a call that hands the torch tensors
 to the TVM function through DLPack (zero copies) and writes into an output buffer preallocated
 per shape (fresh allocations measured 5-20% slower end to end, TVM-NOTES.md (f)).
+
+Thread safety: the preallocated buffers are per calling thread (keyed by thread id), so threads
+calling one module on different inputs never write into each other's buffers; the kernels keep
+no state between calls (the membrane lives in a scan's local registers).
 """
 from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 
 import torch
@@ -61,7 +66,7 @@ class TVMKernelCall(nn.Module):
     def _out(self, shape, dtype, memory_format=torch.contiguous_format):
         if not self.reuse_output:  # a module called twice per run: each call needs its own output
             return torch.empty(shape, dtype=dtype, memory_format=memory_format)
-        key = (tuple(shape), dtype, memory_format)
+        key = (threading.get_ident(), tuple(shape), dtype, memory_format)  # per thread: see the module doc
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = torch.empty(shape, dtype=dtype, memory_format=memory_format)
@@ -277,6 +282,8 @@ def run_hybrid(g: fx.GraphModule, inputs):
     the next call cannot overwrite what the caller holds."""
     with torch.no_grad():
         out = g(*inputs)
-    owned = {b.data_ptr() for m in g.modules() if isinstance(m, TVMKernelCall) for b in m.buffers.values()}
+    me = threading.get_ident()
+    owned = {b.data_ptr() for m in g.modules() if isinstance(m, TVMKernelCall)
+             for (tid, *_), b in list(m.buffers.items()) if tid == me}
     return fx.node.map_aggregate(
         out, lambda t: t.clone() if isinstance(t, torch.Tensor) and t.data_ptr() in owned else t)

@@ -228,6 +228,12 @@ def _importer(device, gm=None):
             h = rec.hooks.get("tvm") if rec is not None else None
             if h is not None and h != registry.FORWARD:
                 convs[type(m)] = registry.resolve(h)
+        for n in gm.graph.nodes:   # functions / methods: the importer keys them by name
+            if n.op in ("call_function", "call_method"):
+                rec = registry.lookup(gm, n)
+                h = rec.hooks.get("tvm") if rec is not None else None
+                if h is not None and h != registry.FORWARD:
+                    convs[n.target if n.op == "call_method" else n.target.__name__] = registry.resolve(h)
         imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in convs.items()})
     return imp
 
