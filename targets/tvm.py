@@ -26,6 +26,17 @@ Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-6
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+
+Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
+``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
+size with one VM call per forward. A graph that reshapes to a hard-coded batch cannot be made
+symbolic; it (and ``batch="static"``, and every tuned library) is built for the traced batch B,
+and ``TVMModule`` runs a batch of n as ceil(n/B) calls on chunks of B, the last one zero-padded
+(exact: samples never interact at inference). ``meta["library_batch"]`` says which.
+
+Tuning (``tvm:llvm``): ``tune=True``, ``trials=N`` (per kernel), ``tune_minutes=M`` (wall budget),
+``database=DIR``, ``progress`` -- MetaSchedule over the library's conv/dense kernels, see
+``tvm_tune.py``; implies a static library as above.
 """
 from __future__ import annotations
 
@@ -51,6 +62,7 @@ from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
+BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
 CONV_CHOICES = ("auto", "torch", "tvm", "int8")  # who runs each Conv2d in hybrid mode
 
 
@@ -69,16 +81,23 @@ def _to_torch(v):
 
 
 class TVMModule(CompiledModule):
-    """A compiled graph; ``forward`` runs the hybrid graph or the Relax VM (see module doc)."""
+    """A compiled graph; ``forward`` runs the hybrid graph or the Relax VM (see module doc).
+    Every batch size runs: the hybrid graph and a ``batch="any"`` library take any batch; a
+    static library (``batch="static"``, ``tune=``) runs chunks of its built batch (``_chunked``)."""
 
     def __init__(self, target, spec, meta, relax_lib: tb.Built | None = None, relax_build=None, hybrid=None):
         super().__init__(target, spec, meta)
         self._relax_lib = relax_lib
-        self._relax_build = relax_build  # () -> runtime module, for exports of a hybrid module
+        self._relax_build = relax_build  # () -> (Built, batch kind), for exports of a hybrid module
         self._hybrid = hybrid
         self._vms = {}  # thread id -> its own Relax VM (one VM's registers cannot serve two threads)
         self._vm_lock = threading.Lock()
-        self.dynamic_batch = hybrid is not None  # the Relax module has static shapes
+        self.dynamic_batch = True
+
+    @property
+    def library_batch(self) -> str:
+        """``"any"`` (symbolic batch in the library) or ``"static"`` (built for the traced batch)."""
+        return self.meta.get("library_batch", "static")
 
     @property
     def mode(self):
@@ -87,7 +106,7 @@ class TVMModule(CompiledModule):
     @property
     def relax_lib(self):
         if self._relax_lib is None:
-            self._relax_lib = self._relax_build()
+            self._relax_lib, self.meta["library_batch"] = self._relax_build()
         return self._relax_lib
 
     def _device(self):
@@ -107,8 +126,10 @@ class TVMModule(CompiledModule):
         if vm is None:
             with self._vm_lock:  # the lazy library build and VM creation happen once per thread
                 vm = self._vms[threading.get_ident()] = relax.VirtualMachine(self.relax_lib.module, dev)
-        out = vm["main"](*[_to_tvm(x, dev) for x in inputs])
-        return _to_torch(out)
+        run = lambda *xs: _to_torch(vm["main"](*[_to_tvm(x, dev) for x in xs]))  # noqa: E731
+        if self.library_batch == "static":
+            return _chunked(run, inputs, self.spec, self.meta.get("output", ""))
+        return run(*inputs)
 
     def _write(self, path):
         with self._vm_lock:
@@ -142,6 +163,38 @@ class TVMModule(CompiledModule):
         if isinstance(out, tvm.runtime.Tensor):
             return torch.from_numpy(out.numpy())
         return tuple(torch.from_numpy(o.numpy()) for o in out)
+
+
+def _batch_dim(spec) -> int:
+    return 1 if spec["layout"] == "seq" else 0
+
+
+def _chunked(run, inputs, spec, output_meaning_: str):
+    """Run a library built for batch B on any batch n: chunks of B, the last one zero-padded,
+    outputs cut back and concatenated. Exact because samples never interact at inference
+    (BN uses running statistics); the cost is the padding of the last chunk."""
+    bdim = _batch_dim(spec)
+    B = spec["inputs"][0][0][bdim]
+    n = inputs[0].shape[bdim]
+    if n == B:
+        return run(*inputs)
+    out_dim = 0 if output_meaning_.startswith("readout") else bdim
+    pieces = []
+    for start in range(0, n, B):
+        size = min(B, n - start)
+        chunk = []
+        for x in inputs:
+            c = x.narrow(bdim, start, size)
+            if size < B:
+                pad = list(c.shape)
+                pad[bdim] = B - size
+                c = torch.cat([c, c.new_zeros(pad)], dim=bdim)
+            chunk.append(c.contiguous())
+        out = run(*chunk)
+        outs = out if isinstance(out, tuple) else (out,)
+        pieces.append(tuple(o.narrow(out_dim if o.dim() > out_dim else 0, 0, size).clone() for o in outs))
+    joined = tuple(torch.cat(parts, dim=out_dim if parts[0].dim() > out_dim else 0) for parts in zip(*pieces))
+    return joined if isinstance(out, tuple) else joined[0]
 
 
 def _prepare(gm, T):
@@ -188,9 +241,15 @@ def cuda_source(lib) -> str:
 
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
-            dump_dir=None, cache=True, convs="auto", spike_int8=False):
+            dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
+            tune_minutes=None, progress=True, spike_int8=False):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
+    if batch not in BATCH_KINDS:
+        raise SnncError(f"{target}: batch={batch!r}; expected one of {BATCH_KINDS}")
+    tuning = tune or trials is not None or database is not None or tune_minutes is not None
+    if tuning and target != "tvm:llvm":
+        raise SnncError(f"{target}: tuning (tune=/trials=/database=) is for tvm:llvm only")
     if convs not in CONV_CHOICES:
         raise SnncError(f"{target}: convs={convs!r}; expected one of {CONV_CHOICES}")
     if target == "tvm:cuda":
@@ -207,12 +266,18 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
-    relax_key = tb.graph_key(g, tdict, "relax")
-    get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
+    if tuning:
+        from .tvm_tune import tuned_relax
+        get_relax = lambda: (tuned_relax(g, tdict, trials=trials, database=database, minutes=tune_minutes,  # noqa: E731
+                                         progress=progress, cache=cache), "static")
+    else:
+        get_relax = lambda: _relax_library(g, tdict, device, batch, cache)  # noqa: E731
     if dump_dir is not None:
-        _dump(dump_dir, target, to_relax(g, device))
+        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch))
     if mode == "relax":
-        lib = get_relax()
+        lib, meta["library_batch"] = get_relax()
+        if getattr(lib, "tuning", None):
+            meta["tuning"] = lib.tuning
         if dump_dir is not None and target == "tvm:cuda":
             atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
                          overwrite=True)
@@ -228,6 +293,19 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
         choices = {m.name: convs for m in raced_layers(hg)}
     meta["hybrid_convs"] = apply_conv_choices(hg, choices)
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
+
+
+def _relax_library(g, tdict, device, batch, cache):
+    """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
+    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one."""
+    if batch == "any":
+        key = tb.graph_key(g, tdict, "relax", "any")
+        try:
+            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any"), tdict), cache)[0], "any"
+        except Exception:  # noqa: BLE001 - TVM raises many kinds; the static build below is the answer
+            pass
+    key = tb.graph_key(g, tdict, "relax")
+    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0], "static"
 
 
 def load(path, meta):

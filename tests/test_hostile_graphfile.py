@@ -71,6 +71,26 @@ def test_alif_multi_state_neuron_roundtrip(tmp_path):
     _roundtrip(g, tmp_path, torch.rand(4, 2, 6) * 3)
 
 
+class _TensorOps(nn.Module):
+    """Tensor-level ops with dims, slices and keyword arguments in the graph's args."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        from snnc.ops import LIF
+        self.lif = LIF(tau=2.0)
+
+    def forward(self, x):
+        y = self.lif(self.fc(x[:, 1:, ...].permute(0, 2, 1)))
+        return torch.sigmoid(y.mean(dim=1)) - y.sum(1).reshape(shape=(y.shape[0], -1))
+
+
+def test_tensor_ops_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(2, 5, 6)
+    _roundtrip(snnc.trace(_TensorOps().eval(), x), tmp_path, x)
+
+
 def test_surrogates_by_name_and_training_flags(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(2, 1, 8, 8)

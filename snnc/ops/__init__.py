@@ -5,8 +5,12 @@ from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
+from .cuba import CurrentLI, CurrentLIF
+from .delay import Delay
+from .feedback import Feedback
 from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF
 from .norm import NeuNorm, TDBatchNorm
+from .pooling import SpikeMaxPool2d
 from .qcfs import QCFS, use_qcfs
 from .voting import Voting
 
