@@ -7,6 +7,8 @@ Prints one JSON line per result:
     (test accuracy, epochs, seconds);
   * tdbn: a deep plain conv LIF net (10 conv layers) with tdBN vs without normalisation, same
     epochs and seed (Zheng 2021's claim: tdBN trains where no-norm stalls);
+  * memory: peak memory (and time) of one training step of the bench net at T=8 and T=32 for
+    snnc, spikingjelly and torch.compile of a plain multi-step loop, each in a fresh process;
   * speed: forward+backward time of one training step of the bench net (3 conv+LIF layers
     3->64->128->128, 32x32, T=4, N=16) for snnc's unrolled graph (native fused scan, and its
     torch-only fallback), spikingjelly 2.0 multi-step (step_mode='m', its CPU LIF op) and a naive
@@ -92,6 +94,9 @@ def _spikingjelly_net(convs):
 
 
 def bench_speed(quick, T=4, N=16):
+    # what snnc.retrain does first; every peer in this process gets the same allocator behaviour
+    from snnc.training import reuse_freed_memory
+    reuse_freed_memory()
     torch.manual_seed(0)
     net = bench_net()
     example = torch.zeros(N, 3, 32, 32)
@@ -130,7 +135,14 @@ def bench_speed(quick, T=4, N=16):
         functional.reset_net(sj)
         sj(x).sum().backward()
 
-    fns = {"snnc": step_snnc, "snnc_torch_scan": step_snnc_torch, "per_step_loop": step_loop}
+    compiled = torch.compile(_plain_loop_step(nn.ModuleList(m for m in net if isinstance(m, nn.Conv2d))))
+
+    def step_compiled():
+        net.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+
+    fns = {"snnc": step_snnc, "snnc_torch_scan": step_snnc_torch, "per_step_loop": step_loop,
+           "plain_loop_torch_compile": step_compiled}
     if sj is not None:
         fns["spikingjelly"] = step_sj
     with torch.no_grad():   # same forward results: snnc native == torch scan == per-step == spikingjelly
@@ -143,6 +155,7 @@ def bench_speed(quick, T=4, N=16):
         if sj is not None:
             functional.reset_net(sj)
             same["spikingjelly"] = torch.equal(sj(x), ref)
+        same["plain_loop_torch_compile"] = bool((compiled(x) == ref).float().mean() > 0.999)
     set_native(True)
     times = {k: [] for k in fns}
     for fn in fns.values():   # warm-up (allocator, oneDNN primitives, native build)
@@ -160,16 +173,121 @@ def bench_speed(quick, T=4, N=16):
         emit(bench="training", case="speed", net="bench_net 3->64->128->128 32x32", T=T, N=N,
              threads=torch.get_num_threads(), peer=name, snnc_step_s=round(med["snnc"], 3),
              peer_step_s=round(med[name], 3), speedup=round(med[name] / med["snnc"], 2),
+             snnc_ratio_vs_peer=round(med["snnc"] / med[name], 3), allocator="reuse_freed_memory",
              same_forward=same[name], repeats=len(times[name]))
+
+
+class _AtanSpike(torch.autograd.Function):
+    """Heaviside forward, atan surrogate backward (alpha=2), as a plain-torch user writes it."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return (z >= 0).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad / (1 + (torch.pi * z) ** 2)
+
+
+def _plain_loop_step(convs):
+    """The bench net as a ~15-line multi-step loop (convs on T*N, LIF over T), one training step."""
+    def run(x):
+        T, N = x.shape[:2]
+        for conv in convs:
+            y = conv(x.flatten(0, 1)).unflatten(0, (T, N))
+            v, out = torch.zeros_like(y[0]), []
+            for t in range(T):
+                v = 0.5 * v + y[t]
+                s = _AtanSpike.apply(v - 1.0)
+                v = v - s
+                out.append(s)
+            x = torch.stack(out)
+        return x
+    return run
+
+
+def _training_step(impl, T, N):
+    """``(step, params)`` of one implementation of the bench net's training step."""
+    torch.manual_seed(0)
+    net = bench_net()
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    if impl == "snnc":
+        g = insert_surrogate(unroll_timesteps(snnc.trace(net, torch.zeros(N, 3, 32, 32)), T=T), kind="atan").train()
+        return (lambda x: g(x)), g.parameters
+    if impl == "spikingjelly":
+        from spikingjelly.activation_based import functional
+        sj = _spikingjelly_net(convs)
+
+        def run_sj(x):
+            functional.reset_net(sj)
+            return sj(x)
+        return run_sj, sj.parameters
+    if impl == "plain_loop_torch_compile":
+        return torch.compile(_plain_loop_step(nn.ModuleList(convs))), net.parameters
+    raise ValueError(impl)
+
+
+def _memory_child(impl, T, N):
+    """Peak RSS rise (MiB) over one training step after a warm-up, and the step time."""
+    import gc
+    step, params = _training_step(impl, T, N)
+    x = torch.rand(T, N, 3, 32, 32) * 2
+
+    def one():
+        for p in params():
+            p.grad = None
+        step(x).sum().backward()
+    one()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    status = lambda key: int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()  # noqa: E731
+                                  if line.startswith(key + ":")))
+    base = status("VmRSS")
+    t0 = time.perf_counter()
+    one()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"peak_mb": round((status("VmHWM") - base) / 1024, 1), "step_s": round(seconds, 3)}))
+
+
+def bench_memory(quick, N=16):
+    """Peak memory of one training step at T=8 and T=32: snnc vs spikingjelly vs torch.compile of a
+    plain loop, each in a fresh process (MALLOC_MMAP_THRESHOLD_=16384 there, so RSS follows live
+    tensors; VmHWM reset through /proc/self/clear_refs)."""
+    import subprocess
+    if not Path("/proc/self/clear_refs").exists():
+        emit(bench="training", case="memory", skipped="needs Linux /proc")
+        return
+    N = 4 if quick else N
+    for T in (8, 32):
+        rows = {}
+        for impl in ("snnc", "spikingjelly", "plain_loop_torch_compile"):
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
+            cmd = [sys.executable, __file__, "--memory-child", impl, str(T), str(N)]
+            try:
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+                rows[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as e:
+                emit(bench="training", case="memory", T=T, impl=impl, error=type(e).__name__)
+        for impl, row in rows.items():
+            sj = rows.get("spikingjelly", {}).get("peak_mb")
+            emit(bench="training", case="memory", net="bench_net 3->64->128->128 32x32", T=T, N=N, impl=impl,
+                 **row, peak_ratio_vs_spikingjelly=round(row["peak_mb"] / sj, 3) if sj else None)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
-    ap.add_argument("--only", choices=("accuracy", "tdbn", "speed"))
+    ap.add_argument("--only", choices=("accuracy", "tdbn", "speed", "memory"))
+    ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)  # IMPL T N, run by bench_memory
     args = ap.parse_args(argv)
+    if args.memory_child:
+        impl, T, N = args.memory_child
+        return _memory_child(impl, int(T), int(N))
     threads = torch.get_num_threads()
-    for name, fn in (("accuracy", bench_accuracy), ("tdbn", bench_tdbn), ("speed", bench_speed)):
+    for name, fn in (("accuracy", bench_accuracy), ("tdbn", bench_tdbn), ("speed", bench_speed),
+                     ("memory", bench_memory)):
         if args.only in (None, name):
             # the digits nets have tiny tensors: one thread avoids thread-pool sync on a shared CPU
             torch.set_num_threads(threads if name == "speed" else 1)

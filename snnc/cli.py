@@ -155,6 +155,10 @@ def cmd_compile(args) -> int:
         if args.target != "tvm:llvm":
             raise SnncError(f"--tune: tuning is for --target tvm:llvm, not {args.target}")
         tune.update(tune=True, mode="relax")  # the tuned kernels live in the exported library
+    if args.loop and args.target != "onnx":
+        raise SnncError(f"--loop is an option of the onnx target, not of {args.target}")
+    if args.loop:
+        tune["loop"] = args.loop
     module = compile_target(gm, args.target, **tune)
     out = module.export(args.output, overwrite=args.overwrite)
     for name, sec in pm.timings:
@@ -369,6 +373,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=_bits, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
+    s.add_argument("--loop", choices=("auto", "unroll", "scan"),
+                   help="onnx: write each neuron's loop over T unrolled or as one ONNX Scan (default auto: "
+                        "Scan from T=16, where unrolled export time grows with T)")
     s.add_argument("--tune", action="store_true",
                    help="tvm:llvm: MetaSchedule-tune the library's convolutions (database reused next time)")
     s.add_argument("--trials", type=_positive_int, help="--tune: measured schedules per kernel (default 64)")

@@ -9,16 +9,19 @@ and stateless layers become ``Conv``/``Gemm``/``AveragePool``... on the ``[T*N, 
 
 * **Opset 18** (``OPSET``), default domain only; ``onnx.checker`` validates every model built or
   loaded.
-* **The loop over T**: ``loop="unroll"`` (default) writes T copies of a neuron's few elementwise
-  ops; ``loop="scan"`` writes one ONNX ``Scan`` per neuron whose body is the neuron's own
-  ``step`` (exported through ``torch._higher_order_ops.scan``), the membrane as loop state.
-  Both are bit-exact against the reference. Measured with onnxruntime 1.32, 1 thread, on a
-  2-core machine shared with other jobs: on whole nets the two forms differ by no more than the
-  run-to-run noise (scan/unroll time 0.96-1.11 on the bench net, 0.78-1.38 on the digits SNN,
-  over 4 runs; ``bench/targets.py`` rows ``onnx`` and ``onnx:scan``); on one large isolated LIF
-  layer Scan was faster (0.26-0.73 for [8, 65536] and [4, 2**21]; ``bench/onnx_loop_form.py``),
-  on small ones equal. Unroll stays the default: the same speed on real nets, and a flat graph
-  every ONNX tool reads.
+* **The loop over T**: ``loop="unroll"`` writes T copies of a neuron's few elementwise ops;
+  ``loop="scan"`` writes one ONNX ``Scan`` per neuron whose body is the neuron's own ``step``
+  (exported through ``torch._higher_order_ops.scan``), the membrane as loop state; ``"auto"``
+  (default) unrolls below ``SCAN_FROM_T`` steps and scans from there. Both forms are bit-exact
+  against the reference. Run time: with onnxruntime 1.32, 1 thread, on a 2-core machine shared
+  with other jobs, whole nets differ by no more than the run-to-run noise (scan/unroll time
+  0.96-1.11 on the bench net, 0.78-1.38 on the digits SNN, over 4 runs; ``bench/targets.py`` rows
+  ``onnx`` and ``onnx:scan``); one large isolated LIF layer was faster as Scan (0.26-0.73 for
+  [8, 65536] and [4, 2**21]; ``bench/onnx_loop_form.py``). Export time decides: it grows by about
+  0.5 s per step unrolled and stays flat as Scan (bench net 3->8->8, 8x8, under load: T=8 6.3 s
+  unrolled / 5.3 s scan, T=16 10.4 / 5.8, T=32 21.6 / 6.3, T=64 36.2 / 7.2; a 1000-step LIF
+  layer 427 s / 4.5 s), so from T=16 Scan costs nothing at run time and keeps export time
+  independent of T; below it the flat graph that every ONNX tool reads is kept.
 * **Dynamic batch**: the batch dimension (dim 1 of ``[T, N, ...]`` inputs, dim 0 of static
   ``[N, ...]`` inputs) is a symbolic ONNX dimension; a graph that hard-codes its batch (e.g. a
   ``view(2, -1)``) is exported with a fixed batch instead and the module says so.
@@ -139,15 +142,16 @@ class OnnxModule(CompiledModule):
             f.write(self.model_bytes)
 
 
-LOOPS = ("unroll", "scan")
+LOOPS = ("auto", "unroll", "scan")
+SCAN_FROM_T = 16  # loop="auto": Scan from this T on (export-time measurement in the module doc)
 
 
-def compile(gm, target="onnx", T=None, loop="unroll"):
+def compile(gm, target="onnx", T=None, loop="auto"):
     """Export ``gm`` to ONNX and open an onnxruntime session on it.
 
     ``gm`` is a multi-step graph (``unroll_timesteps`` ran) or a stateless graph; a per-step SNN
     graph is unrolled here when ``T`` is given. ``loop``: how a neuron's loop over T is written
-    (``"unroll"`` or ``"scan"``, see the module docstring)."""
+    (``"auto"``, ``"unroll"`` or ``"scan"``, see the module docstring)."""
     if loop not in LOOPS:
         raise SnncError(f"onnx target: loop={loop!r}; expected one of {LOOPS}")
     if _needs_unroll(gm):
@@ -157,6 +161,8 @@ def compile(gm, target="onnx", T=None, loop="unroll"):
         from snnc.passes import unroll_timesteps
         gm = unroll_timesteps(gm, T=T)
     _check_ops(gm)
+    if loop == "auto":
+        loop = "scan" if (graph_spec(gm).get("T") or 0) >= SCAN_FROM_T else "unroll"
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     single = isinstance(out_node.args[0], fx.Node)
     model = _export_copy(gm, loop)

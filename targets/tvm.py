@@ -14,6 +14,9 @@ Two ways to run, one artefact:
     the fused neuron kernels on the same buffers (``tvm_hybrid.py``); each Conv2d runs in torch
     (oneDNN) or as the hand-scheduled TVM kernel, whichever was faster in a race at compile time
     (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
+    ``spike_int8=True`` lets convs / linears whose input is 0/1 spikes also race the int8 spike
+    kernels (``spike_conv.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of
+    fp32, not bit-exact); ``convs="int8"`` forces them wherever the input is spikes.
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
 Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
@@ -53,12 +56,14 @@ from snnc.fileio import atomic_write
 from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
-from .tvm_hybrid import TVMConvCall, aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, run_hybrid
+from .spike_conv import int8_isa
+from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
+                         run_hybrid)
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
 BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
-CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
+CONV_CHOICES = ("auto", "torch", "tvm", "int8")  # who runs each Conv2d in hybrid mode
 
 
 def _to_tvm(x: torch.Tensor, dev):
@@ -237,7 +242,7 @@ def cuda_source(lib) -> str:
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True):
+            tune_minutes=None, progress=True, spike_int8=False):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -277,16 +282,16 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
-    hg, make_kernels = hybrid_graph(g, device)
+    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8 or convs == "int8")
     key = tb.graph_key(g, tdict, "hybrid")
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
     if convs == "auto":
-        choices = tb.cached_json(f"{key}.convs", lambda: race_convs(hg), cache)
+        race_key = f"{key}.races{'.int8-' + str(int8_isa()) if spike_int8 else ''}"
+        choices = tb.cached_json(race_key, lambda: race_convs(hg), cache)
     else:
-        choices = {m.name: convs for m in hg.modules() if isinstance(m, TVMConvCall)}
-    apply_conv_choices(hg, choices)
-    meta["hybrid_convs"] = choices
+        choices = {m.name: convs for m in raced_layers(hg)}
+    meta["hybrid_convs"] = apply_conv_choices(hg, choices)
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 

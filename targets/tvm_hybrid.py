@@ -26,6 +26,7 @@ from torch import fx, nn
 from snnc.ir import info
 from snnc.ops import registry
 
+from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import multi_state, neuron_scan, state_kernel
 from .tvm_schedule import conv2d_kernel
@@ -62,17 +63,24 @@ class TVMKernelCall(nn.Module):
     def bind(self, lib):
         self.lib, self.fn = lib, lib[self.name]
 
-    def _out(self, shape, dtype):
+    def _out(self, shape, dtype, memory_format=torch.contiguous_format):
         if not self.reuse_output:  # a module called twice per run: each call needs its own output
-            return torch.empty(shape, dtype=dtype)
-        key = (threading.get_ident(), tuple(shape), dtype)  # per thread: see the module doc
+            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        key = (threading.get_ident(), tuple(shape), dtype, memory_format)  # per thread: see the module doc
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = torch.empty(shape, dtype=dtype)
+            buf = self.buffers[key] = torch.empty(shape, dtype=dtype, memory_format=memory_format)
         return buf
 
     def forward(self, x):
-        x = aligned(x)
+        perm = _channels_last_perm(x) if self.threshold is None else None
+        if perm is not None:  # a spike conv's channels_last output: run on its memory order
+            inverse = [perm.index(d) for d in range(len(perm))]
+            out = self._call(aligned(x.permute(perm)))
+            return out.permute([i - 1 for i in inverse[1:]] if self.kind == "readout" else inverse)
+        return self._call(aligned(x))
+
+    def _call(self, x):
         steps = x.shape[0]
         if self.kind == "readout":
             out = self._out(x.shape[1:], x.dtype)
@@ -87,15 +95,20 @@ class TVMKernelCall(nn.Module):
 
 
 class TVMConvCall(TVMKernelCall):
-    """A 3x3-style ``nn.Conv2d`` run by the hand-scheduled TVM kernel (``tvm_schedule.py``) when
-    the input has the compiled shape and the compile-time race chose TVM; otherwise torch."""
+    """A 3x3-style ``nn.Conv2d`` run by whichever of torch (oneDNN fp32), the hand-scheduled TVM
+    kernel (``tvm_schedule.py``, when the input has the compiled shape) and, for a 0/1 spike input,
+    the int8 spike kernel (``spike_conv.SpikeConv2d``) won the race on its shape (``choice``)."""
 
-    def __init__(self, conv, name, in_shape, reuse_output=True):
+    def __init__(self, conv, name, in_shape, reuse_output=True, spike=None):
         super().__init__("conv", name, reuse_output=reuse_output)
-        self.conv, self.in_shape, self.use_tvm = conv, tuple(in_shape), False
+        self.conv, self.in_shape, self.choice, self.spike = conv, tuple(in_shape), "torch", spike
         self.weight = aligned(conv.weight.detach())
         self.bias = None if conv.bias is None else aligned(conv.bias.detach().reshape(1, -1, 1, 1))
         self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
+
+    @property
+    def use_tvm(self):
+        return self.choice == "tvm"
 
     def bind(self, lib):
         try:
@@ -103,7 +116,14 @@ class TVMConvCall(TVMKernelCall):
         except AttributeError:  # the schedule did not apply at build time: torch runs it
             self.fn = None
 
+    def options(self) -> list:
+        return ["torch"] + (["tvm"] if self.fn is not None else []) + (["int8"] if self.spike is not None else [])
+
     def forward(self, x):
+        if self.choice == "int8" and self.spike is not None:
+            # a preallocated sum buffer: a fresh one costs page faults comparable to the sum itself
+            out = self._out((x.shape[0], *self.out_shape), torch.float32, torch.channels_last)
+            return self.spike(x, out=out)
         if not self.use_tvm or self.fn is None or tuple(x.shape) != self.in_shape:
             return self.conv(x)
         out = self._out((x.shape[0], *self.out_shape), x.dtype)
@@ -112,18 +132,47 @@ class TVMConvCall(TVMKernelCall):
         return out
 
     def race(self, runs=2) -> str:
-        """Time torch and TVM on this layer's shape (spike-like input); the faster one runs."""
-        if self.fn is None:
-            return "torch"
-        x = (torch.rand(self.in_shape) < 0.2).float()
-        best = {}
-        for choice in ("torch", "tvm"):
-            self.use_tvm = choice == "tvm"
-            with torch.no_grad():
-                self(x)
-                best[choice] = min(_seconds(lambda: self(x)) for _ in range(runs))
-        self.buffers.clear()
-        return min(best, key=best.get)
+        """Time every option on this layer's shape (spike-like input); the fastest one runs."""
+        return _race(self, torch.rand(self.in_shape) < 0.2, runs)
+
+
+class SpikeLinearCall(nn.Module):
+    """An ``nn.Linear`` on 0/1 spikes: torch fp32 or the int8 spike kernel, by race (``choice``)."""
+
+    def __init__(self, linear, name, in_shape, spike):
+        super().__init__()
+        self.linear, self.name, self.in_shape, self.spike, self.choice = linear, name, tuple(in_shape), spike, "torch"
+
+    def options(self) -> list:
+        return ["torch", "int8"]
+
+    def forward(self, x):
+        return self.spike(x) if self.choice == "int8" else self.linear(x)
+
+    def race(self, runs=2) -> str:
+        return _race(self, torch.rand(self.in_shape) < 0.2, runs)
+
+
+def _race(call, spikes, runs):
+    x = spikes.float()
+    best = {}
+    for choice in call.options():
+        call.choice = choice
+        with torch.no_grad():
+            call(x)
+            best[choice] = min(_seconds(lambda: call(x)) for _ in range(runs))
+    getattr(call, "buffers", {}).clear()
+    call.choice = "torch"
+    return min(best, key=best.get)
+
+
+def _channels_last_perm(x: torch.Tensor):
+    """The permutation that makes a non-contiguous ``[T, N, C, *spatial]`` tensor contiguous with
+    C last (a spike conv's channels_last output after ``time.split``), or None."""
+    if x.dim() < 4 or x.is_contiguous():
+        return None
+    perm = [0, 1, *range(3, x.dim()), 2]
+    return perm if x.permute(perm).is_contiguous() else None
 
 
 def _seconds(fn):
@@ -132,14 +181,18 @@ def _seconds(fn):
     return time.perf_counter() - t0
 
 
-def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
+def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = False):
     """``(graph, make_kernels)``: a copy of the annotated multi-step graph whose spiking modules
     call TVM kernels, and a function returning the PrimFuncs to build (name -> PrimFunc, symbolic
-    batch size; only called when the cache misses)."""
+    batch size; only called when the cache misses). ``spike_int8``: convs / linears whose input is
+    0/1 spikes may also race the int8 spike kernels (``spike_conv.py``; within its error bound)."""
+    spike_int8 = spike_int8 and device == "cpu" and int8_isa() is not None
     g = copy.deepcopy(gm)
     g.snnc_spec = gm.snnc_spec
     kernels = {}
     calls = [n.target for n in g.graph.nodes if n.op == "call_module"]
+    # decided on the graph before its neurons become kernel calls
+    binary = {n.name for n in g.graph.nodes if spike_int8 and n.op == "call_module" and binary_input(g, n)}
     for node in g.graph.nodes:
         if node.op != "call_module" or isinstance(g.get_submodule(node.target), TVMKernelCall):
             continue
@@ -165,7 +218,14 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             in_shape = info(node.args[0]).shape
             name = f"conv_{len(kernels)}"
             kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
-            g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
+            spike = _spike_layer(SpikeConv2d, node.name in binary, mod, in_shape)
+            g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once, spike=spike))
+        elif type(mod) is nn.Linear and node.name in binary and info(node.args[0]) is not None:
+            spike = _spike_layer(SpikeLinear, True, mod)
+            if spike is not None:
+                name = f"linear_{len(kernels)}"
+                kernels[name] = None  # nothing for TVM to build: only numbers the layers
+                g.add_submodule(node.target, SpikeLinearCall(mod, name, info(node.args[0]).shape, spike))
         elif loops and rec.layout(mod, ["seq"]) == "step":   # a readout: [T, N, ...] -> [N, ...]
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
@@ -175,21 +235,39 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
     g.recompile()
 
     def make_kernels():
-        built = {name: build(*args, **kw) for name, (build, args, kw) in kernels.items()}
+        built = {name: k[0](*k[1], **k[2]) for name, k in kernels.items() if k is not None}
         # conv2d_kernel returns (func, has_bias) or None (not schedulable: torch keeps it)
         return {name: (f[0] if isinstance(f, tuple) else f) for name, f in built.items() if f is not None}
     return g, make_kernels
 
 
+def _spike_layer(cls, binary, mod, *args):
+    """The int8 spike version of ``mod`` if its input is proven 0/1 and oneDNN takes the layer."""
+    if not binary:
+        return None
+    try:
+        return cls(mod, *args)
+    except (ValueError, RuntimeError):  # e.g. grouped conv, or a shape oneDNN refuses
+        return None
+
+
+def raced_layers(g: fx.GraphModule) -> list:
+    return [m for m in g.modules() if isinstance(m, (TVMConvCall, SpikeLinearCall))]
+
+
 def race_convs(g: fx.GraphModule) -> dict:
-    """``{kernel name: "torch" | "tvm"}`` for every conv of the hybrid graph (see ``race``)."""
-    return {m.name: m.race() for m in g.modules() if isinstance(m, TVMConvCall)}
+    """``{layer name: "torch" | "tvm" | "int8"}`` for every raced conv / linear (see ``race``)."""
+    return {m.name: m.race() for m in raced_layers(g)}
 
 
-def apply_conv_choices(g: fx.GraphModule, choices: dict) -> None:
-    for m in g.modules():
-        if isinstance(m, TVMConvCall):
-            m.use_tvm = choices.get(m.name) == "tvm"
+def apply_conv_choices(g: fx.GraphModule, choices: dict) -> dict:
+    """Set each raced layer's runner and return the choices in effect: one the layer cannot take
+    (int8 on a non-spike input, tvm where the schedule did not apply, a cache from another CPU)
+    leaves it in torch."""
+    for m in raced_layers(g):
+        choice = choices.get(m.name, "torch")
+        m.choice = choice if choice in m.options() else "torch"
+    return {m.name: m.choice for m in raced_layers(g)}
 
 
 def bind_kernels(g: fx.GraphModule, lib) -> None:
