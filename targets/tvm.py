@@ -174,6 +174,25 @@ def cuda_source(lib) -> str:
     return "\n".join(seen)
 
 
+def _cpu_mode(g, mode):
+    """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
+    forward inside the Relax module, which only the relax mode builds)."""
+    from snnc.ops import Neuron, is_snnc_op
+    from .tvm_lower import fused_scan_ok
+    def exported(m):
+        if isinstance(m, Neuron):
+            return not fused_scan_ok(m)
+        return is_snnc_op(m) and getattr(type(m), "exportable", False)
+    plain = [n for n in g.graph.nodes if n.op == "call_module" and exported(g.get_submodule(n.target))]
+    if mode == "auto":
+        return "relax" if plain else "hybrid"
+    if mode == "hybrid" and plain:
+        from snnc.errors import UnsupportedOp, node_ref
+        raise UnsupportedOp(f"{node_ref(plain[0])}: {type(g.get_submodule(plain[0].target)).op_name} has no fused "
+                            "TVM scan kernel, so hybrid mode cannot run it; use mode='relax' (or 'auto')")
+    return mode
+
+
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto"):
     if mode not in MODES:
@@ -186,9 +205,10 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
         tdict, device, mode = tb.cuda_target(arch), "gpu", "relax"
     else:
         tdict, device = tb.llvm_target(mcpu, num_cores), "cpu"
-        mode = "hybrid" if mode == "auto" else mode
     g = _prepare(gm, T)
     check_supported(g)
+    if target != "tvm:cuda":
+        mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
     meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,

@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 
 from snnc.errors import UnsupportedOp, node_ref
 from snnc.ir import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, info, op_name
-from snnc.ops import IF, LIF, DirectEncoder, MergeTime, ParametricLIF, Readout, SplitTime
+from snnc.ops import IF, LIF, DirectEncoder, MergeTime, Neuron, ParametricLIF, Readout, SplitTime, is_snnc_op
 
 from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel
 
@@ -116,6 +116,8 @@ def _reshape(bb, x, shape):
 
 def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
+    if not fused_scan_ok(mod):
+        return _convert_exported(imp, node)
     (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
     steps, M = shape[0], math.prod(shape[1:])
     rule, th = neuron_scan(mod, shape[2:], dtype)
@@ -127,6 +129,45 @@ def _convert_neuron(imp, node):
     args = [flat] if th is None else [flat, relax.const(th.numpy().astype(dtype))]
     s = bb.emit(relax.call_tir(gv, args, relax.TensorType((steps, M), dtype)))
     return _reshape(bb, s, shape)
+
+
+def fused_scan_ok(mod) -> bool:
+    """Whether the fused TIR scan implements this neuron (exact IF / LIF / PLIF types, one output,
+    the reset modes and scalar constants the scan knows); other neurons lower from their forward."""
+    return (type(mod) in (IF, LIF, ParametricLIF) and mod.reset_mode in ("subtract", "zero")
+            and not getattr(mod, "output_membrane", False) and not isinstance(getattr(mod, "decay", 0.0), torch.Tensor))
+
+
+def _convert_exported(imp, node):
+    """Any other snnc op (snntorch's Synaptic, norse's cells, sinabs' multi-spike IAF ...): its
+    reference forward, exported by ``torch.export`` with this node's static input shapes and
+    imported by TVM's exported-program frontend, becomes one private Relax function called here.
+    The T loop is unrolled into elementwise ops (no fused scan), the arithmetic is the reference's
+    op for op."""
+    from tvm.relax.frontend.torch import from_exported_program
+    mod = imp.named_modules[node.target]
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    example = tuple(torch.zeros(info(a).shape, dtype=info(a).dtype) for a in args)
+    with torch.no_grad():
+        ep = torch.export.export(_Forward(mod), example)
+    sub = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+    bb = imp.block_builder
+    gv = bb.add_func(sub["main"].without_attr("global_symbol"), f"{type(mod).op_name.replace('.', '_')}_fn")
+    return bb.emit(relax.Call(gv, [imp.env[a] for a in args]))
+
+
+class _Forward(nn.Module):
+    """A fresh-state copy of an op for export (per-step ops keep no state across the export)."""
+
+    def __init__(self, mod):
+        super().__init__()
+        import copy
+        self.mod = copy.deepcopy(mod).eval()
+        if hasattr(self.mod, "reset"):
+            self.mod.reset()
+
+    def forward(self, *args):
+        return self.mod(*args)
 
 
 def _convert_readout(imp, node):
@@ -175,11 +216,14 @@ OVERRIDES = {nn.BatchNorm1d: _convert_batch_norm, nn.BatchNorm2d: _convert_batch
 
 # --- the importer --------------------------------------------------------------------------------
 
-def _importer(device):
+def _importer(device, gm=None):
     imp = TorchFXImporter()
     imp.snnc_device = device
-    imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node))
-                            for cls, conv in {**SPIKING_CONVERTERS, **OVERRIDES}.items()})
+    table = {**SPIKING_CONVERTERS, **OVERRIDES}
+    for mod in (gm.modules() if gm is not None else ()):  # snnc ops without a hand-written converter
+        if is_snnc_op(mod) and type(mod) not in table and getattr(type(mod), "exportable", isinstance(mod, Neuron)):
+            table[type(mod)] = _convert_exported
+    imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in table.items()})
     return imp
 
 
@@ -196,7 +240,7 @@ def supported_ops() -> list[str]:
 
 def check_supported(gm: fx.GraphModule, imp=None) -> None:
     """Raise ``UnsupportedOp`` naming the first node the lowering cannot handle."""
-    imp = imp or _importer("cpu")
+    imp = imp or _importer("cpu", gm)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -209,9 +253,6 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
             ok = True
         if ok and node.op == "call_module":
             mod = modules[node.target]
-            if getattr(mod, "reset_mode", "subtract") not in ("subtract", "zero"):
-                raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} with reset={mod.reset_mode!r} has no "
-                                    "TVM lowering (the fused scan implements reset='subtract' and 'zero')")
             if getattr(mod, "step_mode", "m") != "m" and not isinstance(mod, DirectEncoder):
                 raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} runs per step; the TVM "
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")
@@ -222,7 +263,7 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
 
 def to_relax(gm: fx.GraphModule, device: str = "cpu") -> tvm.IRModule:
     """The Relax ``IRModule`` of an annotated multi-step graph (``device``: "cpu" or "gpu")."""
-    imp = _importer(device)
+    imp = _importer(device, gm)
     check_supported(gm, imp)
     spec = gm.snnc_spec
     input_info = [(tuple(shape), dtype) for shape, dtype in spec["inputs"]]

@@ -1,10 +1,14 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics."""
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
+from .cuba_lif import CubaLIF
 from .dsr import DSRIF, DSRLIF
+from .leaky_integrator import LeakyIntegrator
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
-from .neurons import IF, LIF, Neuron, ParametricLIF
+from .neurons import IF, LIF, Neuron, ParametricLIF, StateNeuron
 from .norm import NeuNorm, TDBatchNorm
 from .qcfs import QCFS, use_qcfs
+from .recurrent import RLeaky, RSynaptic
+from .synaptic import Synaptic
 from .voting import Voting
 
 # every op class and helper imported above (one import line per ops file is the registration)
