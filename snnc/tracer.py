@@ -38,7 +38,11 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-def _layout_of(model):
+def _layout_of(model, example=None):
+    # batch-first multi-step ops (sinabs) take the model's own input and know T themselves
+    own = [m for m in model.modules() if getattr(m, "own_time_layout", False)]
+    if own and example is not None:
+        return "step", own[0].steps(example[0]) if own[0].squeeze else example[0].shape[1]
     modes = [m for m in model.modules() if is_snnc_op(m) and getattr(m, "step_mode", "s") == "m"]
     if not modes:
         return "step", None
@@ -92,7 +96,7 @@ def trace(model: nn.Module, example_inputs, *, concrete_args=None) -> fx.GraphMo
     if repeated_calls(gm):
         return _trace_loop(model, gm, example)
     _unwrap_explicit_state(gm)
-    layout, T = _layout_of(gm)
+    layout, T = _layout_of(gm, example)
     gm.snnc_spec = make_spec(example, layout=layout, T=T if T else (example[0].shape[0] if layout == "seq" else None))
     from .verifier import check_known_ops, verify
     check_known_ops(gm)

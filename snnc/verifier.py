@@ -68,6 +68,8 @@ def _check_layout(gm, n, static):
     mod = module_of(gm, n)
     mode = getattr(mod, "step_mode", None)
     name = spec.name
+    if getattr(mod, "own_time_layout", False):  # batch-first multi-step ops (sinabs) read T themselves
+        return
     if name.startswith("snn.") and mode == "m" and name not in ("snn.direct_encoder", "snn.poisson_encoder"):
         if layouts - {"seq"}:
             raise VerifyError(f"{node_ref(n)}: multi-step {name} needs a [T, N, ...] input, got layout "

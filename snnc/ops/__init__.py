@@ -4,6 +4,7 @@ from .cuba_lif import CubaLIF
 from .dsr import DSRIF, DSRLIF
 from .leaky_integrator import LeakyIntegrator
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
+from .multispike import MultiSpikeLIF
 from .neurons import IF, LIF, Neuron, ParametricLIF, StateNeuron
 from .norm import NeuNorm, TDBatchNorm
 from .qcfs import QCFS, use_qcfs
