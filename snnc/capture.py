@@ -339,6 +339,24 @@ def time_idioms(gm: fx.GraphModule) -> fx.GraphModule:
             n.replace_all_uses_with(r)
             gm.graph.erase_node(n)
             changed = True
+    splits = {m.T for m in gm.modules() if isinstance(m, SplitTime)}
+    for n in list(gm.graph.nodes):
+        # the zoo's ``torch.flatten(x, 2)`` when step_mode == "m": flatten each [C, H, W] sample of
+        # [T, N, C, H, W] -> time.merge, flatten(1), time.split (the T of the model's other splits)
+        is_flatten = (n.op == "call_function" and n.target is torch.flatten) or _is_method(n, "flatten")
+        start = (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)) if is_flatten else None
+        if is_flatten and start == 2 and len(n.args) <= 2 and not n.kwargs.get("end_dim") and len(splits) == 1:
+            from .ops import MergeTime
+            merge, split = f"time_merge_{n.name}", f"time_split_{n.name}"
+            gm.add_module(merge, MergeTime())
+            gm.add_module(split, SplitTime(next(iter(splits))))
+            with gm.graph.inserting_before(n):
+                a = gm.graph.call_module(merge, (n.args[0],))
+                b = gm.graph.call_function(torch.flatten, (a, 1))
+                c = gm.graph.call_module(split, (b,))
+            n.replace_all_uses_with(c)
+            gm.graph.erase_node(n)
+            changed = True
     if changed:
         # the front ends took T from the example's leading dim; here the model makes time itself
         steps = {m.T for m in gm.modules() if isinstance(m, DirectEncoder) and m.step_mode == "m"}

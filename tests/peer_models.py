@@ -160,6 +160,27 @@ def sj_mnistnet_voting():
     return _weights(MNISTNet(channels=4, spiking_neuron=neuron.ParametricLIFNode), std=1.0)
 
 
+def _zoo_module(name):
+    """``spikingjelly.activation_based.model.<name>``. The zoo modules import torchvision only for
+    ``load_state_dict_from_url`` (pretrained downloads, unused here); torchvision is not installed
+    beside the CPU torch, so they get torch.hub's function under that name while they import."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    full = f"spikingjelly.activation_based.model.{name}"
+    if importlib.util.find_spec("torchvision") is not None or full in sys.modules:
+        return importlib.import_module(full)
+    tv, utils = types.ModuleType("torchvision"), types.ModuleType("torchvision._internally_replaced_utils")
+    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    tv._internally_replaced_utils = utils
+    sys.modules.update({"torchvision": tv, "torchvision._internally_replaced_utils": utils})
+    try:
+        return importlib.import_module(full)
+    finally:
+        del sys.modules["torchvision"], sys.modules["torchvision._internally_replaced_utils"]
+
+
 def _zoo(fn, **kw):
     from spikingjelly.activation_based import functional, neuron
     net = fn(spiking_neuron=neuron.IFNode, num_classes=5, **kw)
@@ -169,19 +190,19 @@ def _zoo(fn, **kw):
 
 @case("sj_sew_resnet18", "spikingjelly", lambda: _rand(2, 1, 3, 32, 32), slow=True)
 def sj_sew_resnet18():
-    from spikingjelly.activation_based.model import sew_resnet
+    sew_resnet = _zoo_module("sew_resnet")
     return _zoo(sew_resnet.sew_resnet18, cnf="ADD")
 
 
 @case("sj_spiking_resnet18", "spikingjelly", lambda: _rand(2, 1, 3, 32, 32), slow=True)
 def sj_spiking_resnet18():
-    from spikingjelly.activation_based.model import spiking_resnet
+    spiking_resnet = _zoo_module("spiking_resnet")
     return _zoo(spiking_resnet.spiking_resnet18)
 
 
 @case("sj_spiking_vgg11_bn", "spikingjelly", lambda: _rand(2, 1, 3, 32, 32), slow=True)
 def sj_spiking_vgg11_bn():
-    from spikingjelly.activation_based.model import spiking_vgg
+    spiking_vgg = _zoo_module("spiking_vgg")
     return _zoo(spiking_vgg.spiking_vgg11_bn)
 
 
