@@ -174,6 +174,22 @@ def cuda_source(lib) -> str:
     return "\n".join(seen)
 
 
+def _exported_sources(g) -> str:
+    """The source of every op lowered from its exported forward: the built code depends on it."""
+    import hashlib
+    import inspect
+    from .tvm_lower import fused_scan_ok
+    from snnc.ops import Neuron
+    mods = {type(m) for m in g.modules() if (isinstance(m, Neuron) and not fused_scan_ok(m))
+            or getattr(type(m), "exportable", False)}
+    h = hashlib.sha256()
+    for cls in sorted(mods, key=lambda c: c.__qualname__):
+        for k in cls.__mro__:
+            if k.__module__.startswith("snnc"):
+                h.update(inspect.getsource(k).encode())
+    return h.hexdigest()[:16]
+
+
 def _cpu_mode(g, mode):
     """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
     forward inside the Relax module, which only the relax mode builds)."""
@@ -214,7 +230,7 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
-    relax_key = tb.graph_key(g, tdict, "relax")
+    relax_key = tb.graph_key(g, tdict, "relax", _exported_sources(g))
     get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
     if dump_dir is not None:
         _dump(dump_dir, target, to_relax(g, device))

@@ -22,13 +22,14 @@ from ..errors import UnsupportedOp
 from ..ops import MultiSpikeLIF
 from . import register_neuron
 
-_SPIKES = {sa.MultiSpike: "multi", sa.SingleSpike: "single"}
+_SPIKES = ((sa.MultiSpike, "multi"), (sa.SingleSpike, "single"))
 
 
 def _layer(mod, ctx, squeeze=False):
     kind = type(mod).__name__
     where = f"module '{ctx.path or kind}' (sinabs {kind})"
-    if mod.spike_fn not in _SPIKES:
+    spike = next((name for fn, name in _SPIKES if mod.spike_fn is fn), None)
+    if spike is None:
         raise UnsupportedOp(f"{where}: spike_fn={getattr(mod.spike_fn, '__name__', mod.spike_fn)}; supported: "
                             "MultiSpike, SingleSpike")
     if isinstance(mod.reset_fn, sa.MembraneSubtract):
@@ -43,7 +44,7 @@ def _layer(mod, ctx, squeeze=False):
     alpha_syn = mod.alpha_syn_calculated
     return MultiSpikeLIF(
         alpha_mem=mod.alpha_mem_calculated.detach(), alpha_syn=None if alpha_syn is None else alpha_syn.detach(),
-        v_th=mod.spike_threshold.detach(), spike=_SPIKES[mod.spike_fn],
+        v_th=mod.spike_threshold.detach(), spike=spike,
         min_v=None if mod.min_v_mem is None else mod.min_v_mem.detach(), norm_input=bool(mod.norm_input),
         squeeze=(mod.batch_size, mod.num_timesteps) if squeeze else None, **reset)
 

@@ -90,6 +90,8 @@ class MultiSpikeLIF(StateNeuron):
             a["norm_input"] = True
         a["v_th"] = float(self.v_th) if self.v_th.numel() == 1 else "tensor"
         a["reset"] = self.reset_mode
+        if self.subtract is not None:
+            a["subtract"] = self.subtract
         if self.reset_mode == "zero" and self.reset_value:
             a["reset_value"] = self.reset_value
         if self.min_v is not None:
