@@ -49,8 +49,8 @@ from torch import fx, nn
 
 from snnc.errors import SnncError, UnsupportedOp, node_ref
 from snnc.ir import annotate, graph_spec, info, op_name
-from snnc.ops import (IF, LIF, DirectEncoder, IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d,
-                      IntReadout, IntSumPool2d, MergeTime, Neuron, ParametricLIF, Readout, SplitTime)
+from snnc.ops import (DirectEncoder, IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout,
+                      IntSumPool2d, MergeTime, Neuron, Readout, SplitTime, registry)
 from snnc.ops.integer import INT32_MAX
 
 from ._integer_scales import (IntegerOverflowRisk, Value, channel_dim, dequantize_output,  # noqa: F401
@@ -62,6 +62,16 @@ SUPPORTED = ("nn.conv2d", "nn.linear", "nn.avg_pool2d", "nn.max_pool2d", "nn.fla
 _HINTS = {"nn.batch_norm": "fold it into the conv/linear first (snnc.passes.fold_bn)",
           "nn.relu": "this is an ANN op: convert the ANN to an SNN first (snnc.convert)",
           "snn.poisson_encoder": "encode spikes outside the graph and feed them as the input"}
+
+
+def _integer_neuron(mod) -> bool:
+    """A neuron whose op record has an ``int`` hook and that still uses that class's charge, fire
+    and reset (a subclass that redefines them is not the neuron the hook describes)."""
+    rec = registry.module_record(mod)
+    if rec is None or "int" not in rec.hooks or not rec.modules:
+        return False
+    base = rec.modules[0]
+    return all(getattr(type(mod), f) is getattr(base, f) for f in ("charge", "fire", "reset_membrane", "step"))
 
 
 class _Quantizer:
@@ -245,13 +255,7 @@ class _Quantizer:
         if mod.step_mode != "m":
             raise SnncError(f"quantize_integer: {node_ref(node)} is a single-step neuron; run unroll_timesteps first")
         x = self.values[node.args[0]]
-        if isinstance(mod, ParametricLIF):
-            k = float(mod.w.detach().sigmoid())
-            decay, gain, v_leak = 1.0 - k, k, mod.v_leak
-        elif isinstance(mod, LIF):
-            decay, gain, v_leak = mod.decay, mod.gain, mod.v_leak
-        else:
-            decay, gain, v_leak = 1.0, 1.0, 0.0
+        decay, gain, v_leak = registry.module_record(mod).hooks["int"](mod)   # the neuron's linear charge
         if gain <= 0:
             raise UnsupportedOp(f"quantize_integer: {node_ref(node)}: input gain 0 (decay_input with decay=1)")
         s_m = scale_view(x.scale * gain, node)
@@ -331,7 +335,7 @@ class _Quantizer:
                 self.bypass(node)
             elif isinstance(mod, (DirectEncoder, MergeTime, SplitTime)):
                 self.values[node] = self.values[node.args[0]]
-            elif isinstance(mod, (IF, LIF, ParametricLIF)):
+            elif mod is not None and _integer_neuron(mod):
                 self.neuron(node, mod)
             elif isinstance(mod, Readout):
                 self.readout(node, mod)

@@ -26,7 +26,8 @@ from torch import fx
 
 from snnc.errors import SnncError, node_ref
 from snnc.ir import annotate, graph_spec, op_spec
-from snnc.ops import DirectEncoder, MergeTime, Neuron, PoissonEncoder, Readout, SplitTime
+from snnc.ops import registry
+from snnc.ops import DirectEncoder, MergeTime, SplitTime
 
 STATIC, SEQ, FLAT = "static", "seq", "flat"
 CONST = "const"  # a get_attr parameter/constant: broadcasts against any layout, never converted
@@ -80,7 +81,7 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
         raise SnncError(f"unroll_timesteps: the graph is already multi-step (T={spec['T']})")
     root = copy.deepcopy(gm)
     rw = _Rewriter(root, T)
-    has_encoder = any(isinstance(m, (DirectEncoder, PoissonEncoder)) for m in root.modules())
+    has_encoder = any(getattr(registry.module_record(m), "over_time", "") == "encode" for m in root.modules())
     in_layout = STATIC if has_encoder else SEQ
 
     for node in gm.graph.nodes:
@@ -100,26 +101,25 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
             continue
         mod = root.get_submodule(node.target) if node.op == "call_module" else None
         ins = _tensor_inputs(node)
-        # stateful_over_time: other ops with state across steps (e.g. NeuNorm) loop over T like neurons
-        if isinstance(mod, (Neuron, Readout)) or getattr(mod, "stateful_over_time", False):
+        rec = op_spec(gm, node)
+        if rec is None:
+            raise SnncError(f"unroll_timesteps: {node_ref(node)} is not an op of the spiking IR")
+        if rec.over_time == "loop":   # neurons, readouts, NeuNorm: the op loops over T itself
             mod.step_mode = "m"
             new = rw.graph.node_copy(node, lambda a: rw.as_layout(a, SEQ))
-            rw.env[node] = (new, STATIC if isinstance(mod, Readout) else SEQ)
+            rw.env[node] = (new, STATIC if rec.layout(mod, [SEQ]) == "step" else SEQ)
         elif isinstance(mod, DirectEncoder) and hoist_encoder:
             rw.env[node] = (rw.env[ins[0]][0], rw.env[ins[0]][1])   # removed: broadcast where needed
-        elif isinstance(mod, (DirectEncoder, PoissonEncoder)):
+        elif rec.over_time == "encode":
             if rw.env[ins[0]][1] != STATIC:
                 raise SnncError(f"unroll_timesteps: {node_ref(node)} encodes a value that already has time")
             mod.step_mode, mod.T = "m", T
             rw.env[node] = (rw.graph.node_copy(node, lambda a: rw.env[a][0]), SEQ)
         else:
-            spec_n = op_spec(gm, node)
-            if spec_n is None:
-                raise SnncError(f"unroll_timesteps: {node_ref(node)} is not an op of the spiking IR")
             layouts = {rw.env[a][1] for a in ins} - {CONST}
             if not layouts or layouts == {STATIC}:
                 want = STATIC
-            elif spec_n.time_agnostic and len(layouts) == 1:
+            elif rec.time_agnostic and len(layouts) == 1:
                 want = layouts.pop()
             else:
                 want = FLAT

@@ -108,9 +108,18 @@ class CompiledModule(abc.ABC):
                 g == w or (d == bdim and self.dynamic_batch) for d, (g, w) in enumerate(zip(got, want)))
             if not same:
                 batch = " (any batch size)" if self.dynamic_batch else ""
-                raise InputError(f"input {i}: expected shape {want}{batch}, got {got}")
+                raise InputError(f"input {i}: expected shape {want}{batch}, got {got}{self._layout_hint()}")
             if str(x.dtype).replace("torch.", "") != dtype:
                 raise InputError(f"input {i}: expected dtype {dtype}, got {str(x.dtype).replace('torch.', '')}")
+
+    def _layout_hint(self) -> str:
+        T, layout = self.spec.get("T"), self.spec["layout"]
+        if layout == "seq":
+            return f"; the module takes the whole [T, N, ...] sequence with T={T} (it was compiled for {T} steps)"
+        if T:
+            return f"; the module takes one static [N, ...] input and encodes its T={T} time steps itself"
+        return ("; the module runs one time step [N, ...] per call: compile the multi-step graph "
+                "(unroll_timesteps(g, T)) to give it a [T, N, ...] sequence")
 
     def __call__(self, *inputs):
         self.check_inputs(inputs)

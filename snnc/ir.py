@@ -1,8 +1,9 @@
-"""The spiking IR: op table, node metadata and the input spec a graph carries.
+"""The spiking IR: node metadata, the input spec a graph carries, and its calling convention.
 
 A spiking-IR graph is a ``torch.fx.GraphModule`` whose leaves are torch.nn layers and
 ``snnc.ops`` modules. Every node knows its *op name* (``nn.conv2d``, ``snn.lif``, ``add`` ...)
-from the table below, and after ``annotate`` every tensor node carries ``node.meta["snnc"]``:
+from its op record (``snnc.ops.registry``), and after ``annotate`` every tensor node carries
+``node.meta["snnc"]``:
 
     TensorInfo(shape, dtype, spiking, layout)
 
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-from .errors import VerifyError, node_ref
-from .ops import is_snnc_op
+from .errors import InputError, VerifyError, node_ref
+from .ops import registry, reset
+from .ops.registry import OpRecord
 
 LAYOUTS = ("step", "seq", "flat")
 
@@ -37,110 +37,14 @@ class TensorInfo:
     layout: str
 
 
-@dataclasses.dataclass(frozen=True)
-class OpSpec:
-    """How the IR sees one op: its name, whether its output carries spikes
-    (``"yes"``, ``"no"``, or ``"keep"`` = spiking iff every tensor input is), whether it may see a
-    ``[T, N, ...]`` input directly (``time_agnostic``), and its dump attributes."""
-
-    name: str
-    spiking: str = "no"
-    time_agnostic: bool = True
-    attrs: Callable | None = None
+# How the IR sees an op (name, spiking flag, time rule, dump attributes, stage hooks) is its record
+# in ``snnc.ops.registry``; ``op_spec`` is the record of a node.
+OpSpec = OpRecord
 
 
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        return "x".join(str(i) for i in v) if len(set(v)) > 1 else str(v[0])
-    return str(v)
-
-
-def _conv_attrs(m):
-    a = {"out": m.out_channels, "kernel": _pair(m.kernel_size), "stride": _pair(m.stride),
-         "pad": _pair(m.padding)}
-    if m.groups != 1:
-        a["groups"] = m.groups
-    if any(d != 1 for d in m.dilation):
-        a["dilation"] = _pair(m.dilation)
-    return a
-
-
-def _pool_attrs(m):
-    return {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride), "pad": _pair(m.padding)}
-
-
-MODULE_OPS: dict[type, OpSpec] = {
-    nn.Conv1d: OpSpec("nn.conv1d", time_agnostic=False, attrs=_conv_attrs),
-    nn.Conv2d: OpSpec("nn.conv2d", time_agnostic=False, attrs=_conv_attrs),
-    nn.Linear: OpSpec("nn.linear", attrs=lambda m: {"out": m.out_features}),
-    nn.BatchNorm1d: OpSpec("nn.batch_norm", time_agnostic=False, attrs=lambda m: {"eps": m.eps}),
-    nn.BatchNorm2d: OpSpec("nn.batch_norm", time_agnostic=False, attrs=lambda m: {"eps": m.eps}),
-    nn.ReLU: OpSpec("nn.relu"),
-    nn.AvgPool2d: OpSpec("nn.avg_pool2d", time_agnostic=False, attrs=_pool_attrs),
-    nn.MaxPool2d: OpSpec("nn.max_pool2d", spiking="keep", time_agnostic=False, attrs=_pool_attrs),
-    nn.AdaptiveAvgPool2d: OpSpec("nn.adaptive_avg_pool2d", time_agnostic=False,
-                                 attrs=lambda m: {"output": _pair(m.output_size)}),
-    nn.Flatten: OpSpec("nn.flatten", spiking="keep", time_agnostic=False,
-                       attrs=lambda m: {"start_dim": m.start_dim}),
-    nn.Dropout: OpSpec("nn.dropout", spiking="keep", attrs=lambda m: {"p": m.p}),
-    nn.Identity: OpSpec("nn.identity", spiking="keep"),
-}
-
-FUNCTION_OPS: dict[Callable, OpSpec] = {
-    operator.add: OpSpec("add"), torch.add: OpSpec("add"),
-    operator.mul: OpSpec("mul"), torch.mul: OpSpec("mul"),
-    operator.truediv: OpSpec("div"),
-    torch.cat: OpSpec("cat", spiking="keep"),
-    torch.flatten: OpSpec("flatten", spiking="keep", time_agnostic=False),
-    torch.relu: OpSpec("nn.relu"), F.relu: OpSpec("nn.relu"),
-    F.avg_pool2d: OpSpec("nn.avg_pool2d", time_agnostic=False),
-    F.max_pool2d: OpSpec("nn.max_pool2d", spiking="keep", time_agnostic=False),
-    F.adaptive_avg_pool2d: OpSpec("nn.adaptive_avg_pool2d", time_agnostic=False),
-    F.dropout: OpSpec("nn.dropout", spiking="keep"),
-    operator.getitem: OpSpec("getitem", spiking="keep"),
-    getattr: OpSpec("getattr"),
-}
-
-METHOD_OPS: dict[str, OpSpec] = {
-    "view": OpSpec("view", spiking="keep", time_agnostic=False),
-    "reshape": OpSpec("reshape", spiking="keep", time_agnostic=False),
-    "flatten": OpSpec("flatten", spiking="keep", time_agnostic=False),
-    "size": OpSpec("size"),
-    "relu": OpSpec("nn.relu"),
-    "add": OpSpec("add"), "mul": OpSpec("mul"),
-    "contiguous": OpSpec("contiguous", spiking="keep"),
-}
-
-
-def register_module_op(cls: type, spec: OpSpec) -> None:
-    """Teach the IR a torch.nn layer type (snnc ops register themselves via ``op_name``)."""
-    MODULE_OPS[cls] = spec
-
-
-def op_spec(gm: fx.GraphModule, node: fx.Node) -> OpSpec | None:
-    """The ``OpSpec`` of a node, or ``None`` if the IR does not know the op."""
-    if node.op in ("placeholder", "output", "get_attr"):
-        return OpSpec(node.op, spiking="keep")
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if is_snnc_op(mod):
-            return OpSpec(type(mod).op_name, spiking=getattr(mod, "spiking_output", _snn_spiking(mod)),
-                          attrs=lambda m: m.attrs())
-        return MODULE_OPS.get(type(mod))
-    if node.op == "call_function":
-        return FUNCTION_OPS.get(node.target)
-    if node.op == "call_method":
-        return METHOD_OPS.get(node.target)
-    return None
-
-
-def _snn_spiking(mod) -> str:
-    from .ops import Neuron, PoissonEncoder
-    if isinstance(mod, (Neuron, PoissonEncoder)):
-        return "yes"
-    if type(mod).op_name.startswith("time.") or type(mod).op_name == "snn.direct_encoder":
-        return "keep"
-    return "no"
+def op_spec(gm: fx.GraphModule, node: fx.Node) -> OpRecord | None:
+    """The op record of a node, or ``None`` if the IR does not know the op."""
+    return registry.lookup(gm, node)
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -216,7 +120,7 @@ class _Annotator(fx.Interpreter):
             if n.op == "placeholder":
                 spiking, layout = False, self.input_layout
             else:
-                kind = spec.spiking if spec else "no"
+                kind = spec.spiking_of(module_of(self.module, n)) if spec else "no"
                 spiking = kind == "yes" or (kind == "keep" and bool(tins) and all(i.spiking for i in tins))
                 layout = _out_layout(self.module, n, tins)
             n.meta["snnc"] = TensorInfo(tuple(value.shape), value.dtype, spiking, layout)
@@ -230,20 +134,11 @@ def _tensor_tuple(v) -> bool:
 
 
 def _out_layout(gm, node, tins):
-    mod = module_of(gm, node)
-    name = getattr(type(mod), "op_name", "") if mod is not None else ""
-    mode = getattr(mod, "step_mode", "s")
-    if getattr(mod, "output_layout", None):  # ops whose output layout is fixed (int.readout: "step")
-        return mod.output_layout
-    if name == "time.merge":
-        return "flat"
-    if name == "time.split":
-        return "seq"
-    if mode == "m" and name in ("snn.direct_encoder", "snn.poisson_encoder"):
-        return "seq"
-    if mode == "m" and name == "snn.readout":
-        return "step"
-    return tins[0].layout if tins else "step"
+    rec = registry.lookup(gm, node)
+    layouts = [i.layout for i in tins]
+    if rec is None:
+        return layouts[0] if layouts else "step"
+    return rec.layout(module_of(gm, node), layouts)
 
 
 def annotate(gm: fx.GraphModule, example=None, expected: dict | None = None) -> fx.GraphModule:
@@ -253,7 +148,6 @@ def annotate(gm: fx.GraphModule, example=None, expected: dict | None = None) -> 
     gives zero inputs. Neuron and readout state is reset before and after the run. ``expected``
     (node -> TensorInfo) makes any node whose computed shape or dtype differs an error.
     """
-    from .runtime import reset
     if example is not None:
         old = getattr(gm, "snnc_spec", None) or {}
         gm.snnc_spec = make_spec(example, layout=old.get("layout", "step"), T=old.get("T"))
@@ -266,7 +160,74 @@ def annotate(gm: fx.GraphModule, example=None, expected: dict | None = None) -> 
     with torch.no_grad():
         annot.run(*inputs)
     reset(gm)
+    gm._snnc_meta_key = _fingerprint(gm)
+    install_call_check(gm)
     return gm
+
+
+# --- the calling convention -------------------------------------------------------------------
+# A per-step graph (layout "step", no T) takes ONE time step [N, ...] per call and keeps neuron
+# state between calls; a multi-step graph (after unroll_timesteps) takes the whole [T, N, ...]
+# sequence for the T it was unrolled for (or, when it encodes time itself, one static [N, ...]).
+# Calling a graph with another layout is refused instead of being reinterpreted.
+
+def _shape_words(layout, T):
+    return {"seq": f"[T={T}, N, ...]", "step": "[N, ...]"}[layout]
+
+
+def check_call(gm: fx.GraphModule, inputs) -> None:
+    """Raise ``InputError`` when ``inputs`` do not follow ``gm``'s calling convention, naming the
+    expected and the given shape and what to call instead."""
+    spec = getattr(gm, "snnc_spec", None)
+    if not spec or not spec.get("inputs"):
+        return
+    T, layout = spec.get("T"), spec["layout"]
+    for i, (x, (want, _)) in enumerate(zip(inputs, spec["inputs"])):
+        if not isinstance(x, torch.Tensor):
+            continue
+        got, rank = list(x.shape), len(want)
+        if layout == "step" and T is None and x.dim() == rank + 1 and _has_state(gm):
+            raise InputError(
+                f"input {i}: this graph runs one time step per call and expects shape {list(want)} "
+                f"([N, ...]); got {got}, a [T, N, ...] sequence of {got[0]} steps? Run it with "
+                f"snnc.run(g, x, T={got[0]}), or make the multi-step graph with unroll_timesteps(g, T={got[0]})")
+        if layout == "step" and T is not None and x.dim() == rank + 1:
+            raise InputError(f"input {i}: this graph encodes its T={T} time steps itself and expects one "
+                             f"static input of shape {list(want)} ([N, ...]); got {got}")
+        if layout == "seq" and (x.dim() != rank or (T is not None and got[0] != T)):
+            raise InputError(f"input {i}: this multi-step graph was unrolled for T={T} and expects shape "
+                             f"{list(want)} ({_shape_words(layout, T)}); got {got}"
+                             + (f"; unroll the per-step graph again with T={got[0]}" if x.dim() == rank else ""))
+
+
+def _has_state(gm) -> bool:
+    return any(getattr(registry.module_record(m), "state", ()) for m in gm.modules())
+
+
+def _call_check_hook(module, args):
+    check_call(module, args)
+
+
+def install_call_check(gm: fx.GraphModule) -> None:
+    """Make ``gm(...)`` check its calling convention (a forward pre-hook; idempotent)."""
+    if _call_check_hook not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_call_check_hook)
+
+
+def _fingerprint(gm: fx.GraphModule):
+    """What the metadata depends on: the code, the input spec, every module's configuration and
+    every parameter's shape and dtype (not values: they change no shape)."""
+    mods = tuple((name, type(m).__name__, m.extra_repr()) for name, m in gm.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in
+                    list(gm.named_parameters()) + list(gm.named_buffers()))
+    return (str(gm.graph), repr(getattr(gm, "snnc_spec", None)), mods, tensors)
+
+
+def metadata_is_current(gm: fx.GraphModule) -> bool:
+    """True when ``annotate`` ran on ``gm`` as it is now (so its metadata needs no re-run)."""
+    key = getattr(gm, "_snnc_meta_key", None)
+    return (key is not None and all("snnc" in n.meta for n in gm.graph.nodes)
+            and key == _fingerprint(gm))
 
 
 def info(node: fx.Node) -> TensorInfo | None:

@@ -31,11 +31,15 @@ from torch import fx, nn
 from .errors import SnncError, UnsupportedOp, node_ref
 from .fileio import atomic_write
 from .ir import graph_spec, info, op_name
-from .ops import IF, LIF, DirectEncoder, ParametricLIF
+from .ops import IF, LIF, DirectEncoder, ParametricLIF, registry
 
 _PASS_THROUGH = (DirectEncoder, nn.Dropout, nn.Identity)
-SUPPORTED_OPS = ("nn.linear", "nn.conv1d", "nn.conv2d", "nn.flatten", "flatten", "nn.avg_pool2d", "mul (by a constant)",
-                 "add", "snn.if", "snn.lif", "snn.plif", "snn.direct_encoder (per-step)", "nn.dropout", "nn.identity")
+_QUALIFIED = {"mul": "mul (by a constant)", "snn.direct_encoder": "snn.direct_encoder (per-step)"}
+
+
+def supported_ops() -> list[str]:
+    """The ops whose record has a ``nir_out`` hook (the mapping itself is below)."""
+    return [_QUALIFIED.get(n, n) for n in registry.supported("nir_out")]
 
 
 def _np(t) -> np.ndarray:
@@ -120,6 +124,8 @@ class _Exporter:
 
     def export_module(self, n, mod):
         import nir
+        if not registry.has_hook(registry.lookup(self.gm, n), "nir_out"):
+            self.unsupported(n)   # e.g. a subclass of LIF with its own update (ALIF, DSR) is not a NIR LIF
         srcs = self.srcs(n)
         if isinstance(mod, _PASS_THROUGH) and getattr(mod, "step_mode", "s") == "s":
             self.sources[n] = srcs
@@ -193,7 +199,7 @@ class _Exporter:
 
     def unsupported(self, n):
         raise UnsupportedOp(f"{node_ref(n)}: op {op_name(self.gm, n)} has no NIR mapping; supported: "
-                            + ", ".join(SUPPORTED_OPS))
+                            + ", ".join(supported_ops()))
 
 
 def to_nir(gm: fx.GraphModule, dt: float = 1.0, path=None, overwrite: bool = False):

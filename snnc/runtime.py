@@ -10,18 +10,10 @@ from torch import fx, nn
 
 from .errors import FileFormatError, InputError
 from .fileio import atomic_write, require_file
-from .ir import graph_spec
-from .ops import Readout, is_snnc_op
+from .ir import graph_spec, install_call_check
+from .ops import Readout, reset
 
 GRAPH_FORMAT = "snnc-graph"
-
-
-def reset(model: nn.Module) -> nn.Module:
-    """Reset the state of every snnc op inside ``model`` (membranes, readouts, encoder RNGs)."""
-    for m in model.modules():
-        if is_snnc_op(m) and hasattr(m, "reset"):
-            m.reset()
-    return model
 
 
 def _ends_in_readout(gm: fx.GraphModule) -> bool:
@@ -83,4 +75,5 @@ def load_graph(path) -> fx.GraphModule:
                               f"format={GRAPH_FORMAT!r}; write one with snnc.save)")
     gm = payload["module"]
     gm.snnc_spec = payload["spec"]
+    install_call_check(gm)
     return gm

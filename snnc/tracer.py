@@ -8,10 +8,10 @@ from torch import fx, nn
 
 from .errors import SnncError, TraceError
 from .frontends import convert_foreign_modules
-from .ir import MODULE_OPS, annotate, make_spec
 from . import runtime
 from .capture import ExplicitState, reroll, repeated_calls, time_idioms, value_tracer
-from .ops import DirectEncoder, is_snnc_op
+from .ir import annotate, make_spec
+from .ops import DirectEncoder, is_snnc_op, registry
 
 
 class _Tracer(fx.Tracer):
@@ -24,7 +24,7 @@ class _Tracer(fx.Tracer):
         self.failed_in = None
 
     def is_leaf_module(self, m, qualname):
-        return is_snnc_op(m) or type(m) in MODULE_OPS or super().is_leaf_module(m, qualname)
+        return is_snnc_op(m) or registry.module_record(m) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)

@@ -38,44 +38,27 @@ import torch
 from torch import fx, nn
 
 from snnc.compiled import CompiledModule, output_meaning
-from snnc.errors import FileFormatError, SnncError, UnsupportedOp, node_ref
-from snnc.ir import example_inputs, graph_spec, op_name
-from snnc.ops import Neuron, PoissonEncoder, Readout
+from snnc.errors import FileFormatError, SnncError, UnsupportedOp
+from snnc.ir import example_inputs, graph_spec
+from snnc.ops import Neuron, registry
 
 OPSET = 18
-# Every op of the spiking IR (the op tables plus every snnc.ops op) is exported from its reference
-# forward, except these, with why; ops the IR does not know raise UnsupportedOp as well.
-_REFUSED = {"snn.poisson_encoder": "torch's random stream cannot be reproduced in ONNX; feed encoded "
-                                   "spikes as the input instead",
-            "snn.neuron": "abstract base class"}
-_REFUSED_PREFIX = {"int.": "the integer IR runs on tvm:int or torch; ONNX has no saturating integer "
-                           "neuron arithmetic"}
-
-
-def _refusal(name: str) -> str | None:
-    return _REFUSED.get(name) or next((why for p, why in _REFUSED_PREFIX.items() if name.startswith(p)), None)
 
 
 def supported_ops() -> list[str]:
-    from snnc.verifier import supported_ops as ir_ops
-    return [name for name in ir_ops() if _refusal(name) is None]
+    """The ops whose record has an ``onnx`` hook (exported from their reference forward)."""
+    return registry.supported("onnx")
 
 
 def _check_ops(gm: fx.GraphModule) -> None:
-    ok = set(supported_ops())
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
-            continue
-        name = op_name(gm, n)
-        if name not in ok:
-            why = f" ({_refusal(name)})" if _refusal(name) else ""
-            raise UnsupportedOp(f"{node_ref(n)}: op {name} has no onnx lowering{why}; supported: "
-                                + ", ".join(supported_ops()))
+        if n.op not in ("placeholder", "output", "get_attr") and not registry.has_hook(registry.lookup(gm, n), "onnx"):
+            raise UnsupportedOp(registry.unsupported_message(gm, n, "onnx"))
 
 
 def _needs_unroll(gm) -> bool:
-    stateful = (Neuron, Readout, PoissonEncoder)
-    return not graph_spec(gm).get("T") and any(isinstance(m, stateful) for m in gm.modules())
+    stateful = (registry.module_record(m) for m in gm.modules())
+    return not graph_spec(gm).get("T") and any(r is not None and r.state for r in stateful)
 
 
 class _ScanNeuron(nn.Module):

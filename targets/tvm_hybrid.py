@@ -22,7 +22,7 @@ from snnc.ir import info
 from snnc.ops import Neuron, Readout
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
-from .tvm_lower import neuron_scan
+from .tvm_lower import multi_state, neuron_scan, state_kernel
 from .tvm_schedule import conv2d_kernel
 
 TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
@@ -143,10 +143,15 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
         if isinstance(mod, Neuron):
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
-            rule, th = neuron_scan(mod, sample, dtype)
             name = f"scan_{len(kernels)}"
-            kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
-                             dict(device=device, lanes=pick_lanes(math.prod(sample))))
+            if multi_state(mod):
+                th = None
+                kernels[name] = (state_kernel, (mod, shape[0], None, dtype, device),
+                                 dict(lanes=pick_lanes(math.prod(sample))))
+            else:
+                rule, th = neuron_scan(mod, sample, dtype)
+                kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
+                                 dict(device=device, lanes=pick_lanes(math.prod(sample))))
             th = None if th is None else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:

@@ -28,18 +28,16 @@ from torch import fx
 
 from snnc.errors import SnncError, UnsupportedOp, node_ref
 from snnc.ir import example_inputs, graph_spec, info, op_name
-from snnc.ops import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
+from snnc.ops import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntReadout, IntSumPool2d, registry
 
 from .tvm_kernels import NeuronScan, neuron_scan_kernel, pick_lanes
 
 _TIR_DTYPE = {torch.int8: "int8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64"}
-VIEW_OPS = ("time.merge", "time.split", "nn.flatten", "flatten", "view", "reshape", "contiguous")
-KERNEL_OPS = ("int.conv2d", "int.linear", "int.sum_pool2d", "int.max_pool2d", "int.add", "int.if", "int.lif",
-              "int.readout")
 
 
 def supported_ops() -> list[str]:
-    return sorted(KERNEL_OPS + VIEW_OPS + ("snn.direct_encoder",))
+    """The ops whose record has a ``tvm:int`` hook (an emitter below)."""
+    return registry.supported("tvm:int")
 
 
 # --- shapes that scale with the batch --------------------------------------------------------
@@ -307,8 +305,16 @@ def _emit_readout(b: KernelBuilder, node, mod: IntReadout):
     b.kernel(node, name, _parse(lines), [(x, [Tn, m_sym])], [], [m_sym])
 
 
-EMITTERS = {IntConv2d: _emit_conv2d, IntLinear: _emit_linear, IntSumPool2d: _emit_pool, IntMaxPool2d: _emit_pool,
-            IntAdd: _emit_add, IntIF: _emit_neuron, IntLIF: _emit_neuron, IntReadout: _emit_readout}
+def _emit_broadcast(b, node, mod):
+    b.dtype[node] = b.dtype[node.args[0]]
+    b.steps.append({"op": "broadcast", "src": b.value(node.args[0]), "out": b.value(node),
+                    "T": b.T, "out_shape": b.sym[node]})
+
+
+def _emit_view(b, node, mod):
+    b.dtype[node] = b.dtype[node.args[0]]
+    b.steps.append({"op": "view", "src": b.value(node.args[0]), "out": b.value(node),
+                    "out_shape": b.sym[node]})
 
 
 def lower(gm: fx.GraphModule, codegen: str = "llvm"):
@@ -332,22 +338,13 @@ def lower(gm: fx.GraphModule, codegen: str = "llvm"):
             if not isinstance(output, fx.Node):
                 raise UnsupportedOp("tvm:int: the graph must return one tensor")
             continue
-        name = op_name(gm, node)
-        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-        emit = EMITTERS.get(type(mod))
-        if emit is not None:
-            emit(b, node, mod)
-        elif name == "snn.direct_encoder":
-            b.dtype[node] = b.dtype[node.args[0]]
-            b.steps.append({"op": "broadcast", "src": b.value(node.args[0]), "out": b.value(node),
-                            "T": b.T, "out_shape": b.sym[node]})
-        elif name in VIEW_OPS:
-            b.dtype[node] = b.dtype[node.args[0]]
-            b.steps.append({"op": "view", "src": b.value(node.args[0]), "out": b.value(node),
-                            "out_shape": b.sym[node]})
-        else:
+        rec = registry.lookup(gm, node)
+        if not registry.has_hook(rec, "tvm:int"):
+            name = rec.name if rec else op_name(gm, node)
             raise UnsupportedOp(f"tvm:int: {node_ref(node)} ({name}) has no integer kernel; supported: "
                                 f"{', '.join(supported_ops())}")
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        registry.resolve(rec.hooks["tvm:int"])(b, node, mod)
     plan = {"inputs": inputs, "input_shapes": [b.sym[n] for n in gm.graph.nodes if n.op == "placeholder"],
             "output": b.value(output), "output_dtype": str(info(output).dtype).replace("torch.", ""), "steps": b.steps,
             "layout": spec["layout"], "T": b.T}

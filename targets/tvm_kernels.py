@@ -59,7 +59,8 @@ class NeuronScan:
     charge: ChargeFn
     v_th: float | int | str = 1.0
     compare: str = ">="            # ">=" (spikingjelly) or ">" (Wu 2019)
-    reset: str = "subtract"        # "subtract" (Rueckauer 2017) or "zero" (hard reset to v_reset)
+    reset: str = "subtract"        # "subtract" (Rueckauer 2017), "zero" (hard reset to v_reset) or
+                                   # "subtract_after_leak" (snntorch: V = H, the next charge subtracts)
     v_reset: float | int = 0
     v_init: float | int = 0
     threshold_size: int = 1
@@ -75,8 +76,8 @@ def pick_lanes(n: int, widest: int = 16) -> int:
 
 
 def _rule(p: NeuronScan, dtype: str):
-    """fire(h, i, th) / reset(h, i, th) as expression builders; ``th`` is the threshold buffer
-    (or None for a scalar v_th) and ``i`` the flat neuron index."""
+    """charge(v, x, i, th) / fire(h, i, th) / reset(h, i, th) as expression builders; ``th`` is
+    the threshold buffer (or None for a scalar v_th) and ``i`` the flat neuron index."""
     one, zero = T.Cast(dtype, 1), T.Cast(dtype, 0)
     v_reset = T.Cast(dtype, p.v_reset)
 
@@ -95,8 +96,17 @@ def _rule(p: NeuronScan, dtype: str):
         # s is 0 or 1, so H - v_th*S and H*(1-S) + v_reset*S are these selects, bit for bit
         if p.reset == "subtract":
             return T.Select(fired(h, i, th), h - threshold(i, th), h)
+        if p.reset == "subtract_after_leak":
+            return h
         return T.Select(fired(h, i, th), v_reset, h)
-    return fire, reset
+
+    def charge(v, x, i, th=None):
+        # snntorch's order: H[t] = f(V[t-1], X[t]) - v_th * Θ(V[t-1] - v_th), the reset not decayed
+        if p.reset == "subtract_after_leak":
+            h = p.charge(v, x)
+            return T.Select(fired(v, i, th), h - threshold(i, th), h)
+        return p.charge(v, x)
+    return charge, fire, reset
 
 
 def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *,
@@ -108,7 +118,7 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
     size (then ``lanes`` must divide every M it will see: pass ``pick_lanes(sample_size)``).
     ``device`` is ``"cpu"`` (parallel + vectorised chunks) or ``"gpu"`` (one thread per neuron).
     """
-    if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero"):
+    if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero", "subtract_after_leak"):
         raise ValueError(f"neuron_scan_kernel: compare={p.compare!r} reset={p.reset!r} not supported")
     if device == "gpu":
         return _scan_gpu(T_steps, M, dtype, p)
@@ -121,8 +131,7 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
 def _scan_cpu(Tn, M_static, dtype, p, lanes):
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge = p.charge
+    charge, fire, reset = _rule(p, dtype)
 
     @T.prim_func(s_tir=True)
     def neuron_scan(x: T.handle, s: T.handle):
@@ -132,11 +141,11 @@ def _scan_cpu(Tn, M_static, dtype, p, lanes):
         with T.sblock("root"):
             for io in T.parallel(M // lanes):
                 for ii in T.vectorized(lanes):
-                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii])
+                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii], io * lanes + ii)
                 for t in T.unroll(1, Tn):
                     for ii in T.vectorized(lanes):
                         S[t, io * lanes + ii] = charge(reset(S[t - 1, io * lanes + ii], io * lanes + ii),
-                                                       X[t, io * lanes + ii])
+                                                       X[t, io * lanes + ii], io * lanes + ii)
                     for ii in T.vectorized(lanes):
                         S[t - 1, io * lanes + ii] = fire(S[t - 1, io * lanes + ii], io * lanes + ii)
                 for ii in T.vectorized(lanes):
@@ -147,8 +156,8 @@ def _scan_cpu(Tn, M_static, dtype, p, lanes):
 def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge, C = p.charge, p.threshold_size
+    charge, fire, reset = _rule(p, dtype)
+    C = p.threshold_size
 
     @T.prim_func(s_tir=True)
     def neuron_scan(x: T.handle, th: T.handle, s: T.handle):
@@ -159,11 +168,11 @@ def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
         with T.sblock("root"):
             for io in T.parallel(M // lanes):
                 for ii in T.vectorized(lanes):
-                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii])
+                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii], io * lanes + ii, VTH)
                 for t in T.unroll(1, Tn):
                     for ii in T.vectorized(lanes):
                         S[t, io * lanes + ii] = charge(reset(S[t - 1, io * lanes + ii], io * lanes + ii, VTH),
-                                                       X[t, io * lanes + ii])
+                                                       X[t, io * lanes + ii], io * lanes + ii, VTH)
                     for ii in T.vectorized(lanes):
                         S[t - 1, io * lanes + ii] = fire(S[t - 1, io * lanes + ii], io * lanes + ii, VTH)
                 for ii in T.vectorized(lanes):
@@ -175,8 +184,8 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
     """One thread per neuron; H and V in registers (``local`` scalars); S written once per step."""
     M = _size(M_static)
     init = T.Cast(dtype, p.v_init)
-    fire, reset = _rule(p, dtype)
-    charge, C = p.charge, max(1, p.threshold_size)
+    charge, fire, reset = _rule(p, dtype)
+    C = max(1, p.threshold_size)
     with_th = p.v_th == "buffer"
 
     @T.prim_func(s_tir=True)
@@ -196,7 +205,7 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                         if bx * threads + tx < M:
                             V[0] = init
                             for t in T.serial(Tn):  # nvcc unrolls it; one launch for all T
-                                H[0] = charge(V[0], X[t, bx * threads + tx])
+                                H[0] = charge(V[0], X[t, bx * threads + tx], bx * threads + tx, VTH)
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx, VTH)
                                 V[0] = reset(H[0], bx * threads + tx, VTH)
     if with_th:
@@ -218,7 +227,7 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                         if bx * threads + tx < M:
                             V[0] = init
                             for t in T.serial(Tn):  # nvcc unrolls it; one launch for all T
-                                H[0] = charge(V[0], X[t, bx * threads + tx])
+                                H[0] = charge(V[0], X[t, bx * threads + tx], bx * threads + tx)
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx)
                                 V[0] = reset(H[0], bx * threads + tx)
     return neuron_scan_scalar_th
@@ -269,3 +278,94 @@ def readout_kernel(T_steps: int, M: int | None, dtype: str, *, device: str = "cp
                 for ii in T.vectorized(lanes):
                     Y[io * lanes + ii] = mean(X, io * lanes + ii)
     return readout
+
+
+def state_scan_kernel(T_steps: int, M: int | None, dtype: str, update, init, *,
+                      device: str = "cpu", lanes: int | None = None):
+    """PrimFunc ``(X[T, M], S[T, M])``: the fused scan of a neuron with several state variables.
+
+    ``update(x, state) -> (spike, new_state)`` builds TIR expressions from ``x`` and the list of
+    state values (the neuron's own update rule); ``init`` lists each state variable's initial
+    value. Each chunk of neurons keeps its state in a local buffer and walks t = 0..T-1; the new
+    state of variable k is one select over k, so any number of variables needs no new code. The
+    loops inside a chunk are serial (no let-bound scalars in vectorised loops, TVM-NOTES.md)."""
+    K = len(init)
+    init = [T.Cast(dtype, v) for v in init]
+
+    def _state(ST, j):
+        return [ST[k, j] for k in range(K)]
+
+    def spike(x, ST, j):
+        return update(x, _state(ST, j))[0]
+
+    def new_state(x, ST, j, k):
+        values = update(x, _state(ST, j))[1]
+        out = values[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, values[idx], out)
+        return out
+
+    def initial(k):
+        out = init[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, init[idx], out)
+        return out
+
+    if device == "gpu":
+        return _state_scan_gpu(T_steps, M, dtype, K, spike, new_state, initial)
+    lanes = lanes or (pick_lanes(M) if M is not None else 1)
+    if M is not None and M % lanes:
+        raise ValueError(f"state_scan_kernel: lanes={lanes} does not divide M={M}")
+    Mv = _size(M)
+
+    @T.prim_func(s_tir=True)
+    def state_scan(x: T.handle, s: T.handle):
+        T.func_attr({"tir.noalias": True})
+        X = T.match_buffer(x, (T_steps, Mv), dtype)
+        S = T.match_buffer(s, (T_steps, Mv), dtype)
+        with T.sblock("root"):
+            for io in T.parallel(Mv // lanes):
+                with T.sblock("chunk"):
+                    T.reads(X[0:T_steps, io * lanes:io * lanes + lanes])
+                    T.writes(S[0:T_steps, io * lanes:io * lanes + lanes])
+                    ST = T.alloc_buffer((K, lanes), dtype, scope="local")
+                    NEW = T.alloc_buffer((K, lanes), dtype, scope="local")
+                    for k in T.serial(K):
+                        for j in T.serial(lanes):
+                            ST[k, j] = initial(k)
+                    for t in T.serial(T_steps):
+                        for j in T.serial(lanes):
+                            S[t, io * lanes + j] = spike(X[t, io * lanes + j], ST, j)
+                            for k in T.serial(K):
+                                NEW[k, j] = new_state(X[t, io * lanes + j], ST, j, k)
+                            for k in T.serial(K):
+                                ST[k, j] = NEW[k, j]
+    return state_scan
+
+
+def _state_scan_gpu(Tn, M_static, dtype, K, spike, new_state, initial, threads=256):
+    M = _size(M_static)
+
+    @T.prim_func(s_tir=True)
+    def state_scan(x: T.handle, s: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        X = T.match_buffer(x, (Tn, M), dtype)
+        S = T.match_buffer(s, (Tn, M), dtype)
+        with T.sblock("root"):
+            for bx in T.thread_binding((M + threads - 1) // threads, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    with T.sblock("scan"):
+                        T.reads(X[0:Tn, bx * threads + tx])
+                        T.writes(S[0:Tn, bx * threads + tx])
+                        ST = T.alloc_buffer((K, 1), dtype, scope="local")
+                        NEW = T.alloc_buffer((K, 1), dtype, scope="local")
+                        if bx * threads + tx < M:
+                            for k in T.serial(K):
+                                ST[k, 0] = initial(k)
+                            for t in T.serial(Tn):
+                                S[t, bx * threads + tx] = spike(X[t, bx * threads + tx], ST, 0)
+                                for k in T.serial(K):
+                                    NEW[k, 0] = new_state(X[t, bx * threads + tx], ST, 0, k)
+                                for k in T.serial(K):
+                                    ST[k, 0] = NEW[k, 0]
+    return state_scan

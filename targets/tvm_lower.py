@@ -1,8 +1,9 @@
 """Lowering of the unrolled (multi-step) spiking IR to a Relax ``IRModule``.
 
 Standard layers go through TVM's torch frontend (``TorchFXImporter``: conv, linear, BN, pooling,
-reshapes, arithmetic); the spiking ops go through snnc's converter table ``SPIKING_CONVERTERS``
-below, which the importer consults like its own table. Each neuron layer becomes ONE
+reshapes, arithmetic); an op whose record (``snnc.ops.registry``) has a ``tvm`` hook other than
+``FORWARD`` goes through that converter (the converters below), which the importer consults like
+its own table. Each neuron layer becomes ONE
 ``call_tir`` of the fused scan kernel in ``tvm_kernels.py`` (the T loop inside the kernel), not T
 copies of an elementwise update.
 
@@ -14,53 +15,99 @@ Guarantees: the Relax function ``main`` takes the graph's inputs (static shapes 
 from __future__ import annotations
 
 import math
+import types
 
-import numpy as np
 import torch
 import tvm
 from torch import fx, nn
 from tvm import relax
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
-from tvm.script import tirx as T
 
 from snnc.errors import UnsupportedOp, node_ref
-from snnc.ir import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, info, op_name
-from snnc.ops import IF, LIF, DirectEncoder, MergeTime, Neuron, ParametricLIF, Readout, SplitTime, is_snnc_op
+from snnc.ir import info
+from snnc.ops import registry
 
-from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel
+from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel, state_scan_kernel
 
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps must not merge a hand-scheduled kernel
 
 
 # --- neuron rule: snnc neuron module -> NeuronScan ------------------------------------------------
 
-def _f(dtype, value):
-    """A Python float as a constant of ``dtype``: torch rounds a Python scalar to the tensor's
-    dtype the same way, so the kernel sees the reference's constants bit for bit."""
-    return T.Cast(dtype, float(np.asarray(value, dtype=dtype)))
+class _Constants:
+    """The neuron as its ``charge`` sees it, with tensor parameters read as Python floats
+    (a trainable ``w`` of PLIF, say); Python floats become constants of the kernel's dtype when
+    they meet a TIR expression, rounded as torch rounds a scalar against a tensor."""
+
+    def __init__(self, neuron):
+        self._neuron = neuron
+
+    def __getattr__(self, name):
+        value = getattr(self._neuron, name)
+        if isinstance(value, types.MethodType) and value.__self__ is self._neuron:
+            return types.MethodType(value.__func__, self)   # its methods see the constants too
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise UnsupportedOp(f"{type(self._neuron).__name__}.{name} is a tensor of {value.numel()} values; "
+                                    "the TVM lowering of charge() takes scalar parameters")
+            return float(value.detach().float())
+        return value
+
+
+class _TIRMath:
+    """TIR forms of the helpers a neuron's ``update`` may use (torch forms: ``TorchMath``)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def heaviside(self, z, strict):
+        one, zero = tvm.tirx.const(1, self.dtype), tvm.tirx.const(0, self.dtype)
+        return tvm.tirx.Select(z > zero if strict else z >= zero, one, zero)
+
+
+def update_rule(neuron, dtype="float32"):
+    """``update(x, state) -> (spike, new_state)`` on TIR expressions for a multi-state neuron:
+    its own ``update`` method, evaluated on TIR values."""
+    view, math_ = _Constants(neuron), _TIRMath(dtype)
+
+    def rule(x, state):
+        try:
+            s, new = type(neuron).update(view, x, tuple(state), math_)
+        except UnsupportedOp:
+            raise
+        except Exception as e:
+            raise UnsupportedOp(f"{type(neuron).__name__}.update is not plain arithmetic, so it has no TVM "
+                                f"lowering ({type(e).__name__}: {e})") from None
+        return s, list(new)
+    return rule
+
+
+def state_kernel(neuron, steps, M, dtype, device, lanes=None):
+    """The scan PrimFunc of a neuron with several state variables (its record's ``state``)."""
+    init = [float(t.reshape(-1)[0]) for t in neuron.initial_state(torch.zeros(1))]
+    return state_scan_kernel(steps, M, dtype, update_rule(neuron, dtype), init, device=device, lanes=lanes)
+
+
+def multi_state(neuron) -> bool:
+    rec = registry.module_record(neuron)
+    return rec is not None and len(rec.state) > 1
 
 
 def charge_rule(neuron, dtype="float32"):
-    """``charge(v, x)`` for an snnc neuron, op for op as its ``charge`` method (same rounding).
-    Exact types only: a subclass may redefine ``charge``, and must not be lowered as its base."""
-    kind = type(neuron)
-    if kind is IF:
-        return lambda v, x: v + x
-    if kind is LIF:
-        decay, gain, leak = _f(dtype, neuron.decay), _f(dtype, neuron.gain), _f(dtype, neuron.v_leak)
-        if neuron.v_leak == 0.0:
-            leaked = lambda v: v * decay
-        else:
-            leaked = lambda v: leak + (v - leak) * decay
-        if neuron.decay_input:
-            return lambda v, x: leaked(v) + x * gain
-        return lambda v, x: leaked(v) + x
-    if kind is ParametricLIF:
-        k = _f(dtype, neuron.w.detach().float().sigmoid().item())
-        leak = _f(dtype, neuron.v_leak)
-        return lambda v, x: v + (x - (v - leak)) * k
-    raise UnsupportedOp(f"{type(neuron).__name__} has no TVM lowering; supported neurons: "
-                        f"{', '.join(sorted(c.op_name for c in (IF, LIF, ParametricLIF)))}")
+    """``charge(v, x)`` on TIR expressions: the neuron's own ``charge`` method (the reference
+    semantics, plain arithmetic), evaluated on TIR values instead of torch tensors."""
+    charge = type(neuron).charge
+    view = _Constants(neuron)
+
+    def rule(v, x):
+        try:
+            return charge(view, v, x)
+        except UnsupportedOp:
+            raise
+        except Exception as e:
+            raise UnsupportedOp(f"{type(neuron).__name__}.charge is not plain arithmetic, so it has no TVM "
+                                f"lowering ({type(e).__name__}: {e})") from None
+    return rule
 
 
 def threshold_layout(v_th, sample_shape):
@@ -120,9 +167,12 @@ def _convert_neuron(imp, node):
         return _convert_exported(imp, node)
     (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
     steps, M = shape[0], math.prod(shape[1:])
-    rule, th = neuron_scan(mod, shape[2:], dtype)
     name = f"{type(mod).op_name.replace('.', '_')}_scan"
-    func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
+    if multi_state(mod):
+        func, th = state_kernel(mod, steps, M, dtype, imp.snnc_device), None
+    else:
+        rule, th = neuron_scan(mod, shape[2:], dtype)
+        func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
     gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
     flat = _reshape(bb, x, (steps, M))
@@ -132,10 +182,13 @@ def _convert_neuron(imp, node):
 
 
 def fused_scan_ok(mod) -> bool:
-    """Whether the fused TIR scan implements this neuron (exact IF / LIF / PLIF types, one output,
-    the reset modes and scalar constants the scan knows); other neurons lower from their forward."""
-    return (type(mod) in (IF, LIF, ParametricLIF) and mod.reset_mode in ("subtract", "zero")
-            and not getattr(mod, "output_membrane", False) and not isinstance(getattr(mod, "decay", 0.0), torch.Tensor))
+    """Whether the fused TIR scan implements this neuron: one output (spikes), a reset mode the
+    scan knows, scalar constants in ``charge``; other neurons (a LIF reporting its membrane, with
+    per-neuron decay or reset="none", the peers' StateNeurons) lower from their exported forward."""
+    from snnc.ops import StateNeuron
+    return (not isinstance(mod, StateNeuron) and not getattr(mod, "output_membrane", False)
+            and getattr(mod, "reset_mode", "subtract") != "none"
+            and not isinstance(getattr(mod, "decay", 0.0), torch.Tensor))
 
 
 def _convert_exported(imp, node):
@@ -205,66 +258,48 @@ def _convert_batch_norm(imp, node):
     return imp.block_builder.emit(relax.TupleGetItem(out, 0))
 
 
-SPIKING_CONVERTERS = {
-    IF: _convert_neuron, LIF: _convert_neuron, ParametricLIF: _convert_neuron,
-    Readout: _convert_readout, DirectEncoder: _convert_direct_encoder,
-    MergeTime: _convert_reshape, SplitTime: _convert_reshape,
-}
-# standard layers whose frontend converter does not match the reference (inference) semantics
-OVERRIDES = {nn.BatchNorm1d: _convert_batch_norm, nn.BatchNorm2d: _convert_batch_norm}
-
-
 # --- the importer --------------------------------------------------------------------------------
 
 def _importer(device, gm=None):
+    """TVM's torch importer with snnc's converters for the graph's ops whose ``tvm`` hook is one
+    (ops whose hook is ``FORWARD`` keep the frontend's own converter)."""
     imp = TorchFXImporter()
     imp.snnc_device = device
-    table = {**SPIKING_CONVERTERS, **OVERRIDES}
-    for mod in (gm.modules() if gm is not None else ()):  # snnc ops without a hand-written converter
-        if is_snnc_op(mod) and type(mod) not in table and getattr(type(mod), "exportable", isinstance(mod, Neuron)):
-            table[type(mod)] = _convert_exported
-    imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in table.items()})
+    if gm is not None:
+        convs = {}
+        for m in gm.modules():
+            rec = registry.module_record(m)
+            h = rec.hooks.get("tvm") if rec is not None else None
+            if h is not None and h != registry.FORWARD:
+                convs[type(m)] = registry.resolve(h)
+        imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in convs.items()})
     return imp
 
 
 def supported_ops() -> list[str]:
-    """Names (as in the IR dump) of every op this lowering handles."""
-    imp = _importer("cpu")
-    names = {spec.name for cls, spec in MODULE_OPS.items() if cls in imp.convert_map}
-    names |= {spec.name for fn, spec in FUNCTION_OPS.items()
-              if getattr(fn, "__name__", None) in imp.convert_map}
-    names |= {spec.name for m, spec in METHOD_OPS.items() if m in imp.convert_map}
-    names |= {cls.op_name for cls in SPIKING_CONVERTERS}
-    return sorted(names)
+    """Names (as in the IR dump) of every op this lowering handles: those with a ``tvm`` hook."""
+    return registry.supported("tvm")
 
 
 def check_supported(gm: fx.GraphModule, imp=None) -> None:
     """Raise ``UnsupportedOp`` naming the first node the lowering cannot handle."""
-    imp = imp or _importer("cpu", gm)
-    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        rec = registry.lookup(gm, node)
+        if not registry.has_hook(rec, "tvm"):
+            raise UnsupportedOp(registry.unsupported_message(gm, node, "tvm"))
         if node.op == "call_module":
-            ok = type(modules[node.target]) in imp.convert_map
-        elif node.op == "call_function":
-            ok = getattr(node.target, "__name__", None) in imp.convert_map
-        elif node.op == "call_method":
-            ok = node.target in imp.convert_map
-        else:
-            ok = True
-        if ok and node.op == "call_module":
-            mod = modules[node.target]
-            if getattr(mod, "step_mode", "m") != "m" and not isinstance(mod, DirectEncoder):
-                raise UnsupportedOp(f"{node_ref(node)}: {op_name(gm, node)} runs per step; the TVM "
+            mod = gm.get_submodule(node.target)
+            if getattr(mod, "step_mode", "m") != "m" and rec.over_time != "encode":
+                raise UnsupportedOp(f"{node_ref(node)}: {rec.name} runs per step; the TVM "
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")
-        if not ok:
-            raise UnsupportedOp(f"{node_ref(node)}: op {op_name(gm, node)} has no TVM lowering; "
-                                f"supported: {', '.join(supported_ops())}")
 
 
 def to_relax(gm: fx.GraphModule, device: str = "cpu") -> tvm.IRModule:
     """The Relax ``IRModule`` of an annotated multi-step graph (``device``: "cpu" or "gpu")."""
+    check_supported(gm)
     imp = _importer(device, gm)
-    check_supported(gm, imp)
     spec = gm.snnc_spec
     input_info = [(tuple(shape), dtype) for shape, dtype in spec["inputs"]]
     return imp.from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,

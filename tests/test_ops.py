@@ -98,11 +98,20 @@ def test_signed_poisson_carries_sign():
     assert abs(s[:, 0, 2].mean().item() + 0.5) < 0.04
 
 
+def test_lif_default_is_spikingjellys_tau_2():
+    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
+    assert LIF().tau == 2.0 and LIF().decay == 0.5
+    x = torch.rand(6, 3, 5) * 1.5
+    ref = sj.LIFNode(step_mode="m", v_reset=None)(x)   # spikingjelly's own defaults, soft reset
+    ours = LIF(step_mode="m", decay_input=True)(x)
+    assert torch.equal(ours, ref)
+
+
 def test_bad_neuron_arguments_are_named():
     with pytest.raises(ValueError, match="reset="):
         IF(reset="soft")
-    with pytest.raises(ValueError, match="exactly one of tau= or decay="):
-        LIF()
+    with pytest.raises(ValueError, match="one of tau= or decay=, not both"):
+        LIF(tau=2.0, decay=0.5)
     with pytest.raises(ValueError, match="tau=0.5"):
         LIF(tau=0.5)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import FORWARD, register_op, seq_when_multi_step
+
 
 class DirectEncoder(nn.Module):
     """Constant-current coding: ``X[t] = x`` for every t (the analog input drives the first layer
@@ -152,3 +154,38 @@ class SplitTime(nn.Module):
 
     def attrs(self):
         return {"T": self.T}
+
+
+# --- op records ---------------------------------------------------------------------------------
+def _seq_if_multi_step(mod, layouts):
+    return "seq" if mod.step_mode == "m" else (layouts[0] if layouts else "step")
+
+
+def _encoded_shape(mod, ins):
+    (shape, dtype), = ins[:1]
+    return ((mod.T, *shape), dtype) if mod.step_mode == "m" else (shape, dtype)
+
+
+def _readout_shape(mod, ins):
+    shape, dtype = ins[0]
+    return (shape[1:], dtype) if mod.step_mode == "m" else (shape, dtype)
+
+
+_TVM = "snnc.targets.tvm_lower:"
+register_op(DirectEncoder, spiking="keep", over_time="encode", layout=_seq_if_multi_step, shape=_encoded_shape,
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_direct_encoder", "nir_out": FORWARD,
+                   "tvm:int": "snnc.targets.tvm_int_lower:_emit_broadcast"})
+register_op(PoissonEncoder, spiking="yes", over_time="encode", state=("generator",), layout=_seq_if_multi_step,
+            shape=_encoded_shape,
+            refused={"onnx": "torch's random stream cannot be reproduced in ONNX; feed encoded spikes as "
+                             "the input instead"})
+register_op(Readout, spiking="no", state=("acc",), over_time="loop", accepts=seq_when_multi_step,
+            shape=_readout_shape,
+            layout=lambda m, ls: "step" if m.step_mode == "m" else (ls[0] if ls else "step"),
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_readout"})
+register_op(MergeTime, spiking="keep", accepts=lambda m: {"seq"}, layout=lambda m, ls: "flat",
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape",
+                   "tvm:int": "snnc.targets.tvm_int_lower:_emit_view"})
+register_op(SplitTime, spiking="keep", accepts=lambda m: {"flat"}, layout=lambda m, ls: "seq",
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape",
+                   "tvm:int": "snnc.targets.tvm_int_lower:_emit_view"})

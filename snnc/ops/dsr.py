@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
+
 from .neuron_scan import linear_charge
-from .neurons import IF, LIF
-from .surrogate import heaviside
+from .neurons import IF, LIF, heaviside
 
 
 def _loop(neuron, x_seq):
@@ -144,3 +145,11 @@ class DSRLIF(_DSRFiring, LIF):
 
     def attrs(self):
         return self.dsr_attrs(LIF.attrs(self))
+
+
+# fused_scan: the linear charge (decay, gain) DSR's sequence backward needs; their own fire and
+# reset keep them off the surrogate scan (neuron_scan.fusable)
+register_op(DSRIF, spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step,
+            shape=same_as_input, hooks={"onnx": FORWARD, "fused_scan": lambda n: (1.0, 1.0)})
+register_op(DSRLIF, spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step,
+            shape=same_as_input, hooks={"onnx": FORWARD, "fused_scan": lambda n: (n.decay, n.gain)})

@@ -22,6 +22,8 @@ from torch import nn
 
 from snnc.errors import SnncError
 
+from .registry import register_op, seq_when_multi_step
+
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
@@ -288,3 +290,15 @@ class IntReadout(nn.Module):
 
 
 INTEGER_OPS = (IntConv2d, IntLinear, IntSumPool2d, IntMaxPool2d, IntAdd, IntIF, IntLIF, IntReadout)
+
+
+# --- op records: the integer IR runs in torch (reference) and on tvm:int --------------------------
+_INT = "snnc.targets.tvm_int_lower:"
+_NO_ONNX = {"onnx": "the integer IR runs on tvm:int or torch; ONNX has no saturating integer neuron arithmetic"}
+for _cls, _emit, _kw in [
+        (IntConv2d, "_emit_conv2d", {}), (IntLinear, "_emit_linear", {}), (IntSumPool2d, "_emit_pool", {}),
+        (IntMaxPool2d, "_emit_pool", {}), (IntAdd, "_emit_add", {}),
+        (IntIF, "_emit_neuron", {"state": ("v",), "accepts": seq_when_multi_step}),
+        (IntLIF, "_emit_neuron", {"state": ("v",), "accepts": seq_when_multi_step}),
+        (IntReadout, "_emit_readout", {"accepts": seq_when_multi_step, "layout": lambda m, ls: "step"})]:
+    register_op(_cls, hooks={"tvm:int": _INT + _emit}, refused=_NO_ONNX, **_kw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .neurons import StateNeuron
+from .registry import FORWARD, register_op, seq_when_multi_step
 
 
 def _t(v):
@@ -47,3 +48,10 @@ class LeakyIntegrator(StateNeuron):
         if self.output_state:
             a["output_state"] = True
         return a
+
+
+# op record: torch runs the forward above; ONNX traces it; TVM imports it exported (no fused scan:
+# ``snnc.targets.tvm_lower._convert_exported``). No shape rule: outputs may be a tuple (output_state),
+# so shapes come from running the op on fake tensors.
+register_op(LeakyIntegrator, spiking="no", state=("v", "i"), over_time="loop", accepts=seq_when_multi_step,
+            hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})

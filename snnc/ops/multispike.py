@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .neurons import StateNeuron
+from .registry import FORWARD, register_op, seq_when_multi_step
 
 SPIKES = ("multi", "single")
 RESETS = ("subtract", "zero")
@@ -98,3 +99,10 @@ class MultiSpikeLIF(StateNeuron):
             a["min_v"] = float(self.min_v)
         a["layout"] = f"squeeze{list(self.squeeze)}" if self.squeeze else "[N,T,...]"
         return a
+
+
+# op record: torch runs the forward above; ONNX traces it; TVM imports it exported (no fused scan:
+# ``snnc.targets.tvm_lower._convert_exported``). No shape rule: outputs may be a tuple (output_state),
+# so shapes come from running the op on fake tensors.
+register_op(MultiSpikeLIF, spiking="yes", state=("v", "i"), over_time="loop", accepts=None,
+            hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})

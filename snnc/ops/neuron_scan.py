@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .neurons import IF, LIF, Neuron
+from . import registry
 
 
 def step_loop(neuron, x_seq):
@@ -34,20 +34,34 @@ def step_loop(neuron, x_seq):
     return neuron.step_loop(x_seq)
 
 
-def linear_charge(neuron):
-    """``(decay, gain)`` when ``H = decay * V + gain * X (+ const)``, else ``None``."""
-    charge = type(neuron).charge
-    if charge is IF.charge:
-        return 1.0, 1.0
-    if charge is LIF.charge:
-        return neuron.decay, neuron.gain
+def _fused_record_class(neuron):
+    """The registered class whose ``fused_scan`` hook describes ``neuron``'s charge: the nearest
+    base with a record, if that record has the hook and ``neuron`` still uses its ``charge``."""
+    for cls in type(neuron).__mro__:
+        rec = registry.module_class_record(cls)
+        if rec is not None:   # the nearest record describes the neuron (ALIF's: two states, no hook)
+            ok = "fused_scan" in rec.hooks and type(neuron).charge is cls.charge
+            return cls if ok else None
     return None
+
+
+def linear_charge(neuron):
+    """``(decay, gain)`` when ``H = decay * V + gain * X (+ const)``, else ``None`` (from the
+    ``fused_scan`` hook of the neuron's op record)."""
+    cls = _fused_record_class(neuron)
+    return None if cls is None else registry.module_class_record(cls).hooks["fused_scan"](neuron)
+
+
+def _is_linear(neuron, name):
+    cls = _fused_record_class(neuron)
+    return cls is not None and registry.module_class_record(cls).name == name
 
 
 def fusable(neuron) -> bool:
     v_th, cls = neuron.v_th, type(neuron)
-    return (linear_charge(neuron) is not None and cls.fire is Neuron.fire
-            and cls.reset_membrane is Neuron.reset_membrane
+    neuron_cls = registry.record("snn.neuron").modules[0]  # the base class's fire (Θ) and reset
+    return (linear_charge(neuron) is not None and cls.fire is neuron_cls.fire
+            and cls.reset_membrane is neuron_cls.reset_membrane
             and neuron.reset_mode in ("subtract", "zero")  # "subtract_after_leak" (snntorch) runs the step loop
             and not (isinstance(v_th, torch.Tensor) and v_th.requires_grad))
 
@@ -55,7 +69,7 @@ def fusable(neuron) -> bool:
 def _charge(neuron, v, x, decay):
     # the same rounded ops as IF.charge / LIF.charge, in the same order (bit-identical forward);
     # v_leak and decay_input keep the neuron's own expression
-    if type(neuron).charge is IF.charge:
+    if _is_linear(neuron, "snn.if"):
         return v + x
     if neuron.v_leak != 0.0 or neuron.decay_input:
         return neuron.charge(v, x)
@@ -65,16 +79,16 @@ def _charge(neuron, v, x, decay):
 def _native_plan(neuron, x_seq, surrogate):
     """The constants of the C scan (``snnc.ops.native``) when it applies, else None."""
     from . import native
-    from .surrogate import ATan, Rectangular, Sigmoid, Triangle
     v_th = neuron.v_th
-    if (x_seq.dtype != torch.float32 or x_seq.device.type != "cpu" or type(surrogate) not in
-            (ATan, Rectangular, Sigmoid, Triangle) or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)):
+    own = type(surrogate).__module__ == f"{__package__}.surrogate"  # snnc's classes, not a user's subclass
+    if (x_seq.dtype != torch.float32 or x_seq.device.type != "cpu" or not own or
+            getattr(surrogate, "kind", None) not in native.SURROGATE_IDS or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)):
         return None
     lib = native.load()
     if lib is None:
         return None
     decay, gain = linear_charge(neuron)
-    is_lif = type(neuron).charge is LIF.charge
+    is_lif = _is_linear(neuron, "snn.lif")
     return lib, {"decay": decay, "gain": gain, "decay_input": is_lif and neuron.decay_input,
                  "v_leak": neuron.v_leak if is_lif else 0.0, "v_th": float(v_th),
                  "zero_reset": neuron.reset_mode == "zero", "v_reset": neuron.v_reset,

@@ -35,6 +35,13 @@ import math
 import torch
 from torch import nn
 
+from .registry import FORWARD, register_op, same_as_input, seq_when_multi_step
+
+def heaviside(z, strict: bool):
+    """``Θ(z)`` exactly as ``Neuron.fire`` computes it (same ops, same dtype)."""
+    return (z > 0).to(z.dtype) if strict else (z >= 0).to(z.dtype)
+
+
 _RESETS = ("subtract", "zero", "subtract_after_leak", "none")
 _COMPARES = (">=", ">")
 
@@ -126,9 +133,12 @@ class Neuron(nn.Module, abc.ABC):
         v = self.initial_membrane(x_seq[0])
         out, mem = [], []
         for t in range(x_seq.shape[0]):
-            s, v, h = self.step_full(x_seq[t], v)
+            if self.output_membrane:
+                s, v, h = self.step_full(x_seq[t], v)
+                mem.append(h)
+            else:
+                s, v = self.step(x_seq[t], v)
             out.append(s)
-            mem.append(h)
         return (torch.stack(out), torch.stack(mem)) if self.output_membrane else torch.stack(out)
 
     def reset(self):
@@ -160,6 +170,49 @@ class Neuron(nn.Module, abc.ABC):
         return ", ".join(f"{k}={v}" for k, v in self.attrs().items()) + f", step_mode={self.step_mode}"
 
 
+class TorchMath:
+    """The non-arithmetic helpers an ``update`` may use, on torch tensors (the TVM lowering passes
+    TIR forms with the same names)."""
+
+    @staticmethod
+    def heaviside(z, strict):
+        return heaviside(z, strict)
+
+
+class MultiStateNeuron(Neuron):
+    """Base of neurons with several state variables (their op record's ``state``, e.g. ``("v", "a")``).
+
+    Subclasses define ``initial_state(x) -> tuple`` and ``update(x, state, math=TorchMath) ->
+    (spikes, state)`` with plain arithmetic and ``math.heaviside``: that one method is the torch
+    reference, and evaluated on TIR values the body of the TVM scan kernel. Single-step mode keeps
+    the tuple in ``self.v`` between calls; multi-step mode keeps it local to the call."""
+
+    def update(self, x, state, math=TorchMath):
+        raise NotImplementedError
+
+    def initial_state(self, x):
+        raise NotImplementedError
+
+    def step(self, x, state):
+        return self.update(x, state)
+
+    def initial_membrane(self, x):
+        return self.initial_state(x)
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            return self.multi_step(x)
+        if self.v is None or self.v[0].shape != x.shape:
+            self.v = self.initial_state(x)
+        s, self.v = self.update(x, self.v)
+        return s
+
+    def multi_step(self, x_seq):
+        if self.surrogate is not None and hasattr(self.surrogate, "reset"):
+            self.surrogate.reset()
+        return self.step_loop(x_seq)
+
+
 class IF(Neuron):
     """Integrate-and-fire: ``H[t] = V[t-1] + X[t]`` (no leak). The neuron of ANN->SNN conversion."""
 
@@ -178,7 +231,7 @@ class LIF(Neuron):
         H[t] = v_leak + decay * (V[t-1] - v_leak) + gain * X[t]
 
     Give ``decay`` directly (Wu 2019 / snntorch ``beta``) or ``tau`` with ``decay = 1 - 1/tau``
-    (spikingjelly's discretisation). ``decay_input=True`` scales the input by ``gain = 1 - decay``
+    (spikingjelly's discretisation); neither gives spikingjelly's default ``tau=2.0``. ``decay_input=True`` scales the input by ``gain = 1 - decay``
     (spikingjelly's ``decay_input``), else ``gain = 1``.
     """
 
@@ -186,8 +239,10 @@ class LIF(Neuron):
 
     def __init__(self, tau=None, decay=None, decay_input=False, v_leak=0.0, **kw):
         super().__init__(**kw)
-        if (tau is None) == (decay is None):
-            raise ValueError("LIF: give exactly one of tau= or decay=")
+        if tau is not None and decay is not None:
+            raise ValueError("LIF: give one of tau= or decay=, not both")
+        if tau is None and decay is None:
+            tau = 2.0   # spikingjelly's LIFNode default
         if tau is not None:
             if tau <= 1.0:
                 raise ValueError(f"LIF: tau={tau} must be > 1 (decay = 1 - 1/tau)")
@@ -242,8 +297,13 @@ class ParametricLIF(Neuron):
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
         self.v_leak = float(v_leak)
 
+    @property
+    def k(self):
+        """``1 / tau = sigmoid(w)``: a 0-d tensor (trainable through ``w``)."""
+        return self.w.sigmoid()
+
     def charge(self, v, x):
-        return v + (x - (v - self.v_leak)) * self.w.sigmoid()
+        return v + (x - (v - self.v_leak)) * self.k
 
     def attrs(self):
         a = {"tau": 1.0 / float(self.w.detach().sigmoid())}
@@ -307,3 +367,21 @@ class StateNeuron(Neuron):
         if self.output_state:
             a["output_state"] = True
         return a
+
+
+# --- op records: every stage learns these neurons from here ------------------------------------
+# The TVM lowering calls the neuron's own ``charge`` on TIR expressions (plain arithmetic works on
+# both), so a new neuron with an arithmetic ``charge`` needs no TVM code.
+_TVM_NEURON = "snnc.targets.tvm_lower:_convert_neuron"
+_NEURON = dict(spiking="yes", state=("v",), over_time="loop", accepts=seq_when_multi_step, shape=same_as_input)
+register_op(Neuron, **_NEURON, refused={"onnx": "abstract base class"})
+# "int": the constants (decay, gain, v_leak) of H = v_leak + decay (V - v_leak) + gain X that
+# quantize_integer turns into integer arithmetic; "fused_scan": (decay, gain) of the training scan
+register_op(IF, **_NEURON, hooks={"onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
+                                  "fused_scan": lambda n: (1.0, 1.0), "int": lambda n: (1.0, 1.0, 0.0)})
+register_op(LIF, **_NEURON, hooks={"onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
+                                   "fused_scan": lambda n: (n.decay, n.gain),
+                                   "int": lambda n: (n.decay, n.gain, n.v_leak)})
+register_op(ParametricLIF, **_NEURON, hooks={
+    "onnx": FORWARD, "tvm": _TVM_NEURON, "nir_out": FORWARD,
+    "int": lambda n: (1.0 - float(n.k.detach()), float(n.k.detach()), n.v_leak)})

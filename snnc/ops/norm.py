@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import FORWARD, register_op, seq_when_multi_step
+
 
 class TDBatchNorm(nn.Module):
     """Threshold-dependent batch norm (Zheng 2021) for conv features; see the module docstring.
@@ -111,3 +113,7 @@ class NeuNorm(nn.Module):
 
     def attrs(self):
         return {"k": self.k, "shared": self.w.shape[0] == 1}
+
+
+register_op(TDBatchNorm, hooks={"onnx": FORWARD})
+register_op(NeuNorm, state=("running",), over_time="loop", accepts=seq_when_multi_step, hooks={"onnx": FORWARD})

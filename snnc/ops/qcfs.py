@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import FORWARD, register_op
+
 
 class _FloorSTE(torch.autograd.Function):
     @staticmethod
@@ -55,3 +57,6 @@ def use_qcfs(model: nn.Module, L: int = 4, threshold: float = 4.0) -> nn.Module:
         else:
             use_qcfs(child, L, threshold)
     return model
+
+
+register_op(QCFS, hooks={"onnx": FORWARD})

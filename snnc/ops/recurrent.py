@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import nn
 
+from .registry import FORWARD, register_op, seq_when_multi_step
 from .synaptic import Synaptic, _tensor
 
 
@@ -66,3 +67,11 @@ class RLeaky(RSynaptic):
         a = super().attrs()
         del a["alpha"]
         return a
+
+
+# op record: torch runs the forward above; ONNX traces it; TVM imports it exported (no fused scan:
+# ``snnc.targets.tvm_lower._convert_exported``). No shape rule: outputs may be a tuple (output_state),
+# so shapes come from running the op on fake tensors.
+for _cls in (RSynaptic, RLeaky):
+    register_op(_cls, spiking="yes", state=("syn", "mem", "spk"), over_time="loop", accepts=seq_when_multi_step,
+                hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})

@@ -32,13 +32,10 @@ import math
 
 import torch
 
+from .neurons import heaviside
+
 # Rathi 2020's code initialises the last-spike time to -1000: "never spiked" = a tiny gradient.
 NEVER_SPIKED = -1000.0
-
-
-def heaviside(z, strict: bool):
-    """``Θ(z)`` exactly as ``Neuron.fire`` computes it (same ops, same dtype)."""
-    return (z > 0).to(z.dtype) if strict else (z >= 0).to(z.dtype)
 
 
 class _SpikeFunction(torch.autograd.Function):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import FORWARD, register_op
+
 
 class Voting(nn.Module):
     """``[..., classes * voters] -> [..., classes]``: mean over each group of voters."""
@@ -27,3 +29,6 @@ class Voting(nn.Module):
 
     def attrs(self):
         return {"classes": self.classes, "voters": self.voters} if self.classes is not None else {"voters": self.voters}
+
+
+register_op(Voting, hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})
