@@ -26,6 +26,10 @@ from torch import fx, nn
 from .errors import TraceError
 
 
+class _DataDependent(Exception):
+    """Raised inside the value trace; ``snnc.trace`` then reports the symbolic trace's own error."""
+
+
 class _ValueProxy(fx.Proxy):
     """A proxy that knows the concrete value of its node on the example inputs."""
 
@@ -45,14 +49,21 @@ class _ValueProxy(fx.Proxy):
     def __len__(self):
         return len(self.value)
 
+    def _python(self):
+        # shapes, sizes and lengths may steer Python; a tensor's values may not (the graph would be
+        # silently specialised to the example)
+        if isinstance(self.value, torch.Tensor):
+            raise _DataDependent(f"Python control flow on the values of {self.node.name}")
+        return self.value
+
     def __bool__(self):
-        return bool(self.value)
+        return bool(self._python())
 
     def __index__(self):
-        return int(self.value)
+        return int(self._python())
 
     def __int__(self):
-        return int(self.value)
+        return int(self._python())
 
 
 def _value_of(v):
@@ -140,6 +151,19 @@ def _hashable(v):
     except TypeError:
         return ("obj", id(v))
     return v
+
+
+def time_loop(gm: fx.GraphModule) -> bool:
+    """Whether the trace is T copies of one step: stateful ops called T > 1 times each, and the
+    per-step results stacked (``torch.stack`` of T values) or explicit state threaded through
+    (a module called twice within one step, e.g. ``lif(x) + lif(2 * x)``, is not a loop)."""
+    counts = repeated_calls(gm)
+    if not counts:
+        return False
+    explicit = any(isinstance(m, ExplicitState) for m in gm.modules())
+    stacked = any(n.op == "call_function" and n.target is torch.stack and isinstance(n.args[0], (list, tuple))
+                  and len(n.args[0]) == max(counts.values()) for n in gm.graph.nodes)
+    return explicit or stacked
 
 
 def repeated_calls(gm: fx.GraphModule) -> dict:

@@ -9,7 +9,7 @@ from torch import fx, nn
 from .errors import SnncError, TraceError
 from .frontends import convert_foreign_modules
 from . import runtime
-from .capture import ExplicitState, reroll, repeated_calls, time_idioms, value_tracer
+from .capture import ExplicitState, reroll, time_idioms, time_loop, value_tracer
 from .ir import annotate, make_spec
 from .ops import DirectEncoder, is_snnc_op, registry
 
@@ -93,7 +93,7 @@ def trace(model: nn.Module, example_inputs, *, concrete_args=None) -> fx.GraphMo
         finally:
             runtime.reset(model)
     gm = time_idioms(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__))
-    if repeated_calls(gm):
+    if time_loop(gm):
         return _trace_loop(model, gm, example)
     _unwrap_explicit_state(gm)
     layout, T = _layout_of(gm, example)

@@ -50,11 +50,32 @@ def test_loop_in_forward_rerolls_to_one_step_and_unrolls():
     assert torch.equal(snnc.compile(g, "onnx")(x), want)
 
 
-def test_a_value_accumulated_across_steps_is_refused_by_name():
-    m, x = _net(accumulate=True), torch.rand(5, 2, 6)
-    with pytest.raises(TraceError, match="loop over time.*computed 1 time\\(s\\) for 5 steps|"
-                                         "loop over time.*not torch.stack"):
-        snnc.trace(m, x)
+def test_a_loop_without_per_step_records_stays_unrolled_and_equal():
+    """Summing spikes across steps inside forward is not a per-step record to reroll: the graph
+    keeps the T calls of each neuron and, called once, computes what the model computes."""
+    m, x = _net(accumulate=True), torch.rand(5, 2, 6) * 2
+    snnc.reset(m)
+    with torch.no_grad():
+        want = m(x)
+    g = snnc.trace(m, x)
+    assert snnc.dump(g).count("snn.lif") == 10
+    assert want.sum() > 0 and torch.equal(snnc.run(g, x), want)
+
+
+def test_data_dependent_python_is_not_specialised_to_the_example():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = LIF(decay=0.5)
+
+        def forward(self, x):
+            out = []
+            for t in range(x.shape[0]):
+                out.append(self.lif(x[t]) if x[t].sum() > 0 else x[t])
+            return torch.stack(out)
+
+    with pytest.raises(TraceError, match="cannot trace Branchy"):
+        snnc.trace(Branchy(), torch.rand(3, 2, 4))
 
 
 def test_range_over_a_shape_and_tuple_unpacking_are_followed_with_real_values():
