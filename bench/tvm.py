@@ -1,51 +1,55 @@
-"""Benchmark of the TVM targets: one JSON line per result, latencies as ratios to torch eager
-measured in the same run (median of interleaved runs).
+"""Benchmark of the deployable TVM library: one JSON line per result, ratios to torch.compile and
+torch eager measured in the same run (interleaved rounds, medians).
 
-    .venv/bin/python bench/tvm.py [--quick] [--relax]
+    .venv/bin/python -P bench/tvm.py [--quick] [--tune] [--no-resnet]
 
-* bench net (3x3 conv + LIF, 3->64->128->128, 32x32, T=4, N=16): torch eager (the unrolled
-  graph, target ``torch``), spikingjelly multi-step (same weights, ``LIFNode(step_mode="m")``),
-  snnc ``tvm:llvm`` (default = hybrid), and with ``--relax`` the standalone Relax module (the
-  exported artefact) built for the host CPU and for portable x86-64;
-* a converted-style digits CNN (``digits_cnn`` with ReLU -> IF, direct input, membrane readout,
-  T=8, N=256): the same peers;
-* compile time of the bench net, cold (fresh cache) and cached;
-* the LIF scan alone, [T,N,C,H,W] = [4,16,128,32,32]: torch eager's per-step loop vs the fused
-  TVM kernel, with and without ``mcpu`` set to the host CPU.
-The onnxruntime peer is left out: this branch has no ``onnx`` target.
+* bench net (3x3 conv + LIF, 3->64->128->128, 32x32, T=4) at N = 1, 16, 64 (--quick: 1, 4):
+  torch eager (snnc ``torch`` target), torch.compile of a plain multi-step loop (same weights,
+  same LIF arithmetic), snnc ``onnx`` (onnxruntime), spikingjelly 2.0 multi-step
+  (``LIFNode(step_mode="m")``, shared weights), snnc ``tvm:llvm`` in process (hybrid: torch
+  convs + TVM neuron kernels) and the exported library (``export`` -> ``snnc.load``: the Relax VM,
+  TVM's own convs, no torch inside; one library, symbolic batch, serves every N). Checks: the
+  library's max difference / spike agreement against eager, and per-layer firing rates (weights
+  scaled so every layer fires);
+* where the library's time goes (one instrumented VM call: per-kernel ms);
+* ResNet-19 (T=4, direct input, 32x32, tdBN folded) at N = 1 and 16 (--quick: width 1/4, N=1);
+* compile time of the library (cold, cached) and, with ``--tune``, MetaSchedule tuning of the
+  bench net's convs (wall budget ``--tune-minutes``) and the tuned library's time.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # this file is named tvm.py: drop its folder from the path so `import tvm` finds TVM, not us
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
-from torch import nn
+from torch import nn  # noqa: E402
 
 import snnc  # noqa: E402
-from snnc.ops import IF, LIF, DirectEncoder, Readout
-from snnc.passes import unroll_timesteps
-from snnc.zoo import bench_net, digits_cnn
+from snnc.ops import LIF  # noqa: E402
+from snnc.passes import fold_tdbn, unroll_timesteps  # noqa: E402
+from snnc.zoo import bench_net, resnet19  # noqa: E402
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def race(fns: dict, runs: int) -> dict:
-    """Median seconds per callable, runs interleaved so load changes hit every peer alike."""
+def race(fns: dict, rounds: int) -> dict:
+    """Median seconds per callable; calls interleaved round-robin so load changes hit all alike."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
-    for _ in range(runs):
+    for _ in range(rounds):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -53,168 +57,233 @@ def race(fns: dict, runs: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def spikingjelly_net(model: nn.Sequential, T: int):
-    """The same net in spikingjelly's multi-step mode (shared weights), or None if not installed."""
+def scaled_bench_net(seed=0):
+    """bench_net with conv weights scaled so that every LIF layer fires (rates reported)."""
+    torch.manual_seed(seed)
+    net = bench_net().eval()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(3.0)
+    return net
+
+
+def plain_loop(net, T):
+    """The bench net as a user writes it without any SNN library: conv on the T*N batch, then a
+    python loop over T with the LIF arithmetic of snnc's LIF (charge, fire, reset)."""
+    layers = list(net)
+
+    def run(x):
+        h = x
+        for conv, lif in zip(layers[0::2], layers[1::2]):
+            y = conv(h.flatten(0, 1)).unflatten(0, (T, h.shape[1]))
+            v, out = torch.zeros_like(y[0]), []
+            for t in range(T):
+                v = v * lif.decay + (y[t] * lif.gain if lif.decay_input else y[t])
+                s = (v >= lif.v_th).to(v.dtype)
+                v = v - s * lif.v_th if lif.reset_mode == "subtract" else v * (1 - s) + s * lif.v_reset
+                out.append(s)
+            h = torch.stack(out)
+        return h
+    return run
+
+
+def spikingjelly_net(net):
     try:
         from spikingjelly.activation_based import functional, layer, neuron
     except ImportError:
         return None
     layers = []
-    for m in model:
+    for m in net:
         if isinstance(m, LIF):
-            layers.append(neuron.LIFNode(tau=m.tau, decay_input=m.decay_input, v_threshold=float(m.v_th),
-                                         v_reset=None, step_mode="m"))
-        elif isinstance(m, IF):
-            layers.append(neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m"))
-        elif isinstance(m, DirectEncoder):
-            continue
-        elif isinstance(m, Readout):
-            continue
+            layers.append(neuron.LIFNode(tau=1.0 / (1.0 - m.decay), decay_input=m.decay_input, v_threshold=float(m.v_th),
+                                         v_reset=None if m.reset_mode == "subtract" else float(m.v_reset),
+                                         step_mode="m"))
         else:
             layers.append(layer.SeqToANNContainer(m))
-    net = nn.Sequential(*layers).eval()
+    sj = nn.Sequential(*layers).eval()
 
-    def run(x_seq, readout=False):
-        functional.reset_net(net)
-        with torch.no_grad():
-            y = net(x_seq)
-        return y.mean(0) if readout else y
+    def run(x):
+        functional.reset_net(sj)
+        return sj(x)
     return run
 
 
-def bench_model(name, model, x, T, runs, relax, static_input):
-    g = unroll_timesteps(snnc.trace(model.eval(), x if static_input else x[0]), T=T)
+def firing_rates(net, x):
+    rates, h = [], x
+    for m in net:
+        if isinstance(m, LIF):
+            h = m.multi_step(h) if hasattr(m, "multi_step") else m(h)
+            rates.append(round(float(h.mean()), 4))
+        else:
+            h = m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
+    return rates
+
+
+def exported(m, d, name):
+    return snnc.load(m.export(Path(d) / f"{name}.so"))
+
+
+def bench_net_at(n, rounds, d, library, check_firing=True):
+    net = scaled_bench_net()
+    x = torch.rand(4, n, 3, 32, 32) * 2
+    g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
     eager = snnc.compile(g, target="torch")
-    tvm_hybrid = snnc.compile(g, target="tvm:llvm")
-    fns = {"torch_eager": lambda: eager(x), "snnc_tvm_llvm": lambda: tvm_hybrid(x)}
-    sj = spikingjelly_net(model, T)
+    ref = eager(x)
+    fns = {"torch_eager": lambda: eager(x)}
+    loop = plain_loop(net, 4)
+    try:
+        tc = torch.compile(loop)
+        tc(x)
+        fns["torch_compile"] = lambda: tc(x)
+        emit(bench="bench_net", N=n, check="torch_compile_vs_eager_spike_agreement",
+             value=float((tc(x) == ref).float().mean()))
+    except Exception as e:  # no C++ compiler for inductor, etc.
+        emit(bench="bench_net", N=n, impl="torch_compile", skipped=type(e).__name__)
+    try:
+        onnx = snnc.compile(g, target="onnx")
+        fns["snnc_onnx"] = lambda: onnx(x)
+    except Exception as e:  # noqa: BLE001 - onnxruntime missing
+        emit(bench="bench_net", N=n, impl="snnc_onnx", skipped=type(e).__name__)
+    sj = spikingjelly_net(net)
     if sj is not None:
-        x_seq = x.unsqueeze(0).expand(T, *x.shape).contiguous() if static_input else x
-        fns["spikingjelly_m"] = lambda: sj(x_seq, readout=static_input)
-        ref, got = eager(x), sj(x_seq, readout=static_input)
-        emit(bench=name, check="spikingjelly_vs_eager", max_abs_diff=float((ref - got).abs().max()))
-    diff = float((tvm_hybrid(x) - eager(x)).abs().max())
-    emit(bench=name, check="tvm_vs_eager", max_abs_diff=diff)
-    if relax:  # the exportable artefact: host ISA (default) and portable x86-64 (mcpu=None)
-        standalone = snnc.compile(g, target="tvm:llvm", mode="relax")
-        portable = snnc.compile(g, target="tvm:llvm", mode="relax", mcpu=None)
-        fns["snnc_tvm_llvm_relax"] = lambda: standalone(x)
-        fns["snnc_tvm_llvm_relax_portable"] = lambda: portable(x)
-        emit(bench=name, check="tvm_relax_vs_eager_spike_agreement" if not static_input else
-             "tvm_relax_vs_eager_max_abs_diff", value=float((standalone(x) == eager(x)).float().mean()
-                                                           if not static_input else (standalone(x) - eager(x)).abs().max()))
-    t = race(fns, runs if not relax else max(3, runs // 3))
-    for k, v in t.items():
-        emit(bench=name, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_eager=round(v / t["torch_eager"], 3))
-    return g
-
-
-def bench_profile(g, x, runs):
-    """Where the hybrid's time goes: each node of the hybrid graph timed alone (median)."""
-    from torch import fx
-
-    from snnc.targets.tvm_hybrid import TVMConvCall, TVMKernelCall
-    m = snnc.compile(g, target="tvm:llvm")
-    hg = m._hybrid
-    times = {}
-
-    class Timed(fx.Interpreter):
-        def run_node(self, n):
-            t0 = time.perf_counter()
-            out = super().run_node(n)
-            times.setdefault(n.name, []).append(time.perf_counter() - t0)
-            return out
+        fns["spikingjelly_m"] = lambda: sj(x)
+        emit(bench="bench_net", N=n, check="spikingjelly_vs_eager_spike_agreement", value=float((sj(x) == ref).float().mean()))
+    hybrid = snnc.compile(g, target="tvm:llvm")
+    fns["snnc_tvm_llvm_in_process"] = lambda: hybrid(x)
+    fns["snnc_tvm_llvm_library"] = lambda: library(x)
+    out = library(x)
+    emit(bench="bench_net", N=n, check="library_vs_eager", max_abs_diff=float((out - ref).abs().max()),
+         spike_agreement=float((out == ref).float().mean()))
+    if check_firing:
+        with torch.no_grad():
+            emit(bench="bench_net", N=n, check="firing_rates_per_layer", rates=firing_rates(net, x))
     with torch.no_grad():
-        for _ in range(runs):
-            Timed(hg).run(x)
-    total = sum(statistics.median(v) for v in times.values())
-    for n in hg.graph.nodes:
-        if n.name in times and n.op == "call_module":
-            mod = hg.get_submodule(n.target)
-            if isinstance(mod, TVMConvCall):
-                kind = f"conv2d in {'tvm' if mod.use_tvm else 'torch'}"
-            else:
-                kind = f"tvm {mod.name}" if isinstance(mod, TVMKernelCall) else type(mod).__name__
-            ms = statistics.median(times[n.name]) * 1e3
-            emit(bench="hybrid_profile", node=n.name, op=kind, ms=round(ms, 2), share=round(ms / 1e3 / total, 3))
+        t = race(fns, rounds)
+    base = t.get("torch_compile", t["torch_eager"])
+    for k, v in t.items():
+        emit(bench="bench_net", N=n, T=4, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_compile=round(v / base, 3),
+             ratio_to_torch_eager=round(v / t["torch_eager"], 3))
+    return g, x
+
+
+def library_profile(library, x, name):
+    """Per-kernel time of one VM call (instrumented), to see where the library's time goes."""
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(library.relax_lib.module, tvm.cpu(0))
+    spent, start = collections.defaultdict(float), {}
+
+    def instrument(func, fname, before_run, ret_value, *args):
+        if before_run:
+            start[fname] = time.perf_counter()
+        else:
+            spent[fname] += time.perf_counter() - start[fname]
+        return 0
+    arg = tvm.runtime.tensor(x.numpy())
+    vm["main"](arg)
+    vm.set_instrument(instrument)
+    vm["main"](arg)
+    total = sum(spent.values())
+    for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if v * 1e3 >= 0.05:
+            emit(bench="library_profile", net=name, kernel=k, ms=round(v * 1e3, 2), share=round(v / total, 3))
+
+
+def bench_resnet19(quick, rounds, d):
+    width = 0.25 if quick else 1.0
+    for n in ((1,) if quick else (1, 16)):
+        torch.manual_seed(0)
+        net = resnet19(width=width).eval()
+        x = torch.rand(n, 3, 32, 32)
+        g = fold_tdbn(unroll_timesteps(snnc.trace(net, x), T=4).eval())
+        eager = snnc.compile(g, target="torch")
+        ref = eager(x)
+        lib = exported(snnc.compile(g, target="tvm:llvm", mode="relax"), d, f"r19_{n}")
+        fns = {"torch_eager": lambda: eager(x), "snnc_tvm_llvm_library": lambda: lib(x)}
+        try:
+            tc = torch.compile(eager.gm if hasattr(eager, "gm") else g)
+            tc(x)
+            fns["torch_compile"] = lambda: tc(x)
+        except Exception as e:  # noqa: BLE001
+            emit(bench="resnet19", N=n, impl="torch_compile", skipped=type(e).__name__)
+        try:
+            onnx = snnc.compile(g, target="onnx")
+            fns["snnc_onnx"] = lambda: onnx(x)
+        except Exception as e:  # noqa: BLE001
+            emit(bench="resnet19", N=n, impl="snnc_onnx", skipped=type(e).__name__)
+        emit(bench="resnet19", N=n, width=width, check="library_vs_eager", max_abs_diff=float((lib(x) - ref).abs().max()))
+        with torch.no_grad():
+            t = race(fns, max(3, rounds // 2))
+        base = t.get("torch_compile", t["torch_eager"])
+        for k, v in t.items():
+            emit(bench="resnet19", N=n, T=4, width=width, impl=k, ms=round(v * 1e3, 2),
+                 ratio_to_torch_compile=round(v / base, 3), ratio_to_torch_eager=round(v / t["torch_eager"], 3))
 
 
 def bench_compile(g):
     from snnc.targets import tvm_build
+    old = os.environ.get("SNNC_CACHE_DIR")
     with tempfile.TemporaryDirectory() as d:
         os.environ["SNNC_CACHE_DIR"] = d
         tvm_build._MEMORY_CACHE.clear()
         t0 = time.perf_counter()
-        m = snnc.compile(g, target="tvm:llvm")
-        t_hybrid = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        m.export(os.path.join(d, "net.so"))  # builds the standalone Relax library
-        t_relax = time.perf_counter() - t0
+        snnc.compile(g, target="tvm:llvm", mode="relax")
+        cold = time.perf_counter() - t0
         tvm_build._MEMORY_CACHE.clear()  # a new process: only the disk cache is left
         t0 = time.perf_counter()
-        snnc.compile(g, target="tvm:llvm")
-        t_disk = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        snnc.compile(g, target="tvm:llvm")
-        t_mem = time.perf_counter() - t0
-    emit(bench="compile", graph="bench_net T=4 N=16", cold_hybrid_s=round(t_hybrid, 2),
-         cold_relax_library_s=round(t_relax, 2), cached_disk_s=round(t_disk, 3), cached_memory_s=round(t_mem, 3))
+        snnc.compile(g, target="tvm:llvm", mode="relax")
+        disk = time.perf_counter() - t0
+    if old is None:
+        os.environ.pop("SNNC_CACHE_DIR", None)
+    else:
+        os.environ["SNNC_CACHE_DIR"] = old
+    tvm_build._MEMORY_CACHE.clear()
+    emit(bench="compile", graph="bench_net T=4", library_cold_s=round(cold, 2), library_cached_s=round(disk, 3))
 
 
-def bench_lif_kernel(runs):
-    from snnc.targets import tvm_build as tb
-    from snnc.targets.tvm_hybrid import TVMKernelCall
-    from snnc.targets.tvm_kernels import neuron_scan_kernel, pick_lanes
-    from snnc.targets.tvm_lower import neuron_scan
-    shape = (4, 16, 128, 32, 32)
-    x = torch.randn(shape) * 1.5
-    lif = LIF(tau=2.0, step_mode="m")
-    rule, _ = neuron_scan(lif, shape[2:])
-    fns = {"torch_eager": lambda: lif(x)}
-    for label, mcpu in (("tvm_kernel", None), ("tvm_kernel_mcpu_host", "host")):
-        lib = tb.build_kernels({"k": neuron_scan_kernel(4, None, "float32", rule, lanes=pick_lanes(128 * 32 * 32))},
-                               tb.llvm_target(mcpu))
-        call = TVMKernelCall("scan", "k")
-        call.bind(lib)
-        assert torch.equal(call(x), lif(x))
-        fns[label] = (lambda c: lambda: c(x))(call)
-    try:
-        compiled = torch.compile(lif.multi_step)
-        compiled(x)
-        fns["torch_compile"] = lambda: compiled(x)
-    except Exception as e:  # no C++ compiler for inductor, etc.
-        emit(bench="lif_kernel", impl="torch_compile", skipped=f"{type(e).__name__}")
-    t = race(fns, runs)
+def bench_tune(g, x, minutes, rounds, d):
+    db = Path(d) / "tune_db"
+    t0 = time.perf_counter()
+    tuned = snnc.compile(g, target="tvm:llvm", mode="relax", tune=True, tune_minutes=minutes, database=db)
+    tune_s = time.perf_counter() - t0
+    from snnc.targets import tvm_build
+    tvm_build._MEMORY_CACHE.clear()
+    t0 = time.perf_counter()
+    snnc.compile(g, target="tvm:llvm", mode="relax", tune=True, tune_minutes=minutes, database=db)
+    reuse_s = time.perf_counter() - t0
+    emit(bench="tune", graph=f"bench_net T=4 N={x.shape[1]}", tune_s=round(tune_s, 1), reuse_s=round(reuse_s, 3),
+         tuning=tuned.meta.get("tuning"))
+    untuned = snnc.compile(g, target="tvm:llvm", mode="relax")
+    t = race({"library_hand_schedule": lambda: untuned(x), "library_tuned": lambda: tuned(x)}, rounds)
     for k, v in t.items():
-        emit(bench="lif_kernel", shape=list(shape), impl=k, ms=round(v * 1e3, 3),
-             speedup_vs_torch_eager=round(t["torch_eager"] / v, 2))
-
-
-def converted_digits_net(width=16):
-    """digits_cnn with every ReLU replaced by an IF neuron (subtract reset), direct input and a
-    membrane readout: the shape of what ANN->SNN conversion produces (weights untrained here)."""
-    ann = digits_cnn(width).eval()
-    layers = [DirectEncoder()] + [IF() if isinstance(m, nn.ReLU) else m for m in ann] + [Readout("membrane")]
-    return nn.Sequential(*layers)
+        emit(bench="tune", impl=k, ms=round(v * 1e3, 2), ratio_to_hand=round(v / t["library_hand_schedule"], 3))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer runs, smaller batches")
-    p.add_argument("--relax", action="store_true", help="also time the standalone Relax module (slow convs)")
+    p.add_argument("--quick", action="store_true", help="N=1,4, fewer rounds, small ResNet-19")
+    p.add_argument("--tune", action="store_true", help="also MetaSchedule-tune the bench net's library")
+    p.add_argument("--tune-minutes", type=float, default=10.0)
+    p.add_argument("--no-resnet", action="store_true")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    runs = 5 if args.quick else 15
-    n = 4 if args.quick else 16
+    rounds = 3 if args.quick else 9
     from snnc.targets.tvm_build import host_isa
-    emit(bench="setup", torch_threads=torch.get_num_threads(), host=host_isa())
-    x = torch.randn(4, n, 3, 32, 32)
-    g = bench_model("bench_net", bench_net(), x, 4, runs, args.relax, static_input=False)
-    bench_model("converted_digits_cnn", converted_digits_net(), torch.rand(64 if args.quick else 256, 1, 8, 8),
-                8, runs, args.relax, static_input=True)
-    bench_profile(g, x, runs)
-    bench_compile(g)
-    bench_lif_kernel(runs)
+    emit(bench="setup", torch_threads=torch.get_num_threads(), host=host_isa(), load_avg=os.getloadavg())
+    sizes = (1, 4) if args.quick else (1, 16, 64)
+    with tempfile.TemporaryDirectory() as d:
+        # ONE exported library, built once at N=1 with a symbolic batch, serves every N below
+        g1 = unroll_timesteps(snnc.trace(scaled_bench_net(), torch.zeros(1, 3, 32, 32)), T=4)
+        library = exported(snnc.compile(g1, target="tvm:llvm", mode="relax"), d, "bench_net")
+        emit(bench="bench_net", library_batch=library.meta.get("library_batch"))
+        for n in sizes:
+            g, x = bench_net_at(n, rounds, d, library)
+        library_profile(library, x, "bench_net")
+        bench_compile(g)
+        if not args.no_resnet:
+            bench_resnet19(args.quick, rounds, d)
+        if args.tune:
+            bench_tune(g, x, args.tune_minutes, rounds, d)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from snnc.ops import IF, DirectEncoder, PoissonEncoder, Readout, is_snnc_op
 from snnc.ops.qcfs import QCFS
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
-_POOL_FUNCS = (F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_MAX_POOLS)
+_POOL_FUNCS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.max_pool2d)
 _RESHAPE_METHODS = ("flatten", "view", "reshape")
 _SAME_SHAPE_METHODS = ("contiguous",)
 _ADDS = (operator.add, torch.add)
@@ -239,7 +240,7 @@ class Builder:
     def pool_or_reshape(self, node, mod):
         src = node.args[0]
         u = self.unit[src]
-        is_max = isinstance(mod, nn.MaxPool2d) or node.target is F.max_pool2d
+        is_max = isinstance(mod, _MAX_POOLS) or node.target is F.max_pool2d
         if is_max and src not in self.unconverted:
             if self.opts["max_pool"] != "spikes" or src not in self.spiking:
                 raise UnsupportedOp(
@@ -313,7 +314,8 @@ class Builder:
 
     def generic(self, node):
         ins = self._tensor_args(node)
-        if any(not _is_one(self.unit[a]) for a in ins):
+        # an op that reads only a shape (x.size(0), x.shape) does not care about the scale
+        if info(node) is not None and any(not _is_one(self.unit[a]) for a in ins):
             raise UnsupportedOp(f"threshold_balance: {node_ref(node)} ({op_name(self.root, node)}) reads "
                                 "spikes of a converted layer; only conv/linear, pooling, reshapes, adds and "
                                 "dropout may follow a converted activation")

@@ -1,7 +1,7 @@
 """fold_bn: fold inference-mode BatchNorm into the conv / linear layer that feeds it.
 
-Assumes: an ANN graph (any layout) in which every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` node
-reads the output of an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` node that has no other
+Assumes: an ANN graph (any layout) in which every ``nn.BatchNorm1d/2d/3d`` node
+reads the output of an ``nn.Conv1d/2d/3d`` / ``nn.Linear`` node that has no other
 user, and every BN tracks running statistics. BN is folded with its running statistics, i.e.
 the eval-mode semantics, whatever ``training`` flag the module carries (trace the ANN in
 eval mode: tracing runs the model once, which in training mode updates the running statistics).
@@ -27,8 +27,8 @@ from torch import fx, nn
 from snnc.errors import SnncError, node_ref
 from snnc.ir import annotate, graph_spec
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node) -> fx.Node:
@@ -38,7 +38,7 @@ def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node) -> fx.Node:
         why = "its input is not a graph value"
     elif src.op != "call_module" or not isinstance(gm.get_submodule(src.target), _FOLDABLE):
         kind = type(gm.get_submodule(src.target)).__name__ if src.op == "call_module" else src.op
-        why = f"its input {node_ref(src)} is a {kind}, not a Conv1d/Conv2d/Linear"
+        why = f"its input {node_ref(src)} is a {kind}, not a Conv1d/Conv2d/Linear (or Conv3d)"
     elif len(src.users) != 1:
         others = ", ".join(f"%{u.name}" for u in src.users if u is not bn_node)
         why = f"its producer {node_ref(src)} also feeds {others}, so its weights cannot absorb the BN"

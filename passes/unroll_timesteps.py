@@ -25,7 +25,7 @@ import copy
 from torch import fx
 
 from snnc.errors import SnncError, node_ref
-from snnc.ir import annotate, graph_spec, op_spec
+from snnc.ir import annotate, graph_spec, info, op_spec
 from snnc.ops import registry
 from snnc.ops import DirectEncoder, MergeTime, SplitTime
 
@@ -72,6 +72,21 @@ def _tensor_inputs(node):
     return [a for a in node.all_input_nodes]
 
 
+def _seq_form(rw, node, rec):
+    """An op that names dims (``x.mean(1)``, ``torch.cat(xs, 1)``, ``x.view(N, -1)``) runs once on
+    ``[T, N, ...]`` with its dims moved past time (its record's ``seq_form``), instead of on the
+    merged batch where dim 0 would mix steps. Its tensor inputs become ``[T, N, ...]``; values
+    without time (sizes, shapes) stay as they are."""
+    def arg(a):
+        if rw.env[a][1] in (SEQ, FLAT) or (rw.env[a][1] == STATIC and info(a) is not None):
+            return rw.as_layout(a, SEQ)
+        return rw.env[a][0]
+    args = fx.node.map_arg(node.args, arg)
+    kwargs = fx.node.map_arg(node.kwargs, arg)
+    new = rec.seq_form(rw.graph, node, args, kwargs, rw.T)
+    return new, SEQ if info(node) is not None else STATIC
+
+
 def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> fx.GraphModule:
     """Return the multi-step form of per-step graph ``gm`` over ``T`` time steps."""
     if not isinstance(T, int) or T < 1:
@@ -115,6 +130,8 @@ def unroll_timesteps(gm: fx.GraphModule, T: int, hoist_encoder: bool = True) -> 
                 raise SnncError(f"unroll_timesteps: {node_ref(node)} encodes a value that already has time")
             mod.step_mode, mod.T = "m", T
             rw.env[node] = (rw.graph.node_copy(node, lambda a: rw.env[a][0]), SEQ)
+        elif rec.seq_form is not None and {rw.env[a][1] for a in ins} & {SEQ, FLAT}:
+            rw.env[node] = _seq_form(rw, node, rec)
         else:
             layouts = {rw.env[a][1] for a in ins} - {CONST}
             if not layouts or layouts == {STATIC}:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,49 @@ from pathlib import Path
 from .errors import SnncError
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+# --- argument types: a bad value is a usage error naming the argument (argparse: exit 2) -------
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return v
+
+
+def _shape(text):
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,1,8,8") from None
+    if not dims or any(d < 1 for d in dims) or math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: every dim must be >= 1 and the shape at most "
+                                         f"{MAX_INPUT_ELEMENTS} elements")
+    return dims
+
+
+def _bits(text):
+    v = _positive_int(text)
+    if not 2 <= v <= 16:
+        raise argparse.ArgumentTypeError(f"{v}: integer weights are 2 to 16 bits wide")
+    return v
+
+
+MAX_INPUT_ELEMENTS = 1 << 28  # an example input larger than 1 GiB of float32 is a typo
 
 
 def _dataset(spec, split, T=None, limit=None):
@@ -33,11 +77,12 @@ def _graph_from(args, data_spec=None):
 
     from .pipeline import open_model
     from .tracer import trace
-    kind, obj = open_model(args.model, dt=getattr(args, "dt", None))
+    kind, obj = open_model(args.model, dt=getattr(args, "dt", None), model_class=getattr(args, "model_class", None),
+                           trust=getattr(args, "trust_model_file", False))
     if kind == "graph":
         return obj
     if args.input_shape:
-        example = torch.zeros([int(d) for d in args.input_shape.split(",")])
+        example = torch.zeros(args.input_shape)
     elif data_spec:
         example = _dataset(data_spec, "train", limit=1)[0][0].unsqueeze(0).float()
     else:
@@ -47,8 +92,15 @@ def _graph_from(args, data_spec=None):
 
 def _refuse_overwrite(path, overwrite, *more):
     for p in (Path(path), *more):
+        if p.is_dir():
+            raise SnncError(f"{p} is a directory; give the file to write")
         if p.exists() and not overwrite:
             raise SnncError(f"{p} exists; pass --overwrite to replace it")
+
+
+def _check_dump_dir(path):
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise SnncError(f"--dump-ir {path} is a file; give a folder for the IR dumps")
 
 
 def cmd_compile(args) -> int:
@@ -60,13 +112,20 @@ def cmd_compile(args) -> int:
     if args.convert and not args.calib:
         raise SnncError("--convert needs --calib DATA (calibration data for threshold balancing)")
     check_target(args.target)
-    _refuse_overwrite(args.output, args.overwrite, Path(str(args.output) + ".snnc.json"))
+    _refuse_overwrite(args.output, args.overwrite)
+    _check_dump_dir(args.dump_ir)
     gm = _graph_from(args, args.calib)
     calib = DataLoader(_dataset(args.calib, "train", limit=args.calib_samples), batch_size=64) if args.convert else None
     options = {"method": args.method} if args.method else {}
     pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
     gm = pm.run(gm)
-    module = compile_target(gm, args.target)
+    tune = {k: v for k, v in (("trials", args.trials), ("tune_minutes", args.tune_minutes),
+                              ("database", args.tune_database)) if v is not None}
+    if args.tune or tune:
+        if args.target != "tvm:llvm":
+            raise SnncError(f"--tune: tuning is for --target tvm:llvm, not {args.target}")
+        tune.update(tune=True, mode="relax")  # the tuned kernels live in the exported library
+    module = compile_target(gm, args.target, **tune)
     out = module.export(args.output, overwrite=args.overwrite)
     for name, sec in pm.timings:
         print(f"  {name:<18} {sec * 1e3:8.1f} ms")
@@ -98,7 +157,7 @@ def cmd_inspect(args) -> int:
         from .nir import from_nir
         print(dump(from_nir(path, dt=args.dt)), end="")
         return 0
-    print(dump(load_graph(path)), end="")
+    print(dump(load_graph(path, trust=args.trust_model_file)), end="")
     return 0
 
 
@@ -108,7 +167,7 @@ def cmd_run(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    module = open_compiled(args.path, T=args.T, dt=args.dt)
+    module = open_compiled(args.path, T=args.T, dt=args.dt, trust=args.trust_model_file)
     res = evaluate(module, _dataset(args.data, args.split, args.T), batch_size=args.batch_size, limit=args.limit)
     res.update(path=str(args.path), target=module.target, T=module.spec.get("T"), data=args.data, split=args.split)
     if args.label:
@@ -125,16 +184,24 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     """Firing rates, spike counts, SOPs vs MACs and energy; a table and PNG plots in --out."""
+    from .ops import Neuron
     from .report import write_report
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SnncError(f"--out {out} is a file; give a folder for the report")
     gm = _graph_from(args, args.data)
+    if not any(isinstance(m, Neuron) for m in gm.modules()):
+        print(f"snnc report: warning: {args.model} has no spiking neurons (an ANN?): its SOPs and energy are "
+              "those of the ANN itself; convert it first (snnc compile --convert) for an SNN estimate", file=sys.stderr)
     ann = None
     if args.ann:
         from .pipeline import open_model
-        kind, ann = open_model(args.ann)
+        kind, ann = open_model(args.ann, trust=args.trust_model_file)
         if kind != "module":
             raise SnncError(f"--ann {args.ann}: expected a torch.save'd ANN module")
     x = _dataset(args.data, "test", args.T, limit=args.samples)
-    paths = write_report(gm, x, T=args.T, out_dir=args.out, ann=ann, bench_json=args.bench_json)
+    paths = write_report(gm, x, T=args.T, out_dir=args.out, ann=ann, bench_json=args.bench_json,
+                         overwrite=args.overwrite)
     print(Path(paths["table"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -168,9 +235,14 @@ def cmd_nir(args) -> int:
     """Export a per-step graph (or a torch SNN module traced on --input-shape) to a NIR file."""
     from .nir import to_nir
     _refuse_overwrite(args.output, args.overwrite)
+    import warnings
     gm = _graph_from(args)
-    to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({len(list(gm.graph.nodes))} graph nodes, dt={args.dt or 1.0})")
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        g = to_nir(gm, dt=args.dt or 1.0, path=args.output, overwrite=args.overwrite)
+    for w in notes:   # what NIR's fields cannot say (readout, subtractive reset): one line each
+        print(f"note: {w.message}")
+    print(f"wrote {args.output} ({len(g.nodes)} NIR nodes, {len(g.edges)} edges, dt={args.dt or 1.0})")
     return 0
 
 
@@ -200,56 +272,94 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="snnc", description="snnc: a compiler for spiking neural networks")
+    p.add_argument("--version", action="version", version=f"snnc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    def trust_arg(s):
+        s.add_argument("--trust-model-file", action="store_true",
+                       help="allow reading a pickled torch module / old-format file (a pickle can run code: "
+                            "only for files you trust)")
+
     def model_args(s):
-        s.add_argument("model", help="MODEL.pt (torch.save'd nn.Module), snnc graph file, or .nir file")
-        s.add_argument("--input-shape", help="example input shape to trace a torch module, e.g. 1,1,8,8")
-        s.add_argument("--dt", type=float, help="time step for NIR time constants (.nir input / nir export)")
+        s.add_argument("model", help="snnc graph file, .nir file, or MODEL.pt: a state_dict (with --model-class) "
+                                     "or a torch.save'd module (with --trust-model-file)")
+        s.add_argument("--model-class", help="pkg.module:Class built with no arguments, for a state_dict MODEL.pt")
+        trust_arg(s)
+        s.add_argument("--input-shape", type=_shape, help="example input shape to trace a torch module, e.g. 1,1,8,8")
+        s.add_argument("--dt", type=_positive_float, help="time step for NIR time constants (.nir input / nir export)")
 
     s = sub.add_parser("compile", help="trace/convert/unroll/quantise MODEL and compile it for a target")
     model_args(s)
     s.add_argument("--convert", action="store_true", help="ANN -> SNN conversion (snnc.convert) with --calib data")
     s.add_argument("--calib", help="calibration data: digits or NAME:ROOT")
-    s.add_argument("--calib-samples", type=int, default=512, help="calibration samples (default 512)")
+    s.add_argument("--calib-samples", type=_positive_int, default=512, help="calibration samples (default 512)")
     s.add_argument("--method", help="threshold balancing method passed to snnc.convert (e.g. max, percentile)")
-    s.add_argument("--T", type=int, help="time steps: unroll the graph to a multi-step graph over T")
-    s.add_argument("--bits", type=int, help="integer weights of this width (quantize_integer; for tvm:int)")
+    s.add_argument("--T", type=_positive_int, help="time steps: unroll the graph to a multi-step graph over T")
+    s.add_argument("--bits", type=_bits, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
-    s.add_argument("-o", "--output", required=True, help="artefact to write (plus OUT.snnc.json)")
+    s.add_argument("--tune", action="store_true",
+                   help="tvm:llvm: MetaSchedule-tune the library's convolutions (database reused next time)")
+    s.add_argument("--trials", type=_positive_int, help="--tune: measured schedules per kernel (default 64)")
+    s.add_argument("--tune-minutes", type=_positive_float, help="--tune: wall-time budget in minutes (default 10)")
+    s.add_argument("--tune-database", metavar="DIR", help="--tune: database folder (default: in the snnc cache)")
+    s.add_argument("-o", "--output", required=True, help="the one file to write (any name; metadata inside)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("inspect", help="print the IR of a graph/.nir file, or a dump folder's per-pass diffs")
     s.add_argument("path", help="graph file written by snnc.save, a .nir file, or a --dump-ir folder")
     s.add_argument("--full", action="store_true", help="with a folder: print every dump in full, not diffs")
-    s.add_argument("--dt", type=float, help="time step for a .nir file's time constants")
+    s.add_argument("--dt", type=_positive_float, help="time step for a .nir file's time constants")
+    trust_arg(s)
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("run", help="accuracy and latency of a compiled module on a data set")
     s.add_argument("path", help="compiled artefact (written by snnc compile), graph file or .nir file")
     s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
     s.add_argument("--split", default="test", choices=("train", "test"))
-    s.add_argument("--T", type=int, help="time steps (event data sets; unrolls a per-step graph file)")
-    s.add_argument("--dt", type=float, help="time step for a .nir file's time constants")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--limit", type=int, help="use only the first LIMIT samples")
+    s.add_argument("--T", type=_positive_int, help="time steps (event data sets; unrolls a per-step graph file)")
+    s.add_argument("--dt", type=_positive_float, help="time step for a .nir file's time constants")
+    s.add_argument("--batch-size", type=_positive_int, default=256)
+    s.add_argument("--limit", type=_positive_int, help="use only the first LIMIT samples")
     s.add_argument("--json", action="store_true", help="print one JSON line")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    s.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's own choice)")
+    trust_arg(s)
     s.add_argument("--label", help="with --json: a series name (snnc report --bench-json groups by it)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("report", help="firing rates, SOPs vs MACs, energy estimate: table + PNG plots")
     model_args(s)
     s.add_argument("--data", default="digits", help="digits or NAME:ROOT (default digits)")
-    s.add_argument("--T", type=int, default=8, help="time steps for a per-step graph (default 8)")
-    s.add_argument("--samples", type=int, default=256, help="test samples to run (default 256)")
+    s.add_argument("--T", type=_positive_int, default=8, help="time steps for a per-step graph (default 8)")
+    s.add_argument("--samples", type=_positive_int, default=256, help="test samples to run (default 256)")
     s.add_argument("--ann", help="the source ANN (torch.save'd module) for its MACs")
     s.add_argument("--bench-json", help="JSON lines from the conversion bench, for the accuracy-vs-T plot")
     s.add_argument("--out", default="snnc_report", help="output folder (default snnc_report)")
+    s.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("bench", help="run the bench/ scripts (JSON lines), or a built-in quick latency bench")
@@ -267,12 +377,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("retrain", help="fine-tune a graph with surrogate gradients (snnc.retrain)")
     model_args(s)
     s.add_argument("--data", default="digits")
-    s.add_argument("--T", type=int)
-    s.add_argument("--epochs", type=int, default=1)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--T", type=_positive_int)
+    s.add_argument("--epochs", type=_positive_int, default=1)
+    s.add_argument("--lr", type=_positive_float, default=1e-3)
+    s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--surrogate", default="atan", help="surrogate gradient kind (default atan, Fang 2021)")
-    s.add_argument("--limit", type=int, help="train on the first LIMIT samples only")
+    s.add_argument("--limit", type=_positive_int, help="train on the first LIMIT samples only")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_retrain)
@@ -285,13 +395,28 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    import warnings
     try:
-        return args.fn(args)
+        with warnings.catch_warnings():  # snnc's warnings (e.g. trusting a pickle): one line each
+            warnings.showwarning = lambda message, *a, **k: print(f"snnc {args.command}: warning: {message}",
+                                                                  file=sys.stderr)
+            return args.fn(args)
     except SnncError as e:
         print(f"snnc {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # disk full, permission denied, a path component that is a file ...
+        print(f"snnc {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line (SNNC_DEBUG=1 shows the traceback)
+        import os
+        if os.environ.get("SNNC_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"snnc {args.command}: internal error: {type(e).__name__}: {first} (rerun with SNNC_DEBUG=1 for "
+              "the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

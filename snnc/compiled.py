@@ -2,9 +2,12 @@
 
 A target is one module in ``targets/`` with ``compile(gm, target, **options) -> CompiledModule``
 and ``load(path, meta) -> CompiledModule``. Registration is one line in ``TARGETS``.
-``m.export(path)`` writes the target's artefact at ``path`` and a metadata file
-``<path>.snnc.json`` (target, input spec, T, output meaning) beside it; ``snnc.load(path)`` reads
-the metadata to pick the target, and needs no Python model.
+``m.export(path)`` writes one file at ``path`` (any name): an snnc bundle (``fileio``) holding the
+metadata (target, input spec, T, output meaning, the CPU it was built for) and the target's
+artefact with its sha256. ``snnc.load(path)`` verifies the bytes before it parses or dlopens
+anything, refuses a library built for an ISA this host lacks, and needs no Python model.
+A compiled TVM library is native code: load exports only from sources you trust (as TVM and
+torch say of their own libraries); the hash guards against damage, not against its author.
 """
 from __future__ import annotations
 
@@ -12,12 +15,17 @@ import abc
 import importlib
 import json
 import math
+import os
+import shutil
+import threading
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
 
 from .errors import FileFormatError, InputError, SnncError, VerifyError, node_ref
-from .fileio import OverwriteError, atomic_write, require_file
+from .fileio import OverwriteError, is_bundle, private_dir, read_bundle, require_file, write_bundle
 from .ir import graph_spec
 from .ops import is_snnc_op
 
@@ -28,7 +36,12 @@ TARGETS = {
     "tvm:cuda": "snnc.targets.tvm",
     "tvm:int": "snnc.targets.tvm_int",
 }
-META_SUFFIX = ".snnc.json"
+META_SUFFIX = ".snnc.json"  # the sidecar of exports before format version 2 (read with trust=True)
+COMPILED_FORMAT = "snnc-compiled"
+COMPILED_VERSION = 2
+# the artefact's name inside the bundle, per target (the suffix tells TVM's loader what it is)
+ARTEFACTS = {"torch": "graph.snnc", "onnx": "model.onnx", "tvm:llvm": "lib.so", "tvm:cuda": "lib.so",
+             "tvm:int": "module.tar"}
 
 
 def _target_module(target: str):
@@ -62,18 +75,70 @@ def check_finite(gm) -> None:
                 raise VerifyError(f"{node_ref(n)}: attribute {k}={v} is not finite")
 
 
-def load(path) -> "CompiledModule":
-    """Load a module written by ``CompiledModule.export``."""
+def load(path, trust: bool = False) -> "CompiledModule":
+    """Load a module written by ``CompiledModule.export``: every byte is checked against the
+    sha256 in its metadata first (a damaged or swapped file is a ``FileFormatError``). Exports
+    from before format version 2 (artefact + ``.snnc.json`` beside it, no hashes) load only with
+    ``trust=True``."""
     path = Path(path)
     meta_path = path.with_name(path.name + META_SUFFIX)
+    if not is_bundle(path) and meta_path.exists() and path.exists():
+        return _load_legacy(path, meta_path, trust)
+    meta, files = read_bundle(path, "compiled module", expect_format=COMPILED_FORMAT)
+    target, name = meta.get("target"), meta.get("artefact")
+    if target not in TARGETS or name != ARTEFACTS[target] or set(files) != {name}:
+        raise FileFormatError(f"{path}: metadata names target {target!r} and artefact {name!r}, which do not "
+                              f"match its contents {sorted(files)}")
+    try:
+        CompiledModule.spec_from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{path}: malformed input spec in the metadata ({type(e).__name__}: {e})") from None
+    check_host(meta, path)
+    folder = private_dir()
+    try:
+        artefact = Path(folder) / name
+        artefact.write_bytes(files[name])
+        module = _target_module(target).load(artefact, meta)
+    except FileFormatError as e:  # name the user's file, not the private copy
+        shutil.rmtree(folder, ignore_errors=True)
+        raise FileFormatError(str(e).replace(str(artefact), f"{path} [{name}]")) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(module, shutil.rmtree, folder, True)  # a TVM library re-exports from this copy
+    return module
+
+
+def check_host(meta: dict, path) -> None:
+    """Refuse a library built for CPU features this host lacks (it would die with SIGILL)."""
+    isa, tdict = meta.get("host_isa"), meta.get("tvm_target") or {}
+    if not isa or not tdict.get("mcpu"):
+        return  # torch / onnx / tvm:int / a portable build (mcpu=None): runs on any x86-64
+    from snnc.targets.tvm_build import host_isa
+    here = host_isa()
+    missing = sorted(set(isa.get("features", [])) - set(here["features"]))
+    if missing:
+        raise SnncError(f"{path} was built for CPU {tdict['mcpu']!r} with {', '.join(missing)}, which this CPU "
+                        f"({here['cpu']}) lacks; recompile it here, or with mcpu=None for a portable library")
+
+
+def _load_legacy(path, meta_path, trust):
+    if not trust:
+        raise FileFormatError(f"{path} is an export from before format version 2 (no integrity hashes); "
+                              "re-export it, or load it with snnc.load(path, trust=True) if you trust it")
+    warnings.warn(f"loading {path} without integrity checks (old export format)", stacklevel=3)
     require_file(meta_path, "snnc metadata file")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FileFormatError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "snnc-compiled" or "target" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != COMPILED_FORMAT or meta.get("target") not in TARGETS:
         raise FileFormatError(f"{meta_path} is not snnc compiled-module metadata")
     require_file(path, f"{meta['target']} artefact")
+    if meta["target"] == "torch":
+        from .runtime import load_graph
+        from .targets.eager import TorchModule
+        return TorchModule(load_graph(path, trust=True), meta)
     return _target_module(meta["target"]).load(path, meta)
 
 
@@ -134,24 +199,27 @@ class CompiledModule(abc.ABC):
         """Write the target's artefact to ``path`` (a temp file that export renames)."""
 
     def export(self, path, overwrite: bool = False) -> Path:
-        """Write the artefact and its metadata atomically; never replaces files unless asked."""
+        """Write one file at ``path`` (any name): metadata and artefact in one bundle, replaced by
+        one rename (never half an export); never replaces a file unless asked."""
         path = Path(path)
-        meta_path = path.with_name(path.name + META_SUFFIX)
-        for p in (path, meta_path):
-            if p.exists() and not overwrite:
-                raise OverwriteError(f"{p} exists; pass overwrite=True to replace it")
-        had_artefact = path.exists()
-        atomic_write(path, self._write, overwrite=overwrite)
-        meta = {"format": "snnc-compiled", "version": 1, "target": self.target,
-                "inputs": [[list(s), d] for s, d in self.spec["inputs"]], "layout": self.spec["layout"],
-                "T": self.spec.get("T"), **self.meta}
+        if path.is_dir():
+            raise OverwriteError(f"{path} is a directory; give the file to write")
+        if path.exists() and not overwrite:
+            raise OverwriteError(f"{path} exists; pass overwrite=True to replace it")
+        name = ARTEFACTS[self.target]
+        folder = private_dir()
         try:
-            atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)), overwrite=overwrite)
-        except BaseException:
-            if not had_artefact:  # no half export: an artefact without metadata cannot be loaded
-                path.unlink(missing_ok=True)
-            raise
-        return path
+            self._write(os.path.join(folder, name))
+            data = Path(folder, name).read_bytes()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        meta = {k: v for k, v in self.meta.items() if k != "files"}
+        meta.update({"format": COMPILED_FORMAT, "version": COMPILED_VERSION, "target": self.target,
+                     "artefact": name, "inputs": [[list(s), d] for s, d in self.spec["inputs"]],
+                     "layout": self.spec["layout"], "T": self.spec.get("T")})
+        from . import __version__
+        meta["snnc_version"] = __version__
+        return write_bundle(path, meta, {name: data}, overwrite=overwrite)
 
     @staticmethod
     def spec_from_meta(meta: dict) -> dict:

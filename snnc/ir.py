@@ -122,7 +122,7 @@ class _Annotator(fx.Interpreter):
             else:
                 kind = spec.spiking_of(module_of(self.module, n)) if spec else "no"
                 spiking = kind == "yes" or (kind == "keep" and bool(tins) and all(i.spiking for i in tins))
-                layout = _out_layout(self.module, n, tins)
+                layout = _out_layout(self.module, n, tins, value, graph_spec(self.module).get("T"))
             n.meta["snnc"] = TensorInfo(tuple(value.shape), value.dtype, spiking, layout)
         else:
             n.meta["snnc"] = value if isinstance(value, (int, float, bool, tuple, list, torch.Size)) else None
@@ -133,11 +133,13 @@ def _tensor_tuple(v) -> bool:
     return isinstance(v, tuple) and bool(v) and all(isinstance(e, torch.Tensor) for e in v)
 
 
-def _out_layout(gm, node, tins):
+def _out_layout(gm, node, tins, value=None, T=None):
     rec = registry.lookup(gm, node)
     layouts = [i.layout for i in tins]
     if rec is None:
         return layouts[0] if layouts else "step"
+    if rec.node_layout is not None:
+        return rec.node_layout(node, tins, value, T)
     return rec.layout(module_of(gm, node), layouts)
 
 

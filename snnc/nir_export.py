@@ -31,10 +31,12 @@ from torch import fx, nn
 from .errors import SnncError, UnsupportedOp, node_ref
 from .fileio import atomic_write
 from .ir import graph_spec, info, op_name
-from .ops import IF, LIF, DirectEncoder, ParametricLIF, registry
+from .ops import (IF, LIF, CurrentLI, CurrentLIF, Delay, DirectEncoder, Feedback, MergeTime, ParametricLIF,
+                  Readout, SplitTime, registry)
 
-_PASS_THROUGH = (DirectEncoder, nn.Dropout, nn.Identity)
-_QUALIFIED = {"mul": "mul (by a constant)", "snn.direct_encoder": "snn.direct_encoder (per-step)"}
+# NIR has no time axis: per-step and multi-step forms of these ops are the same NIR node (none)
+_PASS_THROUGH = (DirectEncoder, MergeTime, SplitTime, nn.Dropout, nn.Identity)
+_QUALIFIED = {"mul": "mul (by a constant)"}
 
 
 def supported_ops() -> list[str]:
@@ -53,9 +55,41 @@ def _full(value, shape) -> np.ndarray:
     return np.full(shape, float(value), dtype=np.float64)
 
 
+def _current(mod, shape, dt):
+    """CurrentLIF -> CubaLIF, CurrentLI -> LI / I / CubaLI: the inverse of ``nir_neurons``'s
+    alpha = 1 - dt/tau_syn, gain_in = w_in dt/tau_syn, beta = 1 - dt/tau_mem, gain = r dt/tau_mem."""
+    import nir
+    meta = {"snnc_op": type(mod).op_name, "alpha": mod.alpha, "beta": mod.beta, "gain_in": mod.gain_in,
+            "gain": mod.gain_mem, "v_leak": mod.v_leak, "v_init": mod.v_init}
+    if mod.alpha == 1.0:
+        raise UnsupportedOp(f"{mod.op_name} with alpha=1 has an infinite synaptic time constant; NIR cannot write it")
+    tau_syn, w_in = dt / (1.0 - mod.alpha), mod.gain_in / (1.0 - mod.alpha)
+    v_leak = _full(mod.v_leak, shape)
+    if isinstance(mod, CurrentLI):
+        if mod.beta == 1.0:
+            if mod.alpha != 0.0 or mod.v_leak != 0.0:
+                raise UnsupportedOp("snn.current_li with beta=1 and a synaptic current has no NIR node")
+            return nir.I(r=_full(mod.gain_in * mod.gain_mem / dt, shape), metadata=meta)
+        tau_mem = dt / (1.0 - mod.beta)
+        r = _full(mod.gain_mem / (1.0 - mod.beta), shape)
+        if mod.alpha == 0.0 and mod.gain_in == 1.0:
+            return nir.LI(tau=_full(tau_mem, shape), r=r, v_leak=v_leak, metadata=meta)
+        return nir.CubaLI(tau_syn=_full(tau_syn, shape), tau_mem=_full(tau_mem, shape), r=r, v_leak=v_leak,
+                          w_in=_full(w_in, shape), metadata=meta)
+    if mod.beta == 1.0:
+        raise UnsupportedOp("snn.current_lif with beta=1 has an infinite membrane time constant; NIR cannot write it")
+    meta.update(reset=mod.reset_mode, compare=mod.compare)
+    v_th, v_reset = _full(mod.v_th, shape), _full(mod.v_reset if mod.reset_mode == "zero" else 0.0, shape)
+    return nir.CubaLIF(tau_syn=_full(tau_syn, shape), tau_mem=_full(dt / (1.0 - mod.beta), shape),
+                       r=_full(mod.gain_mem / (1.0 - mod.beta), shape), v_leak=v_leak, v_threshold=v_th,
+                       v_reset=v_reset, w_in=_full(w_in, shape), metadata=meta)
+
+
 def _neuron(mod, shape, dt):
     """The NIR node for an snnc neuron over a batchless ``shape``, plus the exact snnc form."""
     import nir
+    if isinstance(mod, (CurrentLIF, CurrentLI)):
+        return _current(mod, shape, dt)
     meta = {"snnc_op": type(mod).op_name, "reset": mod.reset_mode, "compare": mod.compare}
     if mod.v_init != 0.0:
         meta["v_init"] = mod.v_init
@@ -80,7 +114,15 @@ def _neuron(mod, shape, dt):
 
 
 def _differs_from_nir(mod) -> bool:
-    return mod.reset_mode != "zero" or mod.compare == ">=" or mod.v_init != 0.0
+    if isinstance(mod, CurrentLI):
+        return mod.v_init != mod.v_leak
+    v0 = mod.v_leak if isinstance(mod, CurrentLIF) else 0.0
+    return mod.reset_mode != "zero" or mod.compare == ">=" or mod.v_init != v0
+
+
+def _sample_shape(n) -> tuple:
+    i = info(n)
+    return tuple(i.shape[2:] if getattr(i, "layout", "step") == "seq" else i.shape[1:])
 
 
 def _const_mul_factor(node):
@@ -120,14 +162,15 @@ class _Exporter:
         return self.sources[arg]
 
     def shape(self, n):
-        return tuple(info(n).shape[1:])
+        """One sample's shape (NIR shapes have neither batch nor time dimension)."""
+        return _sample_shape(n)
 
     def export_module(self, n, mod):
         import nir
         if not registry.has_hook(registry.lookup(self.gm, n), "nir_out"):
             self.unsupported(n)   # e.g. a subclass of LIF with its own update (ALIF, DSR) is not a NIR LIF
         srcs = self.srcs(n)
-        if isinstance(mod, _PASS_THROUGH) and getattr(mod, "step_mode", "s") == "s":
+        if isinstance(mod, _PASS_THROUGH):
             self.sources[n] = srcs
         elif isinstance(mod, nn.Linear):
             w = _np(mod.weight)
@@ -137,9 +180,9 @@ class _Exporter:
             cls = nir.Conv2d if isinstance(mod, nn.Conv2d) else nir.Conv1d
             bias = _np(mod.bias) if mod.bias is not None else np.zeros(mod.out_channels, np.float32)
             pad = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
-            kw = {"input_shape": tuple(info(n.args[0]).shape[2:])}
+            kw = {"input_shape": tuple(_sample_shape(n.args[0])[1:])}
             if cls is nir.Conv1d:
-                kw = {"input_shape": info(n.args[0]).shape[2]}
+                kw = {"input_shape": _sample_shape(n.args[0])[1]}
                 pad = pad if isinstance(pad, str) else pad[0]
             self.add(n, cls(weight=_np(mod.weight), stride=mod.stride if cls is nir.Conv2d else mod.stride[0],
                             padding=pad, dilation=mod.dilation if cls is nir.Conv2d else mod.dilation[0],
@@ -148,21 +191,47 @@ class _Exporter:
             self.flatten(n, mod.start_dim, mod.end_dim, srcs)
         elif isinstance(mod, nn.AvgPool2d):
             self.avg_pool(n, mod, srcs)
-        elif isinstance(mod, (IF, LIF, ParametricLIF)):
-            if mod.step_mode != "s":
-                raise UnsupportedOp(f"{node_ref(n)}: multi-step neuron; export the per-step graph (before unroll_timesteps)")
+        elif isinstance(mod, Feedback):
+            self.feedback(n, mod, srcs)
+        elif isinstance(mod, (IF, LIF, ParametricLIF)):   # per-step or multi-step: the same NIR neuron
             if _differs_from_nir(mod):
                 self.inexact.append(str(n.target))
             self.add(n, _neuron(mod, self.shape(n), self.dt), srcs)
+        elif isinstance(mod, Delay):
+            self.add(n, nir.Delay(delay=_full(mod.steps * self.dt, self.shape(n))), srcs)
         else:
             self.unsupported(n)
+
+    def feedback(self, n, mod, srcs):
+        """``Feedback(neuron, path)`` -> the neuron node plus its recurrent path, with the cycle
+        ``neuron -> path -> neuron`` as NIR edges (NIR's recurrence)."""
+        import nir
+        name = str(n.target)
+        if not isinstance(mod.neuron, (IF, LIF, ParametricLIF, CurrentLIF, CurrentLI)):
+            self.unsupported(n)
+        if _differs_from_nir(mod.neuron):
+            self.inexact.append(name)
+        self.add(n, _neuron(mod.neuron, self.shape(n), self.dt), srcs)
+        layers = list(mod.path) if isinstance(mod.path, nn.Sequential) else [mod.path]
+        prev = name
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, nn.Linear):
+                raise UnsupportedOp(f"{node_ref(n)}: recurrent path layer {type(layer).__name__} has no NIR mapping "
+                                    "here (nn.Linear only)")
+            w = _np(layer.weight)
+            node = nir.Affine(weight=w, bias=_np(layer.bias)) if layer.bias is not None else nir.Linear(weight=w)
+            key = f"{name}.w_rec" if len(layers) == 1 else f"{name}.w_rec{i}"
+            self.nodes[key] = node
+            self.edges.append((prev, key))
+            prev = key
+        self.edges.append((prev, name))
 
     def flatten(self, n, start, end, srcs):
         import nir
         if start == 0:
             raise UnsupportedOp(f"{node_ref(n)}: flatten over the batch dimension has no NIR form")
         unshift = lambda d: d - 1 if d > 0 else d
-        self.add(n, nir.Flatten(input_type={"input": np.array(info(n.args[0]).shape[1:])},
+        self.add(n, nir.Flatten(input_type={"input": np.array(_sample_shape(n.args[0]))},
                                 start_dim=unshift(start), end_dim=unshift(end)), srcs)
 
     def avg_pool(self, n, mod, srcs):
@@ -202,28 +271,51 @@ class _Exporter:
                             + ", ".join(supported_ops()))
 
 
+def _folded(gm):
+    """``gm`` with every BatchNorm after a conv/linear folded into its weights (a copy; the user's
+    graph is kept). NIR has no BatchNorm node; in eval mode the fold is exact (Ioffe 2015, eq. after
+    Alg. 1: y = gamma (x - mu) / sqrt(var + eps) + beta is affine)."""
+    if not any(op_name(gm, n) == "nn.batch_norm" for n in gm.graph.nodes):
+        return gm
+    from .passes import fold_bn
+    try:
+        return fold_bn(gm)   # works on a copy
+    except SnncError as e:
+        raise UnsupportedOp(f"to_nir: NIR has no BatchNorm node, and {e}") from None
+
+
 def to_nir(gm: fx.GraphModule, dt: float = 1.0, path=None, overwrite: bool = False):
-    """Export per-step graph ``gm`` to a ``nir.NIRGraph``; with ``path``, also write it there
+    """Export spiking-IR graph ``gm`` (per-step, or multi-step / unrolled: NIR has no time axis, so
+    both give the same per-step NIR graph) to a ``nir.NIRGraph``; with ``path``, also write it there
     (atomically; an existing file is kept unless ``overwrite``). ``dt`` is the time step in the
-    unit the NIR time constants should have (1.0: tau in steps)."""
+    unit the NIR time constants should have (1.0: tau in steps).
+
+    BatchNorm is folded into the preceding conv/linear (on a copy). A final ``snn.readout`` (an
+    average or last value over T) has no NIR node: the NIR graph outputs the readout's per-step
+    input, and a ``UserWarning`` says so (average the NIR outputs over time to get snnc's result)."""
     try:
         import nir
     except ImportError:
         raise SnncError("NIR support needs the 'nir' package: pip install nir") from None
     from .printer import dump
-    spec = graph_spec(gm)
-    if spec.get("T") or spec["layout"] != "step":
-        raise UnsupportedOp("to_nir exports per-step graphs (NIR has no time axis); export the graph before "
-                            "unroll_timesteps")
     if not dt > 0:
         raise SnncError(f"to_nir: dt must be > 0, got {dt!r}")
+    spec = graph_spec(gm)
     dump(gm)  # annotates the graph if it has no metadata yet
+    gm = _folded(gm)
+    dump(gm)
     ex = _Exporter(gm, float(dt))
-    outputs = []
+    outputs, readouts = [], []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             name = f"input_{n.name}" if len(spec["inputs"]) > 1 else "input"
-            ex.add(n, nir.Input(input_type={"input": np.array(info(n).shape[1:])}), [], name=name)
+            ex.add(n, nir.Input(input_type={"input": np.array(_sample_shape(n))}), [], name=name)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), Readout) and \
+                all(u.op == "output" for u in n.users):
+            readouts.append(f"{n.target} (mode={gm.get_submodule(n.target).mode})")
+            ex.sources[n] = ex.srcs(n)
+            ex.shapes = getattr(ex, "shapes", {})
+            ex.shapes[n] = _sample_shape(n.args[0])
         elif n.op == "call_module":
             ex.export_module(n, gm.get_submodule(n.target))
         elif n.op in ("call_function", "call_method"):
@@ -238,13 +330,22 @@ def to_nir(gm: fx.GraphModule, dt: float = 1.0, path=None, overwrite: bool = Fal
     for name, o in outputs:
         if not isinstance(o, fx.Node) or o not in ex.sources:
             raise UnsupportedOp(f"graph output {o} is not an exported value")
-        ex.nodes[name] = nir.Output(output_type={"output": np.array(info(o).shape[1:])})
+        shape = getattr(ex, "shapes", {}).get(o) or _sample_shape(o)
+        ex.nodes[name] = nir.Output(output_type={"output": np.array(shape)})
         ex.edges += [(s, name) for s in ex.sources[o]]
-    graph = nir.NIRGraph(nodes=ex.nodes, edges=ex.edges, metadata={"dt": float(dt), "writer": "snnc"})
+    meta = {"dt": float(dt), "writer": "snnc"}
+    if spec.get("T"):
+        meta["T"] = int(spec["T"])
+    if readouts:
+        meta["readout"] = ", ".join(readouts)
+        warnings.warn("to_nir: readout " + ", ".join(readouts) + " (a reduction over time steps) has no NIR node; the "
+                      "NIR graph outputs its per-step input: average the NIR outputs over time (mode=membrane / "
+                      "spike_count) to get snnc's result", stacklevel=3)
+    graph = nir.NIRGraph(nodes=ex.nodes, edges=ex.edges, metadata=meta)
     if ex.inexact:
         warnings.warn("to_nir: neurons " + ", ".join(ex.inexact) + " reset by subtraction, compare with '>=' or "
                       "start from v_init != 0; NIR's standard fields cannot say that (the exact snnc neuron is in "
-                      "the node metadata, which snnc.from_nir reads; other NIR readers will differ)", stacklevel=2)
+                      "the node metadata, which snnc.from_nir reads; other NIR readers will differ)", stacklevel=3)
     if path is not None:
         atomic_write(path, lambda tmp: nir.write(tmp, graph), overwrite=overwrite)
     return graph

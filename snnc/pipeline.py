@@ -8,11 +8,9 @@ samples to a compiled module's input layout, and ``evaluate`` measures accuracy 
 from __future__ import annotations
 
 import importlib
-import io
 import pickle
 import statistics
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -22,29 +20,74 @@ from .errors import FileFormatError, InputError, SnncError
 from .fileio import require_file
 
 
-def open_model(path, dt=None):
+def open_model(path, dt=None, model_class: str | None = None, trust: bool = False):
     """``(kind, obj)``: ``("graph", GraphModule)`` for ``.nir`` / snnc graph files, ``("module", nn.Module)``
-    for a pickled torch module (trace it with an example input)."""
+    for a torch model (trace it with an example input).
+
+    A torch model is read the way torch recommends since 2.6: a ``state_dict`` (loaded with
+    ``weights_only=True``) plus ``model_class="pkg.mod:Net"`` (imported and built with no
+    arguments). A pickled ``nn.Module`` (``torch.save(model)``) can run code when read, so it
+    loads only with ``trust=True`` (CLI ``--trust-model-file``), with a warning."""
+    from .fileio import is_bundle
     path = require_file(path, "model file")
     if path.suffix == ".nir":
         from .nir import from_nir
         return "graph", from_nir(path, dt=dt)
-    try:
-        obj = torch.load(path, weights_only=False, map_location="cpu")
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError,
-            ModuleNotFoundError, io.UnsupportedOperation, OSError) as e:
-        raise FileFormatError(f"{path} is not a readable torch/snnc model file: {type(e).__name__}: {e}") from None
-    if isinstance(obj, dict) and obj.get("format") == "snnc-graph":
+    if is_bundle(path):
         from .runtime import load_graph
         return "graph", load_graph(path)
+    if model_class:
+        return "module", _module_from_state_dict(path, model_class)
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        obj = None  # holds Python objects beyond tensors: a pickled module (or worse)
+    except Exception as e:  # truncated zip, not a torch file at all
+        raise FileFormatError(f"{path} is not a readable torch/snnc model file: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if obj is not None:
+        if isinstance(obj, dict):
+            raise FileFormatError(f"{path} holds a state_dict: give the model class that takes it "
+                                  "(--model-class pkg.module:Net)")
+        raise FileFormatError(f"{path} holds a {type(obj).__name__}, expected a state_dict, a module or an snnc graph")
+    if not trust:
+        raise FileFormatError(f"{path} is a pickled Python object (a torch.save'd module?), which can run code "
+                              "when read: save model.state_dict() and give --model-class pkg.module:Net, or pass "
+                              "--trust-model-file if you trust this file")
+    from .runtime import load_trusted_pickle
+    obj = load_trusted_pickle(path, "torch model file")
+    if isinstance(obj, dict) and obj.get("format") == "snnc-graph":  # the graph format before version 2
+        from .runtime import load_graph
+        return "graph", load_graph(path, trust=True)
     if isinstance(obj, fx.GraphModule) and hasattr(obj, "snnc_spec"):
         return "graph", obj
     if isinstance(obj, nn.Module):
         return "module", obj.eval()
-    if isinstance(obj, dict):
-        raise FileFormatError(f"{path} holds a dict (a state_dict?), not a model: save the module itself with "
-                              "torch.save(model, path), or a graph with snnc.save(graph, path)")
     raise FileFormatError(f"{path} holds a {type(obj).__name__}, expected an nn.Module or an snnc graph")
+
+
+def _module_from_state_dict(path, model_class: str) -> nn.Module:
+    module_name, _, attr = model_class.partition(":")
+    if not module_name or not attr:
+        raise SnncError(f"--model-class {model_class!r}: expected pkg.module:ClassName")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SnncError(f"--model-class {model_class!r}: cannot import it ({type(e).__name__}: {e})") from None
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise FileFormatError(f"{path} is not a state_dict file readable with weights_only=True: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict):
+        raise FileFormatError(f"{path} holds a {type(state).__name__}, expected a state_dict")
+    try:
+        model = cls()
+        model.load_state_dict(state)
+    except Exception as e:  # wrong class for these weights: name both
+        raise SnncError(f"--model-class {model_class}: cannot load {path} into it: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.eval()
 
 
 def optional(module: str, attr: str, feature: str):
@@ -99,15 +142,18 @@ def compile_target(gm, target, **options):
     return compile(gm, target=target, **options)
 
 
-def open_compiled(path, T=None, dt=None):
-    """A callable compiled module: an exported artefact (with ``.snnc.json``), or a graph / .nir
+def open_compiled(path, T=None, dt=None, trust=False):
+    """A callable compiled module: an exported artefact (``snnc compile``), or a graph / .nir
     file compiled for the torch target (a per-step graph with neurons is unrolled over ``T`` first)."""
-    from .compiled import META_SUFFIX, load
+    from .compiled import COMPILED_FORMAT, META_SUFFIX, load
+    from .fileio import bundle_format, is_bundle
     from .ops import Neuron
-    path = Path(path)
-    if path.with_name(path.name + META_SUFFIX).exists():
+    path = require_file(path, "compiled module")
+    if path.with_name(path.name + META_SUFFIX).exists() and not is_bundle(path):
+        return load(path, trust=trust)
+    if bundle_format(path) == COMPILED_FORMAT:
         return load(path)
-    kind, obj = open_model(path, dt=dt)
+    kind, obj = open_model(path, dt=dt, trust=trust)
     if kind != "graph":
         raise FileFormatError(f"{path} is a torch module, not a compiled snnc module: compile it first (snnc compile)")
     if not obj.snnc_spec.get("T") and obj.snnc_spec["layout"] == "step" and \

@@ -299,19 +299,27 @@ def plot_accuracy_vs_T(series: dict, path, ann_accuracy=None):
     plt.close(fig)
 
 
-def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=None) -> dict:
+def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=None, overwrite=False) -> dict:
     """Collect the stats and write ``report.md``, ``report.json``, ``firing_rates.png`` (and
-    ``accuracy_vs_T.png`` from a bench JSON file) into ``out_dir``; returns their paths."""
+    ``accuracy_vs_T.png`` from a bench JSON file) into ``out_dir``; returns their paths. Existing
+    report files are kept unless ``overwrite=True``."""
+    from .fileio import OverwriteError
     series = read_bench_json(bench_json) if bench_json else None  # fail before the long part
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OverwriteError(f"--out {out} is a file; give a folder for the report")
+    paths = {"table": out / "report.md", "json": out / "report.json", "firing_rates": out / "firing_rates.png"}
+    if bench_json:
+        paths["accuracy_vs_T"] = out / "accuracy_vs_T.png"
+    taken = [str(p) for p in paths.values() if p.exists()]
+    if taken and not overwrite:
+        raise OverwriteError(f"{', '.join(taken)} exist(s); pass overwrite=True (--overwrite) to replace")
     out.mkdir(parents=True, exist_ok=True)
     stats = collect(gm, dataset, T=T, ann=ann)
-    paths = {"table": out / "report.md", "json": out / "report.json", "firing_rates": out / "firing_rates.png"}
     atomic_write(paths["table"], lambda tmp: Path(tmp).write_text(table(stats)), overwrite=True)
     atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1)), overwrite=True)
     plot_firing_rates(stats, paths["firing_rates"])
     if bench_json:
-        paths["accuracy_vs_T"] = out / "accuracy_vs_T.png"
         plot_accuracy_vs_T(series, paths["accuracy_vs_T"], ann_accuracy=_ann_accuracy(bench_json))
     return paths
 

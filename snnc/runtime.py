@@ -1,19 +1,13 @@
 """Reference semantics: running a spiking-IR graph in torch eager, resetting state, saving graphs."""
 from __future__ import annotations
 
-import io
-import pickle
-import zipfile
-
 import torch
 from torch import fx, nn
 
 from .errors import FileFormatError, InputError
-from .fileio import atomic_write, require_file
+from .fileio import is_bundle, read_bundle, require_file, write_bundle
 from .ir import graph_spec, install_call_check
 from .ops import Readout, reset
-
-GRAPH_FORMAT = "snnc-graph"
 
 
 def _ends_in_readout(gm: fx.GraphModule) -> bool:
@@ -32,6 +26,7 @@ def run(gm: nn.Module, inputs, T: int | None = None):
       Returns the last output if the graph ends in a readout, else the outputs stacked ``[T, ...]``.
     """
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    inputs = quantize_float_inputs(gm, inputs)
     spec = graph_spec(gm) if hasattr(gm, "snnc_spec") else {"layout": "step", "inputs": None}
     reset(gm)
     with torch.no_grad():
@@ -53,21 +48,44 @@ def run(gm: nn.Module, inputs, T: int | None = None):
     return torch.stack(outs)
 
 
+def quantize_float_inputs(gm, inputs: list) -> list:
+    """An integer graph (``quantize_integer``) takes int8; float inputs are quantized with the
+    graph's input scale, exactly as the ``tvm:int`` module does on the host, so both give the
+    same outputs for the same data."""
+    meta = getattr(gm, "snnc_integer", None)
+    if not isinstance(meta, dict) or meta.get("input_scale") is None or "input_bits" not in meta:
+        return inputs
+    from snnc.passes.quantize_integer import quantize_input
+    return [quantize_input(gm, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+
+
 def save(gm: fx.GraphModule, path, overwrite: bool = False):
-    """Save a spiking-IR graph (code, parameters and input spec) to ``path`` atomically."""
-    payload = {"format": GRAPH_FORMAT, "version": 1, "module": gm, "spec": graph_spec(gm)}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
+    """Save a spiking-IR graph (nodes, modules, parameters, input spec) to ``path`` atomically, in
+    the code-free graph format of ``snnc.graphfile`` (the graph is saved in its reset state)."""
+    from .graphfile import GRAPH_FORMAT, GRAPH_VERSION, graph_files
+    graph_spec(gm)
+    reset(gm)
+    files = graph_files(gm)
+    return write_bundle(path, {"format": GRAPH_FORMAT, "version": GRAPH_VERSION}, files, overwrite=overwrite)
 
 
-def load_graph(path) -> fx.GraphModule:
-    """Load a graph written by ``snnc.save`` (a pickle: only load files you trust)."""
+def load_graph(path, trust: bool = False) -> fx.GraphModule:
+    """Load a graph written by ``snnc.save``. Reading it runs no code from the file (module
+    classes and functions come from snnc's allowlist). A graph in the old pickle format (before
+    version 2) can run code when read: it loads only with ``trust=True``, with a warning."""
+    from .graphfile import GRAPH_FORMAT, graph_from_files
     path = require_file(path, "graph file")
-    try:
-        payload = torch.load(path, weights_only=False, map_location="cpu")
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
-            AttributeError, ModuleNotFoundError, io.UnsupportedOperation, OSError) as e:
-        raise FileFormatError(f"{path} is not a readable snnc graph file (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from None
+    if is_bundle(path):
+        _, files = read_bundle(path, "graph file", expect_format=GRAPH_FORMAT)
+        gm = graph_from_files(files, str(path))
+        install_call_check(gm)
+        return gm
+    if not trust:
+        raise FileFormatError(f"{path} is not an snnc graph file of this version (an old pickled graph, or not "
+                              "a graph); a pickle can run code when read: load it with "
+                              "snnc.load_graph(path, trust=True) (CLI: --trust-model-file) only if you trust it, "
+                              "then snnc.save it again")
+    payload = load_trusted_pickle(path, "graph file")
     if isinstance(payload, fx.GraphModule) and hasattr(payload, "snnc_spec"):
         return payload
     if not isinstance(payload, dict) or payload.get("format") != GRAPH_FORMAT:
@@ -77,3 +95,15 @@ def load_graph(path) -> fx.GraphModule:
     gm.snnc_spec = payload["spec"]
     install_call_check(gm)
     return gm
+
+
+def load_trusted_pickle(path, what: str):
+    """``torch.load(weights_only=False)`` of a file the user said they trust, with a one-line warning."""
+    import warnings
+    warnings.warn(f"loading {path} as a pickle: it can run code; do this only for files you trust",
+                  stacklevel=3)
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # any unpickling failure: the file is damaged or not a torch file
+        raise FileFormatError(f"{path} is not a readable {what} (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -72,14 +72,15 @@ def _static_layouts(gm):
         if n.op == "placeholder":
             out[n] = spec_layout
         elif n.op != "output":
-            ins = [_Lay(out[a]) for a in n.all_input_nodes if a in out and a.op != "get_attr"]
-            out[n] = _out_layout(gm, n, ins)
+            ins = [_Lay(out[a], a) for a in n.all_input_nodes if a in out and a.op != "get_attr"]
+            out[n] = _out_layout(gm, n, ins, info(n), gm.snnc_spec.get("T") if hasattr(gm, "snnc_spec") else None)
     return out
 
 
 class _Lay:
-    def __init__(self, layout):
+    def __init__(self, layout, node):
         self.layout = layout
+        self.shape = getattr(info(node), "shape", ())
 
 
 _LAYOUT_WORDS = {"seq": "[T, N, ...]", "flat": "[T*N, ...]", "step": "[N, ...]"}

@@ -190,12 +190,28 @@ def _spec_batch(gm) -> int:
     return shape[1 if spec["layout"] == "seq" else 0] if shape else 1
 
 
+def _refuse_external_data(proto, path) -> None:
+    """snnc writes every weight inside the model; a tensor stored outside it would make
+    onnxruntime read a file relative to the working directory (any file the user can read)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    for t in _get_all_tensors(proto):
+        if uses_external_data(t):
+            where = {e.key: e.value for e in t.external_data}.get("location", "?")
+            raise FileFormatError(f"{path}: tensor {t.name!r} points to external data {where!r}; snnc exports "
+                                  "keep every weight inside the model and refuse to read other files")
+
+
 def load(path, meta):
     """Read an exported ``.onnx`` file; any damage is a ``FileFormatError`` naming the file."""
     import onnx
     data = open(path, "rb").read()
     try:
         proto = onnx.load_from_string(data)
+    except Exception as e:  # DecodeError: truncated or not an ONNX model
+        raise FileFormatError(f"{path} is not a valid ONNX model (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    _refuse_external_data(proto, path)
+    try:
         onnx.checker.check_model(proto)
     except Exception as e:  # DecodeError / ValidationError: truncated or not an ONNX model
         raise FileFormatError(f"{path} is not a valid ONNX model (truncated or corrupt?): "

@@ -16,16 +16,31 @@ Two ways to run, one artefact:
     (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
+Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
+thread that calls a Relax-mode module gets its own ``relax.VirtualMachine`` (one VM's registers
+cannot serve two calls at once); the executable is shared.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+
+Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
+``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
+size with one VM call per forward. A graph that reshapes to a hard-coded batch cannot be made
+symbolic; it (and ``batch="static"``, and every tuned library) is built for the traced batch B,
+and ``TVMModule`` runs a batch of n as ceil(n/B) calls on chunks of B, the last one zero-padded
+(exact: samples never interact at inference). ``meta["library_batch"]`` says which.
+
+Tuning (``tvm:llvm``): ``tune=True``, ``trials=N`` (per kernel), ``tune_minutes=M`` (wall budget),
+``database=DIR``, ``progress`` -- MetaSchedule over the library's conv/dense kernels, see
+``tvm_tune.py``; implies a static library as above.
 """
 from __future__ import annotations
 
 import copy
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -42,6 +57,7 @@ from .tvm_hybrid import TVMConvCall, aligned, apply_conv_choices, bind_kernels, 
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
+BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
 CONV_CHOICES = ("auto", "torch", "tvm")  # who runs each Conv2d in hybrid mode
 
 
@@ -60,15 +76,23 @@ def _to_torch(v):
 
 
 class TVMModule(CompiledModule):
-    """A compiled graph; ``forward`` runs the hybrid graph or the Relax VM (see module doc)."""
+    """A compiled graph; ``forward`` runs the hybrid graph or the Relax VM (see module doc).
+    Every batch size runs: the hybrid graph and a ``batch="any"`` library take any batch; a
+    static library (``batch="static"``, ``tune=``) runs chunks of its built batch (``_chunked``)."""
 
     def __init__(self, target, spec, meta, relax_lib: tb.Built | None = None, relax_build=None, hybrid=None):
         super().__init__(target, spec, meta)
         self._relax_lib = relax_lib
-        self._relax_build = relax_build  # () -> runtime module, for exports of a hybrid module
+        self._relax_build = relax_build  # () -> (Built, batch kind), for exports of a hybrid module
         self._hybrid = hybrid
-        self._vm = None
-        self.dynamic_batch = hybrid is not None  # the Relax module has static shapes
+        self._vms = {}  # thread id -> its own Relax VM (one VM's registers cannot serve two threads)
+        self._vm_lock = threading.Lock()
+        self.dynamic_batch = True
+
+    @property
+    def library_batch(self) -> str:
+        """``"any"`` (symbolic batch in the library) or ``"static"`` (built for the traced batch)."""
+        return self.meta.get("library_batch", "static")
 
     @property
     def mode(self):
@@ -77,7 +101,7 @@ class TVMModule(CompiledModule):
     @property
     def relax_lib(self):
         if self._relax_lib is None:
-            self._relax_lib = self._relax_build()
+            self._relax_lib, self.meta["library_batch"] = self._relax_build()
         return self._relax_lib
 
     def _device(self):
@@ -93,13 +117,18 @@ class TVMModule(CompiledModule):
         if self._hybrid is not None:
             return run_hybrid(self._hybrid, inputs)
         dev = self._device()
-        if self._vm is None:
-            self._vm = relax.VirtualMachine(self.relax_lib.module, dev)
-        out = self._vm["main"](*[_to_tvm(x, dev) for x in inputs])
-        return _to_torch(out)
+        vm = self._vms.get(threading.get_ident())
+        if vm is None:
+            with self._vm_lock:  # the lazy library build and VM creation happen once per thread
+                vm = self._vms[threading.get_ident()] = relax.VirtualMachine(self.relax_lib.module, dev)
+        run = lambda *xs: _to_torch(vm["main"](*[_to_tvm(x, dev) for x in xs]))  # noqa: E731
+        if self.library_batch == "static":
+            return _chunked(run, inputs, self.spec, self.meta.get("output", ""))
+        return run(*inputs)
 
     def _write(self, path):
-        self.relax_lib.write(path)
+        with self._vm_lock:
+            self.relax_lib.write(path)
 
     def run_remote(self, host: str, port: int, *inputs, key: str | None = None, session_timeout: int = 60):
         """Upload the exported library to a ``tvm.rpc`` server at ``host:port`` (with ``key``: a
@@ -129,6 +158,38 @@ class TVMModule(CompiledModule):
         if isinstance(out, tvm.runtime.Tensor):
             return torch.from_numpy(out.numpy())
         return tuple(torch.from_numpy(o.numpy()) for o in out)
+
+
+def _batch_dim(spec) -> int:
+    return 1 if spec["layout"] == "seq" else 0
+
+
+def _chunked(run, inputs, spec, output_meaning_: str):
+    """Run a library built for batch B on any batch n: chunks of B, the last one zero-padded,
+    outputs cut back and concatenated. Exact because samples never interact at inference
+    (BN uses running statistics); the cost is the padding of the last chunk."""
+    bdim = _batch_dim(spec)
+    B = spec["inputs"][0][0][bdim]
+    n = inputs[0].shape[bdim]
+    if n == B:
+        return run(*inputs)
+    out_dim = 0 if output_meaning_.startswith("readout") else bdim
+    pieces = []
+    for start in range(0, n, B):
+        size = min(B, n - start)
+        chunk = []
+        for x in inputs:
+            c = x.narrow(bdim, start, size)
+            if size < B:
+                pad = list(c.shape)
+                pad[bdim] = B - size
+                c = torch.cat([c, c.new_zeros(pad)], dim=bdim)
+            chunk.append(c.contiguous())
+        out = run(*chunk)
+        outs = out if isinstance(out, tuple) else (out,)
+        pieces.append(tuple(o.narrow(out_dim if o.dim() > out_dim else 0, 0, size).clone() for o in outs))
+    joined = tuple(torch.cat(parts, dim=out_dim if parts[0].dim() > out_dim else 0) for parts in zip(*pieces))
+    return joined if isinstance(out, tuple) else joined[0]
 
 
 def _prepare(gm, T):
@@ -190,16 +251,22 @@ def _exported_sources(g) -> str:
     return h.hexdigest()[:16]
 
 
-def _cpu_mode(g, mode):
-    """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
-    forward inside the Relax module, which only the relax mode builds)."""
+def _exported_ops(g) -> list:
+    """Nodes whose op TVM imports from its exported forward (no fused scan kernel)."""
     from snnc.ops import Neuron, is_snnc_op
     from .tvm_lower import fused_scan_ok
+
     def exported(m):
         if isinstance(m, Neuron):
             return not fused_scan_ok(m)
         return is_snnc_op(m) and getattr(type(m), "exportable", False)
-    plain = [n for n in g.graph.nodes if n.op == "call_module" and exported(g.get_submodule(n.target))]
+    return [n for n in g.graph.nodes if n.op == "call_module" and exported(g.get_submodule(n.target))]
+
+
+def _cpu_mode(g, mode):
+    """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
+    forward inside the Relax module, which only the relax mode builds)."""
+    plain = _exported_ops(g)
     if mode == "auto":
         return "relax" if plain else "hybrid"
     if mode == "hybrid" and plain:
@@ -210,9 +277,15 @@ def _cpu_mode(g, mode):
 
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
-            dump_dir=None, cache=True, convs="auto"):
+            dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
+            tune_minutes=None, progress=True):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
+    if batch not in BATCH_KINDS:
+        raise SnncError(f"{target}: batch={batch!r}; expected one of {BATCH_KINDS}")
+    tuning = tune or trials is not None or database is not None or tune_minutes is not None
+    if tuning and target != "tvm:llvm":
+        raise SnncError(f"{target}: tuning (tune=/trials=/database=) is for tvm:llvm only")
     if convs not in CONV_CHOICES:
         raise SnncError(f"{target}: convs={convs!r}; expected one of {CONV_CHOICES}")
     if target == "tvm:cuda":
@@ -230,12 +303,18 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
-    relax_key = tb.graph_key(g, tdict, "relax", _exported_sources(g))
-    get_relax = lambda: tb.cached(relax_key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0]  # noqa: E731
+    if tuning:
+        from .tvm_tune import tuned_relax
+        get_relax = lambda: (tuned_relax(g, tdict, trials=trials, database=database, minutes=tune_minutes,  # noqa: E731
+                                         progress=progress, cache=cache), "static")
+    else:
+        get_relax = lambda: _relax_library(g, tdict, device, batch, cache)  # noqa: E731
     if dump_dir is not None:
-        _dump(dump_dir, target, to_relax(g, device))
+        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch))
     if mode == "relax":
-        lib = get_relax()
+        lib, meta["library_batch"] = get_relax()
+        if getattr(lib, "tuning", None):
+            meta["tuning"] = lib.tuning
         if dump_dir is not None and target == "tvm:cuda":
             atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
                          overwrite=True)
@@ -251,6 +330,20 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     apply_conv_choices(hg, choices)
     meta["hybrid_convs"] = choices
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
+
+
+def _relax_library(g, tdict, device, batch, cache):
+    """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
+    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one."""
+    exported = _exported_sources(g)
+    if batch == "any" and not _exported_ops(g):  # exported forwards have the traced (static) shapes
+        key = tb.graph_key(g, tdict, "relax", "any", exported)
+        try:
+            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any"), tdict), cache)[0], "any"
+        except Exception:  # noqa: BLE001 - TVM raises many kinds; the static build below is the answer
+            pass
+    key = tb.graph_key(g, tdict, "relax", exported)
+    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0], "static"
 
 
 def load(path, meta):

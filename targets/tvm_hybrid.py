@@ -8,18 +8,23 @@ TVM wins some layers, e.g. the 3-channel first conv). The graph here is the unro
 itself with each neuron / readout / conv module swapped for a call that hands the torch tensors
 to the TVM function through DLPack (zero copies) and writes into an output buffer preallocated
 per shape (fresh allocations measured 5-20% slower end to end, TVM-NOTES.md (f)).
+
+Thread safety: the preallocated buffers are per calling thread (keyed by thread id), so threads
+calling one module on different inputs never write into each other's buffers; the kernels keep
+no state between calls (the membrane lives in a scan's local registers).
 """
 from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 
 import torch
 from torch import fx, nn
 
 from snnc.ir import info
-from snnc.ops import Neuron, Readout
+from snnc.ops import registry
 
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import multi_state, neuron_scan, state_kernel
@@ -60,7 +65,7 @@ class TVMKernelCall(nn.Module):
     def _out(self, shape, dtype):
         if not self.reuse_output:  # a module called twice per run: each call needs its own output
             return torch.empty(shape, dtype=dtype)
-        key = (tuple(shape), dtype)
+        key = (threading.get_ident(), tuple(shape), dtype)  # per thread: see the module doc
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = torch.empty(shape, dtype=dtype)
@@ -140,7 +145,9 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             continue
         mod = g.get_submodule(node.target)
         once = calls.count(node.target) == 1
-        if isinstance(mod, Neuron):
+        rec = registry.module_record(mod)
+        loops = rec is not None and rec.over_time == "loop"   # ops with a scan kernel (check_supported ran)
+        if loops and rec.spiking_of(mod) == "yes":
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
             name = f"scan_{len(kernels)}"
@@ -159,7 +166,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu"):
             name = f"conv_{len(kernels)}"
             kernels[name] = (conv2d_kernel, (copy.deepcopy(mod), in_shape), {})
             g.add_submodule(node.target, TVMConvCall(mod, name, in_shape, reuse_output=once))
-        elif isinstance(mod, Readout):
+        elif loops and rec.layout(mod, ["seq"]) == "step":   # a readout: [T, N, ...] -> [N, ...]
             shape, dtype = info(node.args[0]).shape, str(info(node).dtype).replace("torch.", "")
             name = f"readout_{len(kernels)}"
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
@@ -197,6 +204,8 @@ def run_hybrid(g: fx.GraphModule, inputs):
     the next call cannot overwrite what the caller holds."""
     with torch.no_grad():
         out = g(*inputs)
-    owned = {b.data_ptr() for m in g.modules() if isinstance(m, TVMKernelCall) for b in m.buffers.values()}
+    me = threading.get_ident()
+    owned = {b.data_ptr() for m in g.modules() if isinstance(m, TVMKernelCall)
+             for (tid, *_), b in list(m.buffers.items()) if tid == me}
     return fx.node.map_aggregate(
         out, lambda t: t.clone() if isinstance(t, torch.Tensor) and t.data_ptr() in owned else t)

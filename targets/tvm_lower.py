@@ -27,7 +27,7 @@ from snnc.errors import UnsupportedOp, node_ref
 from snnc.ir import info
 from snnc.ops import registry
 
-from .tvm_kernels import NeuronScan, neuron_scan_kernel, readout_kernel, state_scan_kernel
+from .tvm_kernels import NeuronScan, neuron_scan_kernel, pick_lanes, readout_kernel, state_scan_kernel
 
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps must not merge a hand-scheduled kernel
 
@@ -161,18 +161,41 @@ def _reshape(bb, x, shape):
     return bb.emit(relax.op.reshape(x, shape))
 
 
+def _dims(x) -> list:
+    """The shape of Relax value ``x``: Python ints where static, PrimExprs where symbolic (the
+    batch of a module built with ``batch="any"``)."""
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in x.ty.shape.values]
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out = out * d
+    return out if isinstance(out, int) else _simplify(out)
+
+
+def _simplify(e):
+    return tvm.sym.Analyzer().simplify(e)
+
+
 def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
     if not fused_scan_ok(mod):
         return _convert_exported(imp, node)
-    (shape, dtype), x = _seq_shape(node), imp.env[node.args[0]]
-    steps, M = shape[0], math.prod(shape[1:])
+    (_, dtype), x = _seq_shape(node), imp.env[node.args[0]]
+    shape = _dims(x)  # [T, N, ...]; N may be symbolic (batch="any")
+    steps, sample = shape[0], tuple(shape[2:])
+    M = _prod(shape[1:])
     name = f"{type(mod).op_name.replace('.', '_')}_scan"
+    # a symbolic M: one kernel for every batch, its chunks must not straddle samples
+    static, lanes = isinstance(M, int), pick_lanes(math.prod(sample))
     if multi_state(mod):
-        func, th = state_kernel(mod, steps, M, dtype, imp.snnc_device), None
+        func, th = state_kernel(mod, steps, M if static else None, dtype, imp.snnc_device,
+                                lanes=None if static else lanes), None
     else:
-        rule, th = neuron_scan(mod, shape[2:], dtype)
-        func = neuron_scan_kernel(steps, M, dtype, rule, device=imp.snnc_device)
+        rule, th = neuron_scan(mod, sample, dtype)
+        func = neuron_scan_kernel(steps, M if static else None, dtype, rule, device=imp.snnc_device,
+                                  lanes=None if static else lanes)
     gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
     flat = _reshape(bb, x, (steps, M))
@@ -224,10 +247,15 @@ class _Forward(nn.Module):
 
 
 def _convert_readout(imp, node):
-    (shape, dtype), x = _seq_shape(node.args[0]), imp.env[node.args[0]]
-    steps, M = shape[0], math.prod(shape[1:])
+    (_, dtype), x = _seq_shape(node.args[0]), imp.env[node.args[0]]
+    shape = _dims(x)
+    steps, M = shape[0], _prod(shape[1:])
     name = "snn_readout"
-    gv = imp.block_builder.add_func(opaque(readout_kernel(steps, M, dtype, device=imp.snnc_device)), name)
+    if isinstance(M, int):
+        func = readout_kernel(steps, M, dtype, device=imp.snnc_device)
+    else:
+        func = readout_kernel(steps, None, dtype, device=imp.snnc_device, lanes=pick_lanes(math.prod(shape[2:])))
+    gv = imp.block_builder.add_func(opaque(func), name)
     bb = imp.block_builder
     flat = _reshape(bb, x, (steps, M))
     y = bb.emit(relax.call_tir(gv, [flat], relax.TensorType((M,), dtype)))
@@ -238,11 +266,22 @@ def _convert_direct_encoder(imp, node):
     mod, x = imp.named_modules[node.target], imp.env[node.args[0]]
     if mod.step_mode != "m":
         return x
-    return imp.block_builder.emit(relax.op.broadcast_to(x, _seq_shape(node)[0]))
+    steps = _seq_shape(node)[0][0]
+    return imp.block_builder.emit(relax.op.broadcast_to(x, [steps, *_dims(x)]))
 
 
 def _convert_reshape(imp, node):
-    return _reshape(imp.block_builder, imp.env[node.args[0]], _seq_shape(node)[0])
+    """MergeTime ``[T, N, ...] -> [T*N, ...]`` and SplitTime back, from the input's (possibly
+    symbolic) shape; the traced output shape only supplies T."""
+    x, out = imp.env[node.args[0]], _seq_shape(node)[0]
+    shape = _dims(x)
+    if all(isinstance(d, int) for d in shape):
+        return _reshape(imp.block_builder, x, out)
+    if len(out) == len(shape) - 1:  # merge the two leading dims
+        new = [_simplify(shape[0] * shape[1]), *shape[2:]]
+    else:                           # split the leading dim into T and N
+        new = [out[0], _simplify(shape[0] // out[0]), *shape[1:]]
+    return _reshape(imp.block_builder, x, new)
 
 
 def _convert_batch_norm(imp, node):
@@ -272,6 +311,12 @@ def _importer(device, gm=None):
             h = rec.hooks.get("tvm") if rec is not None else None
             if h is not None and h != registry.FORWARD:
                 convs[type(m)] = registry.resolve(h)
+        for n in gm.graph.nodes:   # functions / methods: the importer keys them by name
+            if n.op in ("call_function", "call_method"):
+                rec = registry.lookup(gm, n)
+                h = rec.hooks.get("tvm") if rec is not None else None
+                if h is not None and h != registry.FORWARD:
+                    convs[n.target if n.op == "call_method" else n.target.__name__] = registry.resolve(h)
         imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in convs.items()})
     return imp
 
@@ -296,11 +341,16 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")
 
 
-def to_relax(gm: fx.GraphModule, device: str = "cpu") -> tvm.IRModule:
-    """The Relax ``IRModule`` of an annotated multi-step graph (``device``: "cpu" or "gpu")."""
+def to_relax(gm: fx.GraphModule, device: str = "cpu", batch: str = "static") -> tvm.IRModule:
+    """The Relax ``IRModule`` of an annotated multi-step graph (``device``: "cpu" or "gpu").
+    ``batch="any"``: the batch dimension of every input is the symbolic ``n`` (one library
+    for every batch size); ``"static"``: the traced batch."""
     check_supported(gm)
     imp = _importer(device, gm)
     spec = gm.snnc_spec
     input_info = [(tuple(shape), dtype) for shape, dtype in spec["inputs"]]
+    if batch == "any":
+        n, bdim = tvm.tirx.Var("n", "int64"), 1 if spec["layout"] == "seq" else 0
+        input_info = [(shape[:bdim] + (n,) + shape[bdim + 1:], dtype) for shape, dtype in input_info]
     return imp.from_fx(gm, input_info, keep_params_as_input=False, unwrap_unit_return_tuple=True,
                        no_bind_return_tuple=False)

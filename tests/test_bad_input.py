@@ -9,7 +9,7 @@ from torch import nn
 import snnc
 from snnc.differential import differential
 from snnc.errors import FileFormatError, InputError, UnsupportedOp, VerifyError
-from snnc.fileio import OverwriteError
+from snnc.fileio import OverwriteError, bundle_bytes, read_bundle
 from snnc.ops import LIF, DirectEncoder, Readout
 from snnc.passes import unroll_timesteps
 
@@ -88,14 +88,27 @@ def test_non_finite_neuron_attribute_is_refused():
         snnc.compile(g, target="onnx")
 
 
+def _rebundle(path, edit_meta=None, artefact=None):
+    """Rewrite an export with edited metadata or artefact bytes, hashes recomputed (a file that
+    passes the integrity check, so the next layer of checks is what is tested)."""
+    meta, files = read_bundle(path)
+    meta.pop("files")
+    if edit_meta:
+        edit_meta(meta)
+    if artefact is not None:
+        files = {meta["artefact"]: artefact}
+    path.write_bytes(bundle_bytes(meta, files))
+
+
 def test_truncated_or_garbage_onnx_file_names_the_file(onnx_module, tmp_path):
     path = onnx_module.export(tmp_path / "net.onnx")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FileFormatError, match=r"net.onnx is not a valid ONNX model \(truncated or corrupt\?\)"):
+    with pytest.raises(FileFormatError, match=r"net.onnx is not a readable snnc compiled module \(truncated or corrupt\?\)"):
         snnc.load(path)
-    path.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(FileFormatError, match="net.onnx is not a valid ONNX model"):
+    path.write_bytes(data)
+    _rebundle(path, artefact=b"\x00garbage" * 10)  # hashes right, artefact not ONNX
+    with pytest.raises(FileFormatError, match=r"net.onnx \[model.onnx\] is not a valid ONNX model"):
         snnc.load(path)
     path.write_bytes(b"")
     with pytest.raises(FileFormatError, match="net.onnx is empty"):
@@ -104,18 +117,17 @@ def test_truncated_or_garbage_onnx_file_names_the_file(onnx_module, tmp_path):
 
 def test_metadata_damage_or_mismatch_names_the_file(onnx_module, tmp_path):
     path = onnx_module.export(tmp_path / "net.onnx")
-    meta = path.with_name("net.onnx.snnc.json")
-    text = meta.read_text()
-    meta.write_text(text[: len(text) // 2])
-    with pytest.raises(FileFormatError, match=r"net.onnx.snnc.json is not valid JSON"):
+    data = path.read_bytes()
+    _rebundle(path, lambda m: m["inputs"].append([[2, 4], "float32"]))
+    with pytest.raises(FileFormatError, match=r"net.onnx \[model.onnx\] has 1 input\(s\) but its metadata lists 2"):
         snnc.load(path)
-    broken = json.loads(text)
-    broken["inputs"].append([[2, 4], "float32"])
-    meta.write_text(json.dumps(broken))
-    with pytest.raises(FileFormatError, match=r"net.onnx has 1 input\(s\) but its metadata lists 2"):
+    path.write_bytes(data)
+    _rebundle(path, lambda m: m.update(inputs="nonsense"))
+    with pytest.raises(FileFormatError, match=r"net.onnx: malformed input spec in the metadata"):
         snnc.load(path)
-    meta.unlink()
-    with pytest.raises(FileFormatError, match="metadata file .*net.onnx.snnc.json does not exist"):
+    path.write_bytes(data)
+    _rebundle(path, lambda m: m.update(target="tvm:int"))
+    with pytest.raises(FileFormatError, match=r"net.onnx: metadata names target 'tvm:int'"):
         snnc.load(path)
 
 
@@ -123,27 +135,23 @@ def test_truncated_torch_module_and_saved_graph_name_the_file(graph, tmp_path):
     path = snnc.compile(graph, target="torch").export(tmp_path / "net.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FileFormatError, match=r"net.pt is not a readable snnc graph file \(truncated or corrupt\?\)"):
+    with pytest.raises(FileFormatError, match=r"net.pt is not a readable snnc compiled module \(truncated or corrupt\?\)"):
         snnc.load(path)
     g = tmp_path / "g.snnc"
     snnc.save(graph, g)
     g.write_bytes(g.read_bytes()[:100])
-    with pytest.raises(FileFormatError, match="g.snnc is not a readable snnc graph file"):
+    with pytest.raises(FileFormatError, match=r"g.snnc is not a readable snnc graph file \(truncated or corrupt\?\)"):
         snnc.load_graph(g)
 
 
 def test_export_refuses_to_overwrite_and_keeps_bytes(onnx_module, tmp_path):
     path = onnx_module.export(tmp_path / "net.onnx")
-    meta = path.with_name("net.onnx.snnc.json")
-    before = (path.read_bytes(), meta.read_bytes())
+    before = path.read_bytes()
     other = snnc.compile(unroll_timesteps(snnc.trace(_net(), torch.zeros(2, 4)), T=2), target="onnx")
     with pytest.raises(OverwriteError, match="net.onnx exists; pass overwrite=True"):
         other.export(path)
-    assert (path.read_bytes(), meta.read_bytes()) == before
-    path.unlink()  # the metadata alone also blocks an export (it would be replaced)
-    with pytest.raises(OverwriteError, match="net.onnx.snnc.json exists"):
-        other.export(path)
-    assert meta.read_bytes() == before[1] and not path.exists()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]  # one file: nothing beside it
     other.export(path, overwrite=True)
     assert snnc.load(path).spec["T"] == 2
 

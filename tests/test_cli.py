@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import snnc
+from snnc.fileio import read_bundle
 from snnc.data import nir_paper_dir
 from snnc.cli import main
 from snnc.ops import LIF
@@ -48,11 +49,11 @@ def snn_files(tmp_path):
 
 def test_compile_run_inspect_end_to_end(snn_files, capsys):
     d, model = snn_files
-    assert main(["compile", str(d / "snn.pt"), "--input-shape", "1,1,8,8", "--T", "4", "--dump-ir", str(d / "ir"),
-                 "-o", str(d / "out.pt")]) == 0
+    assert main(["compile", str(d / "snn.pt"), "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "4",
+                 "--dump-ir", str(d / "ir"), "-o", str(d / "out.pt")]) == 0
     assert "compiled" in capsys.readouterr().out
     assert sorted(p.name for p in (d / "ir").iterdir()) == ["00_input.ir", "01_unroll_timesteps.ir"]
-    meta = json.loads((d / "out.pt.snnc.json").read_text())
+    meta, _ = read_bundle(d / "out.pt")
     assert meta["target"] == "torch" and meta["T"] == 4
     # the compiled module computes what the reference does on the model itself
     x = snnc.data.digits().x_test
@@ -84,13 +85,14 @@ def test_errors_are_one_line_with_exit_1(snn_files, cli):
     d, _ = snn_files
     torch.save(nn.Linear(2, 2).state_dict(), d / "sd.pt")
     cases = [
-        (["compile", d / "snn.pt", "-o", d / "o.pt"], "is a torch module: give --input-shape"),
-        (["compile", d / "sd.pt", "--input-shape", "1,2", "-o", d / "o.pt"], "holds a dict (a state_dict?)"),
+        (["compile", d / "snn.pt", "-o", d / "o.pt"], "can run code when read: save model.state_dict()"),
+        (["compile", d / "snn.pt", "--trust-model-file", "-o", d / "o.pt"], "is a torch module: give --input-shape"),
+        (["compile", d / "sd.pt", "--input-shape", "1,2", "-o", d / "o.pt"], "holds a state_dict: give the model class"),
         (["compile", d / "snn.snnc", "--target", "fpga", "-o", d / "o.pt"], "unknown target 'fpga'"),
         (["compile", d / "snn.snnc", "--convert", "-o", d / "o.pt"], "--convert needs --calib"),
         (["compile", d / "missing.pt", "-o", d / "o.pt"], "missing.pt does not exist"),
         (["run", d / "nothing.pt"], "does not exist"),
-        (["run", d / "snn.pt"], "compile it first"),
+        (["run", d / "snn.pt", "--trust-model-file"], "compile it first"),
         (["run", d / "snn.snnc"], "per-step spiking graph: give --T"),
         (["run", d / "snn.snnc", "--T", "2", "--data", "cifar"], "unknown data set spec 'cifar'"),
         (["report", d / "snn.snnc", "--bench-json", d / "snn.pt", "--samples", "8", "--T", "2", "--out", d / "r"],
@@ -99,10 +101,25 @@ def test_errors_are_one_line_with_exit_1(snn_files, cli):
     for args, msg in cases:
         rc, out, err = cli(*args)
         assert rc == 1, (args, err)
-        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+        errors = [line for line in err.strip().splitlines() if ": warning: " not in line]  # --trust-model-file's
+        assert msg in err and "Traceback" not in err and len(errors) == 1, (args, err)
     assert not (d / "o.pt").exists()
     rc, _, err = snnc_cli("compile", d / "sd.pt", "--input-shape", "1,2", "-o", d / "o.pt")  # as a process
     assert rc == 1 and err.startswith("snnc compile: error: ") and "Traceback" not in err
+
+
+def test_compile_a_state_dict_with_model_class(snn_files, cli, monkeypatch):
+    d, model = snn_files
+    (d / "usernets.py").write_text("from snnc.zoo import digits_snn\n\n\ndef Net():\n    return digits_snn(4)\n")
+    monkeypatch.syspath_prepend(str(d))
+    torch.save(model.state_dict(), d / "sd.pt")
+    rc, _, err = cli("compile", d / "sd.pt", "--model-class", "usernets:Net", "--input-shape", "1,1,8,8", "--T", "4",
+                     "-o", d / "out.snnc")
+    assert rc == 0, err
+    x = snnc.data.digits().x_test[:32]
+    assert torch.equal(snnc.load(d / "out.snnc")(x), snnc.run(snnc.trace(model, x[:1]), x, T=4))
+    rc, _, err = cli("compile", d / "sd.pt", "--model-class", "usernets:Nope", "--input-shape", "1,1,8,8", "-o", d / "o")
+    assert rc == 1 and "cannot import it" in err
 
 
 def test_compile_refuses_to_overwrite_and_usage_exit_2(snn_files, cli):
@@ -177,7 +194,7 @@ def test_compile_convert_matches_snnc_convert(tmp_path, cli):
     torch.manual_seed(0)
     ann = digits_cnn(4).eval()
     torch.save(ann, tmp_path / "ann.pt")
-    rc, out, err = cli("compile", tmp_path / "ann.pt", "--convert", "--calib", "digits", "--calib-samples", "128",
+    rc, out, err = cli("compile", tmp_path / "ann.pt", "--trust-model-file", "--convert", "--calib", "digits", "--calib-samples", "128",
                        "--T", "4", "--dump-ir", tmp_path / "ir", "-o", tmp_path / "snn.pt")
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00_input.ir", "01_convert.ir", "02_unroll_timesteps.ir"]

@@ -84,7 +84,7 @@ def test_cli_convert_calibrated_on_a_cifar10_folder(tmp_path, capsys):
     write_cifar10(tmp_path / "c", per_batch=8, binary=True)
     torch.save(_cifar_ann().eval(), tmp_path / "ann.pt")
     spec = f"cifar10:{tmp_path / 'c'}"
-    assert cli.main(["compile", str(tmp_path / "ann.pt"), "--convert", "--calib", spec, "--T", "8",
+    assert cli.main(["compile", str(tmp_path / "ann.pt"), "--trust-model-file", "--convert", "--calib", spec, "--T", "8",
                      "--target", "torch", "-o", str(tmp_path / "snn.pt")]) == 0
     capsys.readouterr()
     assert cli.main(["run", str(tmp_path / "snn.pt"), "--data", spec]) == 0

@@ -98,8 +98,8 @@ def test_untraceable_model_names_module():
 
 
 def test_unknown_op_is_named():
-    model = nn.Sequential(nn.Linear(3, 3), nn.GELU())
-    with pytest.raises(VerifyError, match=r"node %_1 .*GELU.*supported: .*snn.lif"):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1))
+    with pytest.raises(VerifyError, match=r"node %_1 .*Softmax.*supported: .*snn.lif"):
         snnc.trace(model, torch.zeros(1, 3))
 
 

@@ -117,8 +117,10 @@ def test_export_load_round_trip(digits, tmp_path):
     loaded = snnc.load(path)
     assert loaded.mode == "relax" and loaded.meta["T"] == 4 and loaded.meta["compiled_mode"] == "hybrid"
     _agree(loaded(x), digits["ref"], spikes=False)
-    with pytest.raises(InputError, match=r"expected shape \[3, 1, 8, 8\]"):
-        loaded(torch.rand(2, 1, 8, 8))  # the standalone Relax module has static shapes
+    x2 = torch.rand(2, 1, 8, 8) * 3  # the library has a symbolic batch: any batch size runs
+    _agree(loaded(x2), snnc.run(digits["g"], x2), spikes=False)
+    with pytest.raises(InputError, match=r"expected shape \[3, 1, 8, 8\] \(any batch size\)"):
+        loaded(torch.rand(2, 1, 7, 8))
     with pytest.raises(SnncError, match="exists"):
         m.export(path)
     torch.save(digits["x"], tmp_path / "x.pt")
@@ -152,7 +154,10 @@ def test_cuda_builds_one_fused_kernel_per_neuron_layer(digits, tmp_path):
     src = cuda_source(m.relax_lib.module)
     assert src == (tmp_path / "tvm_cuda.cu").read_text()
     scans = re.findall(r'__global__ void __launch_bounds__\(\d+\) (snn_lif_scan\w*_kernel)\([^)]*\) \{', src)
-    assert len(scans) == 3  # three LIF layers, one kernel each: no per-timestep kernels
+    # three LIF layers, no per-timestep kernels; with the symbolic batch, layers whose rule and
+    # sample size give the same kernel share it
+    assert 1 <= len(scans) <= 3
+    assert src.count("for (int t = 0; t < 4; ++t)") >= len(scans)
     body = src.split(f"{scans[0]}(")[2].split("\n}\n")[0]
     assert "for (int t = 0; t < 4; ++t)" in body  # the time loop is inside the kernel
     assert body.count("S_ptr[") == 1  # spikes written once per step, membrane in a register

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import snnc
+from snnc.fileio import bundle_bytes, read_bundle
 from snnc.errors import FileFormatError, InputError, UnsupportedOp
 from snnc.fileio import OverwriteError
 from snnc.ops import IF, LIF, DirectEncoder, IntIF, ParametricLIF, Readout
@@ -101,10 +102,11 @@ def test_export_load_round_trip(compiled, tmp_path):
             assert m2.codegen == cg and torch.equal(m2(xq), m(xq))
             assert (m2.c_source is not None) == (cg == "c")
             assert m2.meta["integer"]["weight_bits"] == q.snnc_integer["weight_bits"]
-    bad = tmp_path / "bad.tar"
-    bad.write_bytes(b"not a tar at all")
-    (tmp_path / "bad.tar.snnc.json").write_text((path.parent / (path.name + ".snnc.json")).read_text())
-    with pytest.raises(FileFormatError, match="bad.tar"):
+    bad = tmp_path / "bad.tar"  # hashes right, the artefact inside not a tar
+    meta, files = read_bundle(path)
+    meta.pop("files")
+    bad.write_bytes(bundle_bytes(meta, {meta["artefact"]: b"not a tar at all"}))
+    with pytest.raises(FileFormatError, match=r"bad.tar \[module.tar\] is not a readable tvm:int artefact"):
         snnc.load(bad)
 
 

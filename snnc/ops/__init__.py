@@ -1,12 +1,15 @@
 """snnc's own ops: the leaf modules of the spiking IR, each with one documented semantics and one
 op record (``snnc.ops.registry``) registered by its own module."""
-from . import standard  # records of the torch layers the IR keeps
+from . import standard, tensor  # records of the torch layers and tensor ops the IR keeps
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .cuba_lif import CubaLIF
 from .dsr import DSRIF, DSRLIF
 from .leaky_integrator import LeakyIntegrator
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
+from .cuba import CurrentLI, CurrentLIF
+from .delay import Delay
+from .feedback import Feedback
 from .multispike import MultiSpikeLIF
 from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF, StateNeuron
 from .norm import NeuNorm, TDBatchNorm

@@ -182,10 +182,11 @@ register_op(PoissonEncoder, spiking="yes", over_time="encode", state=("generator
 register_op(Readout, spiking="no", state=("acc",), over_time="loop", accepts=seq_when_multi_step,
             shape=_readout_shape,
             layout=lambda m, ls: "step" if m.step_mode == "m" else (ls[0] if ls else "step"),
-            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_readout"})
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_readout"},
+            refused={"nir_out": "NIR has no time axis; to_nir ends the graph before a final readout, with a note"})
 register_op(MergeTime, spiking="keep", accepts=lambda m: {"seq"}, layout=lambda m, ls: "flat",
-            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape",
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape", "nir_out": FORWARD,
                    "tvm:int": "snnc.targets.tvm_int_lower:_emit_view"})
 register_op(SplitTime, spiking="keep", accepts=lambda m: {"flat"}, layout=lambda m, ls: "seq",
-            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape",
+            hooks={"onnx": FORWARD, "tvm": _TVM + "_convert_reshape", "nir_out": FORWARD,
                    "tvm:int": "snnc.targets.tvm_int_lower:_emit_view"})

@@ -15,6 +15,10 @@ A record says, in one place, what the IR and every stage need to know about an o
     attrs       ``attrs(module) -> dict`` shown in the dump
     shape       ``shape(module, [(shape, dtype), ...]) -> (shape, dtype)`` without running the op
                 (stateful ops need one; stateless ops may leave it to fake-tensor execution)
+    node_layout ``(node, [input TensorInfo], value, T) -> layout`` for ops whose output layout depends
+                on their arguments (``x.mean(0)`` removes time, ``x.mean(1)`` keeps it); overrides ``layout``
+    seq_form    ``(graph, node, args, kwargs, T) -> new node``: how ``unroll_timesteps`` runs an op that
+                names dims on ``[T, N, ...]`` (its dims shifted past time) instead of the merged batch
     hooks       stage -> hook. A hook is a callable, a lazy ``"package.module:function"`` reference
                 (resolved on first use, so importing ``snnc.ops`` never imports tvm), or
                 ``FORWARD``: the stage exports the reference forward itself (ONNX traces it)
@@ -56,6 +60,8 @@ class OpRecord:
     attrs: Callable | None = None
     shape: Callable | None = None        # (mod, [(shape, dtype) of tensor inputs]) -> (shape, dtype);
                                          # None: the op runs on fake tensors to find out
+    node_layout: Callable | None = None  # (node, [input TensorInfo], value, T) -> output layout
+    seq_form: Callable | None = None     # (graph, node, args, kwargs, T) -> the op on [T, N, ...] inputs
     hooks: dict = dataclasses.field(default_factory=dict)
     refused: dict = dataclasses.field(default_factory=dict)   # stage -> why it has no hook
 

@@ -41,38 +41,52 @@ def _pool_attrs(m):
     return {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride), "pad": _pair(m.padding)}
 
 
+_ADAPTIVE_MAX = "snnc.targets.tvm_tensor_ops:convert_adaptive_max_pool"
+_IDENTITY = "snnc.targets.tvm_tensor_ops:convert_identity"
+
+
+def _adaptive_attrs(m):
+    return {"output": _pair(m.output_size)}
+
+
+def _layer(name, modules, functions=(), attrs=None, spiking="no", hooks=_BOTH):
+    """A layer over [N, C, ...]: not time-agnostic (conv/pool/BN read dim 0 as the batch, so the
+    unroll pass runs them once on the merged [T*N, C, ...] batch)."""
+    return OpRecord(name, modules=modules, functions=functions, spiking=spiking, time_agnostic=False,
+                    attrs=attrs, hooks=hooks)
+
+
+_NIR = {**_BOTH, "nir_out": FORWARD}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
 for _rec in [
-    OpRecord("nn.conv1d", modules=(nn.Conv1d,), time_agnostic=False, attrs=_conv_attrs,
-             hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("nn.conv2d", modules=(nn.Conv2d,), time_agnostic=False, attrs=_conv_attrs,
-             hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("nn.linear", modules=(nn.Linear,), attrs=lambda m: {"out": m.out_features},
-             hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("nn.batch_norm", modules=(nn.BatchNorm1d, nn.BatchNorm2d), time_agnostic=False,
-             attrs=lambda m: {"eps": m.eps}, hooks={"onnx": FORWARD, "tvm": _TVM_BN}),
+    _layer("nn.conv1d", (nn.Conv1d,), attrs=_conv_attrs, hooks=_NIR),
+    _layer("nn.conv2d", (nn.Conv2d,), attrs=_conv_attrs, hooks=_NIR),
+    _layer("nn.conv3d", (nn.Conv3d,), attrs=_conv_attrs),
+    OpRecord("nn.linear", modules=(nn.Linear,), attrs=lambda m: {"out": m.out_features}, hooks=_NIR),
+    _layer("nn.batch_norm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), attrs=lambda m: {"eps": m.eps},
+           hooks={"onnx": FORWARD, "tvm": _TVM_BN}),
     OpRecord("nn.relu", modules=(nn.ReLU,), functions=(torch.relu, F.relu), methods=("relu",), hooks=_BOTH),
-    OpRecord("nn.avg_pool2d", modules=(nn.AvgPool2d,), functions=(F.avg_pool2d,), time_agnostic=False,
-             attrs=_pool_attrs, hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("nn.max_pool2d", modules=(nn.MaxPool2d,), functions=(F.max_pool2d,), spiking="keep",
-             time_agnostic=False, attrs=_pool_attrs, hooks=_BOTH),
-    OpRecord("nn.adaptive_avg_pool2d", modules=(nn.AdaptiveAvgPool2d,), functions=(F.adaptive_avg_pool2d,),
-             time_agnostic=False, attrs=lambda m: {"output": _pair(m.output_size)}, hooks=_BOTH),
-    OpRecord("nn.flatten", modules=(nn.Flatten,), spiking="keep", time_agnostic=False,
-             attrs=lambda m: {"start_dim": m.start_dim}, hooks={**_VIEW, "nir_out": FORWARD}),
-    OpRecord("nn.dropout", modules=(nn.Dropout,), functions=(F.dropout,), spiking="keep",
-             attrs=lambda m: {"p": m.p}, hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("nn.identity", modules=(nn.Identity,), spiking="keep", hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("add", functions=(operator.add, torch.add), methods=("add",), hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("mul", functions=(operator.mul, torch.mul), methods=("mul",), hooks={**_BOTH, "nir_out": FORWARD}),
-    OpRecord("div", functions=(operator.truediv,), hooks=_BOTH),
-    OpRecord("cat", functions=(torch.cat,), spiking="keep", hooks=_BOTH),
-    OpRecord("flatten", functions=(torch.flatten,), methods=("flatten",), spiking="keep", time_agnostic=False,
-             hooks={**_VIEW, "nir_out": FORWARD}),
-    OpRecord("getitem", functions=(operator.getitem,), spiking="keep", hooks=_BOTH),
-    OpRecord("getattr", functions=(getattr,), hooks=_BOTH),
-    OpRecord("view", methods=("view",), spiking="keep", time_agnostic=False, hooks=_VIEW),
-    OpRecord("reshape", methods=("reshape",), spiking="keep", time_agnostic=False, hooks=_VIEW),
-    OpRecord("size", methods=("size",), hooks=_BOTH),
-    OpRecord("contiguous", methods=("contiguous",), spiking="keep", hooks=_VIEW),
+    _layer("nn.avg_pool1d", (nn.AvgPool1d,), (F.avg_pool1d,), _pool_attrs),
+    _layer("nn.avg_pool2d", (nn.AvgPool2d,), (F.avg_pool2d,), _pool_attrs, hooks=_NIR),
+    _layer("nn.avg_pool3d", (nn.AvgPool3d,), (F.avg_pool3d,), _pool_attrs),
+    _layer("nn.max_pool1d", (nn.MaxPool1d,), (F.max_pool1d,), _pool_attrs, spiking="keep"),
+    _layer("nn.max_pool2d", (nn.MaxPool2d,), (F.max_pool2d,), _pool_attrs, spiking="keep"),
+    _layer("nn.max_pool3d", (nn.MaxPool3d,), (F.max_pool3d,), _pool_attrs, spiking="keep"),
+    _layer("nn.adaptive_avg_pool1d", (nn.AdaptiveAvgPool1d,), (F.adaptive_avg_pool1d,), _adaptive_attrs),
+    _layer("nn.adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), _adaptive_attrs),
+    _layer("nn.adaptive_avg_pool3d", (nn.AdaptiveAvgPool3d,), (F.adaptive_avg_pool3d,), _adaptive_attrs),
+    _layer("nn.adaptive_max_pool", (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+           attrs=_adaptive_attrs, spiking="keep", hooks={"onnx": FORWARD, "tvm": _ADAPTIVE_MAX}),
+    _layer("nn.flatten", (nn.Flatten,), attrs=lambda m: {"start_dim": m.start_dim}, spiking="keep",
+           hooks={**_VIEW, "nir_out": FORWARD}),
+    # dropout is the identity in eval mode, the mode every target exports (training-mode dropout
+    # would make the reference itself random)
+    OpRecord("nn.dropout", modules=_DROPOUTS, functions=(F.dropout,), spiking="keep",
+             attrs=lambda m: {"p": m.p}, hooks={"onnx": FORWARD, "tvm": _IDENTITY, "nir_out": FORWARD}),
+    OpRecord("nn.identity", modules=(nn.Identity,), spiking="keep", hooks=_NIR),
+    OpRecord("add", functions=(operator.add, torch.add), methods=("add",), hooks=_NIR),
+    OpRecord("mul", functions=(operator.mul, torch.mul), methods=("mul",), hooks=_NIR),
+    OpRecord("div", functions=(operator.truediv, torch.div), methods=("div",), hooks=_BOTH),
 ]:
     register(_rec)
