@@ -1,13 +1,20 @@
-"""ANN -> SNN conversion accuracy vs time steps on digits: snnc's methods against spikingjelly 2.0's
-``ann2snn`` recipes on the same trained ANN, in the same run; plus low-latency (QCFS) conversion
-and hybrid STDB fine-tuning (Rathi 2020).
+"""ANN -> SNN conversion accuracy vs time steps on digits: snnc's default (the recipe chosen per T
+by measurement) and its named methods against spikingjelly 2.0's ``ann2snn`` converter recipes on
+the same trained ANN, in the same run, for the digits CNN and the architectures people train
+(a torchvision-style ResNet-18 with MaxPool/AdaptiveAvgPool and identity + projection skips, a
+VGG with MaxPool); max-pool conversions compared (lateral / gate / per-step spikes / AvgPool +
+fine-tune); QCFS training + conversion (Bu 2022); hybrid fine-tuning (surrogate, STDB Rathi 2020).
 
-    .venv/bin/python bench/conversion.py [--quick] [--plot PATH] [--no-peer]
+    .venv/bin/python bench/conversion.py [--quick] [--plot PATH] [--no-peer] [--nets cnn,resnet18,vgg]
+
+Trained ANN weights are cached in .cache/bench-conversion/ (git-ignored).
 
 Prints one JSON line per result:
   {"kind": "ann", "net": ..., "acc": ...}
   {"kind": "snn", "net": ..., "lib": "snnc"|"spikingjelly", "method": ..., "T": ..., "acc": ...}
   {"kind": "hybrid", "net": ..., "T": ..., "epoch": ..., "acc": ...}
+  {"kind": "chosen", "net": ..., "T": ..., "method": ..., "scores": ...}   (what the default picked)
+  {"kind": "firing", "net": ..., "T": ..., "rates": {layer: rate}}    (default SNN, per IF layer)
   {"kind": "check", "name": ..., ...}   (the issue's targets, with ratios snnc / spikingjelly)
 and saves a plot of accuracy vs T (default bench/out/conversion.png).
 """
@@ -23,34 +30,50 @@ import time
 import torch
 
 import snnc
+from snnc.conversion import max_pool_to_avg_pool, train_qcfs
 from snnc.data import digits
 from snnc.demo import accuracy, train_ann
 from snnc.errors import SnncError
-from snnc.ops import use_qcfs
+from snnc.ops import IF
 from snnc.passes import fold_bn, insert_surrogate, threshold_balance, unroll_timesteps
 from snnc.zoo import digits_cnn
-from snnc.zoo.digits_resnet import digits_resnet
+from snnc.zoo.digits_maxpool import digits_resnet18, digits_vgg
 
-SNNC_METHODS = {   # name -> threshold_balance options (mse: tuned per T, see below)
-    "max": dict(method="max"),
+NETS = {"cnn": (lambda: digits_cnn(16), 15), "resnet18": (lambda: digits_resnet18(8), 30),
+        "vgg": (lambda: digits_vgg(16), 15)}                    # name -> (model, training epochs)
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "bench-conversion")
+
+SNNC_FIXED = {   # per-step graphs (one conversion, every T from one run)
     "p99.9": dict(method="percentile", q=99.9),
-    "p99.9-cw": dict(method="percentile", q=99.9, channel_wise=True),
     "p99.9-cw-half": dict(method="percentile", q=99.9, channel_wise=True, v_init_fraction=0.5),
-    "spiking-rathi": dict(method="spiking", encoding="poisson", scale=0.7, T_calib=32),
-    "mse@T": dict(method="mse"),
-    "mse@T-cw": dict(method="mse", channel_wise=True),
-    "mse@T-bc": dict(method="mse", bias_correction=True),
-    "mse@T-cw-bc": dict(method="mse", channel_wise=True, bias_correction=True),
 }
-SLOW_METHODS = ("spiking-rathi",)   # layer-by-layer SNN runs: measured on the CNN only
+MAX_POOL_MODES = ("gate", "spikes")   # besides the default's "lateral": measured on the nets with MaxPool
 
-# hybrid fine-tuning runs: (surrogate, T, Adam lr, epochs). STDB diverged at lr 1e-3 in trials.
-HYBRID = (("triangle", 4, 1e-3, 5), ("triangle", 8, 1e-3, 3), ("stdb", 4, 1e-4, 3))
+# hybrid fine-tuning from the default conversion: (surrogate, T, Adam lr, epochs)
+HYBRID = (("triangle", 4, 1e-3, 3), ("stdb", 4, 1e-4, 3))
 HYBRID_QUICK = (("triangle", 4, 1e-3, 1),)
 
 
 def emit(**row):
     print(json.dumps(row), flush=True)
+
+
+def trained(net, data, epochs):
+    """The ANN, trained once (Adam, lr 3e-3, seed 0) and cached by name and epochs."""
+    make = NETS[net][0]
+    path = os.path.join(CACHE, f"{net}-e{epochs}.pt")
+    model = make()
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), 0.0
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = train_ann(model, data, epochs=epochs)
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model, time.perf_counter() - t0
 
 
 def curve(step_fn, reset_fn, x, y, Ts, running_mean=False):
@@ -68,28 +91,80 @@ def curve(step_fn, reset_fn, x, y, Ts, running_mean=False):
     return acc
 
 
-def snnc_curves(net, ann, data, calib, Ts, results):
+def firing_rates(g, x):
+    """Mean spikes per neuron and step of every IF layer of the multi-step graph ``g`` on ``x``."""
+    rates, hooks = {}, []
+    for name, m in g.named_modules():
+        if isinstance(m, IF):
+            hooks.append(m.register_forward_hook(lambda _m, _a, out, name=name: rates.__setitem__(name, out.mean().item())))
+    with torch.no_grad():
+        snnc.run(g, x)
+    for h in hooks:
+        h.remove()
+    return {k: round(v, 4) for k, v in rates.items()}
+
+
+def record(results, net, lib, method, accs, t0, **extra):
+    for T, a in accs.items():
+        emit(kind="snn", net=net, lib=lib, method=method, T=T, acc=round(a, 2),
+             seconds=round(time.perf_counter() - t0, 1), **extra)
+        results[(net, lib, method, T)] = a
+
+
+def default_curve(net, ann, data, calib, Ts, results, name="default", **options):
+    """snnc.convert(ann, calib, T=T) for each T: the recipe is chosen for each T."""
+    t0, accs = time.perf_counter(), {}
+    for T in Ts:
+        g = snnc.convert(ann, calib, T=T, **options)
+        accs[T] = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
+        rep = g.snnc_conversion
+        if name == "default":
+            emit(kind="chosen", net=net, T=T, method=rep["method"],
+                 scores={k: v["agreement"] for k, v in rep.get("scores", {}).items()})
+            if T == 8:
+                emit(kind="firing", net=net, T=T, rates=firing_rates(g, data.x_test[:128]))
+    record(results, net, "snnc", name, accs, t0)
+    return accs
+
+
+def snnc_curves(net, ann, data, calib, Ts, results, has_max_pool):
+    default_curve(net, ann, data, calib, Ts, results)
+    if has_max_pool:
+        for mode in MAX_POOL_MODES:
+            default_curve(net, ann, data, calib, Ts, results, name=f"default/max_pool={mode}", max_pool=mode)
     folded = fold_bn(snnc.trace(ann, data.x_test[:1]))
-    for name, opts in SNNC_METHODS.items():
-        if name in SLOW_METHODS and net != "cnn":
-            continue
+    for name, opts in SNNC_FIXED.items():
         t0 = time.perf_counter()
         try:
-            if name.startswith("mse@T"):   # scales tuned for each T: one conversion per T
-                acc = {}
-                for T in Ts:
-                    g = threshold_balance(folded, calib, T_target=T, **opts)
-                    acc[T] = accuracy(lambda x: snnc.run(unroll_timesteps(g, T), x), data.x_test, data.y_test)
-            else:
-                g = threshold_balance(folded, calib, **opts)
-                acc = curve(g, lambda: snnc.reset(g), data.x_test, data.y_test, Ts, running_mean=True)
+            g = threshold_balance(folded, calib, **opts)
         except SnncError as e:
             emit(kind="skip", net=net, lib="snnc", method=name, reason=str(e)[:200])
             continue
-        for T in Ts:
-            emit(kind="snn", net=net, lib="snnc", method=name, T=T, acc=round(acc[T], 2),
-                 seconds=round(time.perf_counter() - t0, 1))
-            results[(net, "snnc", name, T)] = acc[T]
+        record(results, net, "snnc", name, curve(g, lambda: snnc.reset(g), data.x_test, data.y_test, Ts,
+                                                running_mean=True), t0)
+
+
+def avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs):
+    """The classic detour: MaxPool -> AvgPool in the ANN, fine-tune, convert (default)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    m = train_ann(max_pool_to_avg_pool(ann).train(), data, epochs=epochs, lr=1e-3)
+    ann_acc[f"{net}-avgpool"] = a = accuracy(m, data.x_test, data.y_test)
+    emit(kind="ann", net=f"{net}-avgpool", acc=round(a, 2), fine_tune_epochs=epochs,
+         train_seconds=round(time.perf_counter() - t0, 1))
+    default_curve(net, m, data, calib, Ts, results, name=f"default/avgpool+ft{epochs}")
+
+
+def qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs, L):
+    """Bu 2022: the trained ANN's ReLUs -> QCFS(L), fine-tuned, converted with its thresholds."""
+    t0 = time.perf_counter()
+    q = train_qcfs(ann, data, epochs=epochs, L=L)
+    ann_acc[f"{net}-qcfs"] = a = accuracy(q, data.x_test, data.y_test)
+    emit(kind="ann", net=f"{net}-qcfs", acc=round(a, 2), L=L, fine_tune_epochs=epochs,
+         train_seconds=round(time.perf_counter() - t0, 1))
+    g = snnc.convert(q, calib, method="qcfs")
+    record(results, net, "snnc", f"qcfs(L={L})",
+           curve(g, lambda: snnc.reset(g), data.x_test, data.y_test, Ts, running_mean=True), t0)
 
 
 def sj_curves(net, ann, data, Ts, results):
@@ -102,44 +177,31 @@ def sj_curves(net, ann, data, Ts, results):
     recipes = {
         "max": lambda: ann2snn.RateCodingRecipe(dataloader=calib, mode="max"),
         "99.9%": lambda: ann2snn.RateCodingRecipe(dataloader=calib, mode="99.9%"),
+        "1/2": lambda: ann2snn.RateCodingRecipe(dataloader=calib, mode=0.5),
         "99.9%-cw-half": lambda: ann2snn.RateCodingRecipe(dataloader=calib, mode="99.9%", channel_wise=True,
                                                           half_threshold=True),
+        "99.9%-cw-half-premaxpool": lambda: ann2snn.RateCodingRecipe(
+            dataloader=calib, mode="99.9%", channel_wise=True, half_threshold=True, pre_spike_maxpool=True),
         "ltb": lambda: ann2snn.LocalThresholdBalancingRecipe(dataloader=calib),
     }
     for name, recipe in recipes.items():
         t0 = time.perf_counter()
         try:
-            snn = ann2snn.FXConverter(recipe=recipe(), device="cpu").convert(copy.deepcopy(ann))
+            snn = ann2snn.Converter(recipe=recipe(), device="cpu").convert(copy.deepcopy(ann))
             acc = curve(snn, lambda: functional.reset_net(snn), data.x_test, data.y_test, Ts)
         except Exception as e:  # a peer's failure is a result to report, not a crash of the bench
             emit(kind="skip", net=net, lib="spikingjelly", method=name, reason=f"{type(e).__name__}: {e}"[:200])
             continue
-        for T in Ts:
-            emit(kind="snn", net=net, lib="spikingjelly", method=name, T=T, acc=round(acc[T], 2),
-                 seconds=round(time.perf_counter() - t0, 1))
-            results[(net, "spikingjelly", name, T)] = acc[T]
-
-
-def qcfs_curve(data, calib, Ts, epochs, results):
-    """Bu 2022: train the ANN with QCFS (L=4) activations, convert with trained thresholds, v0=Vth/2."""
-    torch.manual_seed(0)
-    ann = train_ann(use_qcfs(digits_cnn(16), L=4, threshold=4.0), data, epochs=epochs)
-    acc_ann = accuracy(ann, data.x_test, data.y_test)
-    emit(kind="ann", net="cnn-qcfs", acc=round(acc_ann, 2))
-    g = threshold_balance(fold_bn(snnc.trace(ann, data.x_test[:1])), method="qcfs")
-    acc = curve(g, lambda: snnc.reset(g), data.x_test, data.y_test, Ts, running_mean=True)
-    for T in Ts:
-        emit(kind="snn", net="cnn-qcfs", lib="snnc", method="qcfs(L=4)", T=T, acc=round(acc[T], 2))
-        results[("cnn-qcfs", "snnc", "qcfs(L=4)", T)] = acc[T]
-    return acc_ann
+        record(results, net, "spikingjelly", name, acc, t0)
 
 
 def hybrid(net, ann, data, calib, T, epochs, lr, kind):
-    """Rathi 2020: convert (percentile, layer-wise), unroll, surrogate ``kind`` (``stdb`` or the
-    linear ``triangle``), train a few epochs with Adam."""
-    g = snnc.convert(ann, calib, T=T, method="percentile")
+    """Rathi 2020: convert (the default for T), unroll, surrogate ``kind`` (``stdb`` or the linear
+    ``triangle``), train a few epochs with Adam."""
+    g = snnc.convert(ann, calib, T=T)
     start = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
-    emit(kind="hybrid", net=net, T=T, epoch=0, acc=round(start, 2), surrogate=kind, lr=lr)
+    emit(kind="hybrid", net=net, T=T, epoch=0, acc=round(start, 2), surrogate=kind, lr=lr,
+         conversion=g.snnc_conversion["method"])
     g = insert_surrogate(g, kind)
     train, test = data.loaders(batch_size=64, seed=0)
     torch.manual_seed(0)
@@ -150,33 +212,37 @@ def hybrid(net, ann, data, calib, T, epochs, lr, kind):
     return hist[-1]["val_acc"]
 
 
-def checks(results, ann_acc, hybrid_acc, Ts):
-    if ("cnn", "snnc", "p99.9", 32) in results:
-        a = results[("cnn", "snnc", "p99.9", 32)]
-        emit(kind="check", name="cnn_percentile_T32_within_1pt_of_ann", ann=round(ann_acc["cnn"], 2),
-             snn=round(a, 2), gap=round(ann_acc["cnn"] - a, 2), ok=ann_acc["cnn"] - a <= 1.0)
-    for net in ann_acc:
-        for T in (4, 8):
-            best = {}
-            for lib in ("snnc", "spikingjelly"):
-                cands = {m: v for (n, lb, m, t), v in results.items() if n == net and lb == lib and t == T}
-                if cands:
-                    best[lib] = max(cands.items(), key=lambda kv: kv[1])
-            if len(best) == 2:
-                (ms, s), (mj, j) = best["snnc"], best["spikingjelly"]
-                emit(kind="check", name=f"{net}_T{T}_best_snnc_vs_best_spikingjelly", snnc=round(s, 2),
-                     snnc_method=ms, spikingjelly=round(j, 2), spikingjelly_method=mj,
-                     ratio=round(s / max(j, 1e-9), 4), ok=round(s, 2) > round(j, 2))   # a tie is not a win
+def checks(results, ann_acc, hybrid_acc, max_pool_nets):
+    for net in [n for n in ann_acc if n in NETS]:
+        for T in (2, 4, 8):
+            ours = results.get((net, "snnc", "default", T))
+            peer = {m: v for (n, lb, m, t), v in results.items() if n == net and lb == "spikingjelly" and t == T}
+            if ours is None or not peer:
+                continue
+            mj, j = max(peer.items(), key=lambda kv: kv[1])
+            emit(kind="check", name=f"{net}_T{T}_default_vs_best_spikingjelly", snnc=round(ours, 2),
+                 spikingjelly=round(j, 2), spikingjelly_method=mj, ratio=round(ours / max(j, 1e-9), 4),
+                 ok=round(ours, 2) >= round(j, 2))
+    for net in max_pool_nets:
+        accs = {T: v for (n, lb, m, T), v in results.items() if (n, lb, m) == (net, "snnc", "default")}
+        if 8 in accs:
+            emit(kind="check", name=f"{net}_default_T8_within_1pt_of_ann", ann=round(ann_acc[net], 2),
+                 snn=round(accs[8], 2), gap=round(ann_acc[net] - accs[8], 2), ok=ann_acc[net] - accs[8] <= 1.0)
+        big = sorted(T for T in accs if T >= 8)
+        if len(big) > 1:
+            drops = [round(accs[a] - accs[b], 2) for a, b in zip(big, big[1:])]
+            emit(kind="check", name=f"{net}_default_never_loses_accuracy_T8_to_T{big[-1]}",
+                 accs={T: round(accs[T], 2) for T in big}, largest_drop=max(drops + [0.0]), ok=max(drops) <= 0.0)
     for (net, T, kind), acc in hybrid_acc.items():
-        emit(kind="check", name=f"{net}_hybrid_{kind}_T{T}_within_2pt_of_ann", ann=round(ann_acc[net], 2),
-             snn=round(acc, 2), ok=ann_acc[net] - acc <= 2.0)
+        emit(kind="check", name=f"{net}_hybrid_{kind}_T{T}_within_1pt_of_ann", ann=round(ann_acc[net], 2),
+             snn=round(acc, 2), ok=ann_acc[net] - acc <= 1.0)
 
 
 def plot(results, ann_acc, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    nets = sorted({k[0] for k in results}, key=lambda n: ("qcfs" in n, n))
+    nets = sorted({k[0] for k in results})
     fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
     for ax, net in zip(axes[0], nets):
         series = sorted({(k[1], k[2]) for k in results if k[0] == net})
@@ -191,7 +257,7 @@ def plot(results, ann_acc, path):
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 101)
         ax.set_title(f"digits {net}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -202,34 +268,37 @@ def plot(results, ann_acc, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer T values, epochs and nets")
+    ap.add_argument("--quick", action="store_true", help="fewer T values, epochs and runs")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "out", "conversion.png"))
     ap.add_argument("--no-peer", action="store_true", help="skip spikingjelly")
+    ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     args = ap.parse_args(argv)
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in nets if n not in NETS]
+    if unknown:
+        ap.error(f"--nets: unknown {unknown}; choose from {list(NETS)}")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    Ts = (2, 4, 8, 32) if args.quick else (2, 4, 8, 16, 32, 64)
-    epochs = 8 if args.quick else 15
+    Ts = (2, 4, 8, 64) if args.quick else (2, 4, 8, 16, 32, 64)
     data = digits()
     calib = data.x_train[:512]
-    results, ann_acc, hybrid_acc = {}, {}, {}
-    nets = {"cnn": lambda: digits_cnn(16)}
-    if not args.quick:
-        nets["resnet"] = lambda: digits_resnet(16)
-    for net, make in nets.items():
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        ann = train_ann(make(), data, epochs=epochs)
+    results, ann_acc, hybrid_acc, max_pool_nets = {}, {}, {}, []
+    for net in nets:
+        ann, seconds = trained(net, data, NETS[net][1])
         ann_acc[net] = accuracy(ann, data.x_test, data.y_test)
-        emit(kind="ann", net=net, acc=round(ann_acc[net], 2), train_seconds=round(time.perf_counter() - t0, 1))
-        snnc_curves(net, ann, data, calib, Ts, results)
+        emit(kind="ann", net=net, acc=round(ann_acc[net], 2), train_seconds=round(seconds, 1), cached=seconds == 0.0)
+        has_max_pool = any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
+        if has_max_pool:
+            max_pool_nets.append(net)
+        snnc_curves(net, ann, data, calib, Ts, results, has_max_pool and not args.quick)
         if not args.no_peer:
             sj_curves(net, ann, data, Ts, results)
-        if net == "cnn":
-            runs = HYBRID_QUICK if args.quick else HYBRID
-            for kind, T, lr, n_epochs in runs:
+        if has_max_pool and not args.quick:
+            avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
+        qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
+        if net == "cnn" or not args.quick:
+            for kind, T, lr, n_epochs in (HYBRID_QUICK if args.quick else HYBRID):
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, n_epochs, lr, kind)
-    ann_acc["cnn-qcfs"] = qcfs_curve(data, calib, Ts, epochs, results)
-    checks(results, ann_acc, hybrid_acc, Ts)
+    checks(results, ann_acc, hybrid_acc, max_pool_nets)
     plot(results, ann_acc, args.plot)
 
 

@@ -13,10 +13,10 @@ Rueckauer 2017's weight normalisation (eq. 7-8: W' = W lambda_{l-1} / lambda_l, 
     (through pooling, reshapes and adds), so the IF's threshold is 1;
   * where no producer can absorb the factor (an identity shortcut carries spikes into an add),
     the IF keeps the input's unit and gets the threshold lambda / u instead (a float, or a
-    ``[C, 1, 1]`` tensor for channel-wise scales).
+    ``[C, 1, 1]`` tensor for channel-wise scales, with v_init a tensor of the same shape).
 Residual adds bring their operands to one unit (the spiking operand's) by rescaling the
-other operands' producers. Average pooling keeps per-channel units; max pooling of spikes
-is allowed only on request (``max_pool="spikes"``).
+other operands' producers. Pooling keeps per-channel units; a max pooling of converted values becomes a
+``SpikeMaxPool2d`` (``max_pool="lateral"`` or ``"gate"``) or stays a per-step max (``"spikes"``).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from torch import fx, nn
 
 from snnc.errors import SnncError, UnsupportedOp, node_ref
 from snnc.ir import annotate, info, op_name
-from snnc.ops import IF, DirectEncoder, PoissonEncoder, Readout, is_snnc_op
+from snnc.ops import IF, DirectEncoder, PoissonEncoder, Readout, SpikeMaxPool2d, is_snnc_op
 from snnc.ops.qcfs import QCFS
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
-_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_MAX_POOLS)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_MAX_POOLS, SpikeMaxPool2d)
 _POOL_FUNCS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.max_pool2d)
 _RESHAPE_METHODS = ("flatten", "view", "reshape")
 _SAME_SHAPE_METHODS = ("contiguous",)
@@ -209,10 +209,9 @@ class Builder:
                                     "within a channel; cannot choose a threshold")
             v_th = float(vec[0]) if bool((vec == vec[0]).all()) else _as_channel_unit(vec, node)
         frac = self.opts["v_init_fraction"]
-        if isinstance(v_th, torch.Tensor) and frac:
-            raise UnsupportedOp(f"threshold_balance: {node_ref(node)} needs a per-channel threshold (its "
-                                "input is a residual add of spikes with channel-wise scales) and v_init must "
-                                "be a float: use channel_wise=False or v_init_fraction=0 for this network")
+        # a per-channel threshold (an identity skip brings spikes of channel-wise scales into the
+        # add) gets a per-channel start v_init = frac * v_th, so the half-threshold start of
+        # Bu 2022 applies to residual nets as well
         neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
         name = self._put_module(node, neuron, f"if_{node.name}")
         self.neurons[node.name] = name
@@ -237,17 +236,34 @@ class Builder:
             self.absorb(a, factor, dry=False)
         self._copy(node, target)
 
+    def _max_pool(self, node, mod):
+        """A MaxPool2d (module or ``F.max_pool2d``) on converted values, per ``opts["max_pool"]``:
+        ``"lateral"`` / ``"gate"`` become ``SpikeMaxPool2d`` (running sums; ``snnc/ops/pooling.py``),
+        ``"spikes"`` keeps the per-step max of the spikes, ``"refuse"`` raises."""
+        src, how = node.args[0], self.opts["max_pool"]
+        if how == "refuse" or (how == "spikes" and src not in self.spiking):
+            raise UnsupportedOp(
+                f"threshold_balance: {node_ref(node)} is a max pooling of converted values and max_pool={how!r}; "
+                "use max_pool='lateral' (exact max of the accumulated inputs, Li 2022), 'gate' (Rueckauer 2017) "
+                "or 'spikes' (per-step max of spikes, over-estimates the rate)")
+        if how == "spikes":
+            return None
+        if isinstance(mod, nn.MaxPool1d):
+            raise UnsupportedOp(f"threshold_balance: {node_ref(node)} is a MaxPool1d; max_pool={how!r} has a 2-d "
+                                "op only (SpikeMaxPool2d): use max_pool='spikes' or a MaxPool2d")
+        pool = mod if mod is not None else nn.MaxPool2d(*node.args[1:], **node.kwargs)
+        try:
+            spiking_pool = SpikeMaxPool2d.from_max_pool(pool, mode=how)
+        except ValueError as e:
+            raise UnsupportedOp(f"threshold_balance: {node_ref(node)}: {e}") from None
+        name = self._put_module(node, spiking_pool, f"max_pool_{node.name}")
+        return self.graph.call_module(name, (self.env[src],))
+
     def pool_or_reshape(self, node, mod):
         src = node.args[0]
         u = self.unit[src]
         is_max = isinstance(mod, _MAX_POOLS) or node.target is F.max_pool2d
-        if is_max and src not in self.unconverted:
-            if self.opts["max_pool"] != "spikes" or src not in self.spiking:
-                raise UnsupportedOp(
-                    f"threshold_balance: {node_ref(node)} is a max pooling; a rate-coded SNN cannot compute the "
-                    "max of rates exactly. Use average pooling in the ANN, or max_pool='spikes' to take the max "
-                    "over the spikes of the converted layer before it at each step (over-estimates the rate, "
-                    "Rueckauer 2017 §2.4)")
+        replaced = self._max_pool(node, mod) if is_max and src not in self.unconverted else None
         if isinstance(mod, nn.Flatten) or node.target is torch.flatten or \
                 (node.op == "call_method" and node.target in _RESHAPE_METHODS):
             unit = u if u.dim() == 0 else u.expand(_sample_shape(src)).reshape(_sample_shape(node))
@@ -259,7 +275,10 @@ class Builder:
                 raise UnsupportedOp(f"threshold_balance: {node_ref(node)} pools values whose scale varies "
                                     "within a channel")
             unit = _as_channel_unit(vec, node)
-        self._copy(node, unit)
+        if replaced is not None:
+            self.env[node], self.unit[node] = replaced, unit
+        else:
+            self._copy(node, unit)
         if is_max and src in self.spiking:
             self.spiking.add(node)
         if src in self.unconverted:

@@ -4,7 +4,7 @@ firing rate over T steps approximates the ReLU (clipped at a balanced scale lamb
 Assumes: a traced ANN graph with BatchNorm already folded (run ``fold_bn`` first), one input,
 one output tensor (the logits, produced by a conv/linear layer), ReLU (module, function or
 method) or ``snnc.ops.QCFS`` activations; average pooling, flatten/view, residual adds,
-dropout. Max pooling is refused unless ``max_pool="spikes"``.
+dropout, max pooling (``max_pool``, below).
 
 Guarantees (per-step graph: run it T times, or ``unroll_timesteps(g, T)``):
   * an encoder after the input (``DirectEncoder``: the analog input as a constant current every
@@ -16,8 +16,8 @@ Guarantees (per-step graph: run it T times, or ``unroll_timesteps(g, T)``):
   * **weights are scaled, not thresholds** (Rueckauer 2017 eq. 7-8): the layer producing an IF's
     input is divided by lambda_l and the layer reading its spikes multiplied by lambda_l, so
     v_th = 1 -- except where a residual add brings in spikes no layer can rescale; that IF gets
-    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise; a
-    per-channel v_th with v_init_fraction > 0 is refused, since the IF's v_init is a float).
+    v_th = lambda_l / lambda_skip (a float, or a [C, 1, 1] tensor when channel-wise, and then
+    v_init = v_init_fraction * v_th per channel too).
     See ``passes/_snn_builder.py``. With direct input, the rate of an IF at large T is
     clamp(a / lambda, 0, 1) up to 1/T, so the readout reproduces the ANN when lambda >= max(a).
 
@@ -36,6 +36,11 @@ Scales lambda (times ``scale``), from the calibration data (tqdm progress bar):
 ``channel_wise=True`` gives one lambda per channel (max / percentile / mse / spiking).
 ``v_init_fraction`` (default 0.5 for "mse" and "qcfs", else 0) starts membranes at a fraction of
 the threshold: 0.5 centres the rate-code rounding error (Bu 2022 Theorem 2).
+``max_pool``: a MaxPool2d on converted values becomes ``snnc.ops.SpikeMaxPool2d``:
+``"lateral"`` (default; lateral-inhibition pooling, Li 2022: the output's spike count is exactly
+the max of the input counts, so accuracy rises with T), ``"gate"`` (Rueckauer 2017 §2.4: pass the
+spikes of the input with the highest count so far); ``"spikes"`` keeps a per-step max of the
+spikes (an OR of the trains: over-estimates the rate, increasingly with T); ``"refuse"`` raises.
 ``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
 over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
 """
@@ -59,6 +64,7 @@ from ._snn_builder import RECORD, Builder, is_activation
 METHODS = ("max", "percentile", "mse", "spiking", "qcfs")
 RESETS = ("subtract", "zero")
 ENCODINGS = ("direct", "poisson")
+MAX_POOLS = ("lateral", "gate", "spikes", "refuse")
 
 
 def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target):
@@ -74,8 +80,8 @@ def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, 
         raise InputError(f"threshold_balance: scale={scale} must be > 0")
     if not 0 <= v_init_fraction < 1:
         raise InputError(f"threshold_balance: v_init_fraction={v_init_fraction} must be in [0, 1)")
-    if max_pool not in ("refuse", "spikes"):
-        raise InputError(f"threshold_balance: max_pool={max_pool!r}; expected 'refuse' or 'spikes'")
+    if max_pool not in MAX_POOLS:
+        raise InputError(f"threshold_balance: max_pool={max_pool!r}; expected one of {MAX_POOLS}")
     for name, v in (("T_calib", T_calib), ("T_target", T_target)):
         if not isinstance(v, int) or v < 1:
             raise InputError(f"threshold_balance: {name}={v!r} must be a positive int")
@@ -147,7 +153,7 @@ def _prepare(gm, calib, method, batch_size):
 def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
             channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
             T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
-            max_pool: str = "refuse", T_target: int = 4, seed: int = 0, batch_size: int = 256,
+            max_pool: str = "lateral", T_target: int = 4, seed: int = 0, batch_size: int = 256,
             bias_correction: bool = False):
     """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
     converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
@@ -178,7 +184,7 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
 def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float = 99.9,
                       channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
                       T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
-                      max_pool: str = "refuse", T_target: int = 4, seed: int = 0,
+                      max_pool: str = "lateral", T_target: int = 4, seed: int = 0,
                       batch_size: int = 256, bias_correction: bool = False) -> fx.GraphModule:
     """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
 

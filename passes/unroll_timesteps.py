@@ -14,7 +14,8 @@ Guarantees: the result computes, in one call, what T calls of the per-step graph
     layers see the same input at every step and need to run once, not T times;
   * a graph without an encoder takes ``[T, N, ...]`` inputs; readouts reduce over T.
 The input graph is not modified. In eval mode, outputs equal the per-step reference run for T
-steps (same op order per element; tested bit-exact in float32). In training mode a BatchNorm on
+steps (same op order per element; bit-exact in float32 where BLAS rounds a row the same at
+batch N and T*N, else within float rounding). In training mode a BatchNorm on
 the merged batch takes its statistics over T*N samples instead of N per step (the statistics
 tdBN uses), so training-mode outputs differ from T separate per-step calls.
 """

@@ -98,6 +98,32 @@ def _refuse_overwrite(path, overwrite, *more):
             raise SnncError(f"{p} exists; pass --overwrite to replace it")
 
 
+# --convert options -> snnc.convert keyword arguments (None: not given, snnc.convert's default)
+_CONVERT_OPTIONS = ("method", "q", "channel_wise", "bias_correction", "max_pool", "reset", "encoding", "scale",
+                    "v_init_fraction", "T_calib", "T_target")
+
+
+def _conversion_options(args) -> dict:
+    opts = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k, None) is not None}
+    if opts.get("method") == "auto":
+        del opts["method"]
+    return opts
+
+
+def _print_conversion(report):
+    if not report:
+        return
+    line = f"conversion: {report['method']}"
+    if report.get("scores"):
+        agree = report["scores"][report["method"]]["agreement"]
+        line += (f" (chosen for T={report['T']}: {agree:.1f}% agreement with the ANN on the calibration data; "
+                 "others: " + ", ".join(f"{k} {v['agreement']:.1f}%" for k, v in report["scores"].items()
+                                         if k != report["method"]) + ")")
+    elif report.get("chosen_by") and report["chosen_by"] != "user":
+        line += f" ({report['chosen_by']})"
+    print(line)
+
+
 def _check_dump_dir(path):
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise SnncError(f"--dump-ir {path} is a file; give a folder for the IR dumps")
@@ -111,14 +137,18 @@ def cmd_compile(args) -> int:
     from .pipeline import build_passes, check_target, compile_target
     if args.convert and not args.calib:
         raise SnncError("--convert needs --calib DATA (calibration data for threshold balancing)")
+    options, chosen = _conversion_options(args), {}
+    if options and not args.convert:
+        given = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise SnncError(f"{given}: conversion options need --convert")
     check_target(args.target)
     _refuse_overwrite(args.output, args.overwrite)
     _check_dump_dir(args.dump_ir)
     gm = _graph_from(args, args.calib)
     calib = DataLoader(_dataset(args.calib, "train", limit=args.calib_samples), batch_size=64) if args.convert else None
-    options = {"method": args.method} if args.method else {}
-    pm = PassManager(build_passes(calib, args.T, args.bits, options), dump_dir=args.dump_ir)
+    pm = PassManager(build_passes(calib, args.T, args.bits, options, report=chosen), dump_dir=args.dump_ir)
     gm = pm.run(gm)
+    _print_conversion(chosen.get("conversion"))
     tune = {k: v for k, v in (("trials", args.trials), ("tune_minutes", args.tune_minutes),
                               ("database", args.tune_database)) if v is not None}
     if args.tune or tune:
@@ -316,7 +346,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--convert", action="store_true", help="ANN -> SNN conversion (snnc.convert) with --calib data")
     s.add_argument("--calib", help="calibration data: digits or NAME:ROOT")
     s.add_argument("--calib-samples", type=_positive_int, default=512, help="calibration samples (default 512)")
-    s.add_argument("--method", help="threshold balancing method passed to snnc.convert (e.g. max, percentile)")
+    s.add_argument("--method", choices=("auto", "max", "percentile", "mse", "spiking", "qcfs"),
+                   help="threshold balancing method (default auto: the recipe that measures best for --T on "
+                        "the calibration data; qcfs: an ANN trained with QCFS activations)")
+    s.add_argument("--q", type=float, help="percentile for --method percentile (default 99.9)")
+    s.add_argument("--channel-wise", action=argparse.BooleanOptionalAction, default=None,
+                   help="one scale per channel instead of per layer")
+    s.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="shift biases so each neuron's mean input over T matches the ANN (Li 2021)")
+    s.add_argument("--max-pool", choices=("lateral", "gate", "spikes", "refuse"),
+                   help="how MaxPool2d converts (default lateral: exact max of spike counts, Li 2022; gate: "
+                        "Rueckauer 2017; spikes: per-step max of spikes)")
+    s.add_argument("--reset", choices=("subtract", "zero"), help="IF reset (default subtract)")
+    s.add_argument("--encoding", choices=("direct", "poisson"), help="input coding (default direct)")
+    s.add_argument("--scale", type=float, help="multiply every balanced scale (e.g. 0.7, Rathi 2020)")
+    s.add_argument("--v-init-fraction", type=float,
+                   help="membranes start at this fraction of the threshold (default 0.5 for mse/qcfs, else 0)")
+    s.add_argument("--T-calib", type=_positive_int, help="steps per calibration run of --method spiking (default 32)")
+    s.add_argument("--T-target", type=_positive_int, help="the T the scales are tuned / the recipe is chosen for "
+                                                "(default --T)")
     s.add_argument("--T", type=_positive_int, help="time steps: unroll the graph to a multi-step graph over T")
     s.add_argument("--bits", type=_bits, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")

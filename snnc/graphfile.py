@@ -36,7 +36,10 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 
 def _qualname(obj) -> str:
-    return f"{getattr(obj, '__module__', None) or 'builtins'}.{getattr(obj, '__qualname__', obj.__name__)}"
+    name = getattr(obj, "__qualname__", obj.__name__)
+    if "<locals>" in name:   # made by a factory: F.max_pool1d/2d/3d all are boolean_dispatch.<locals>.fn
+        name = obj.__name__
+    return f"{getattr(obj, '__module__', None) or 'builtins'}.{name}"
 
 
 def allowlist() -> dict:

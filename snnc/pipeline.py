@@ -103,16 +103,23 @@ def _named(name, fn):
     return fn
 
 
-def build_passes(convert_calib=None, T=None, bits=None, convert_options=None):
-    """The stages of ``snnc compile`` as PassManager entries (named callables)."""
+def build_passes(convert_calib=None, T=None, bits=None, convert_options=None, report=None):
+    """The stages of ``snnc compile`` as PassManager entries (named callables). ``report``: a dict
+    that receives ``"conversion"``, the conversion's choice (``snnc_conversion``)."""
     passes = []
     if convert_calib is not None:
         convert = optional("snnc.conversion", "convert", "--convert (ANN -> SNN conversion)")
         options = dict(convert_options or {})
-        if options.get("method") == "mse" and T is not None:
-            options.setdefault("T_target", T)  # mse tunes the scales for the T it will run at
-        # per-step result (T=None): unrolling is the next stage, with its own IR dump
-        passes.append(_named("convert", lambda gm: convert(gm, convert_calib, T=None, **options)))
+        if options.get("method") in (None, "mse") and T is not None:
+            options.setdefault("T_target", T)  # mse tunes, and the default chooses, for the T it will run at
+        report = {} if report is None else report
+
+        def convert_pass(gm):
+            # per-step result (T=None): unrolling is the next stage, with its own IR dump
+            out = convert(gm, convert_calib, T=None, **options)
+            report["conversion"] = getattr(out, "snnc_conversion", None)   # what the default chose
+            return out
+        passes.append(_named("convert", convert_pass))
     if T is not None:
         from .passes import unroll_timesteps
 

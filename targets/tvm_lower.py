@@ -128,6 +128,10 @@ def threshold_layout(v_th, sample_shape):
 
 def neuron_scan(neuron, sample_shape, dtype="float32"):
     """``(NeuronScan, threshold values or None)`` for an snnc neuron on samples of ``sample_shape``."""
+    if isinstance(neuron.v_init, torch.Tensor):
+        raise UnsupportedOp(f"{type(neuron).op_name} with a per-channel v_init (channel-wise conversion with "
+                            "v_init_fraction > 0 on a residual net) has no TVM lowering; run it on the torch "
+                            "or onnx target, or convert with v_init_fraction=0")
     layout = threshold_layout(neuron.v_th, sample_shape)
     common = dict(compare=neuron.compare, reset=neuron.reset_mode, v_reset=neuron.v_reset,
                   v_init=neuron.v_init)

@@ -289,3 +289,11 @@ def test_what_an_op_does_to_the_time_axis(f, layout):
     g = snnc.trace(_OnSeq(f), torch.zeros(3, 2, 4, 5))
     out = next(n for n in g.graph.nodes if n.op == "output").args[0]
     assert out.meta["snnc"].layout == layout
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_unrolled_graph_round_trips_the_graph_file(name, tmp_path):
+    _, g, x = _graph(name)
+    u = unroll_timesteps(g, T=T)
+    snnc.save(u, tmp_path / "g.snnc")
+    assert torch.equal(snnc.run(snnc.load_graph(tmp_path / "g.snnc"), x), snnc.run(u, x))

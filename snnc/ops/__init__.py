@@ -13,6 +13,7 @@ from .feedback import Feedback
 from .multispike import MultiSpikeLIF
 from .neurons import IF, LIF, MultiStateNeuron, Neuron, ParametricLIF, StateNeuron
 from .norm import NeuNorm, TDBatchNorm
+from .pooling import SpikeMaxPool2d
 from .qcfs import QCFS, use_qcfs
 from .recurrent import RLeaky, RSynaptic
 from .synaptic import Synaptic

@@ -82,7 +82,8 @@ def _native_plan(neuron, x_seq, surrogate):
     v_th = neuron.v_th
     own = type(surrogate).__module__ == f"{__package__}.surrogate"  # snnc's classes, not a user's subclass
     if (x_seq.dtype != torch.float32 or x_seq.device.type != "cpu" or not own or
-            getattr(surrogate, "kind", None) not in native.SURROGATE_IDS or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)):
+            getattr(surrogate, "kind", None) not in native.SURROGATE_IDS or (isinstance(v_th, torch.Tensor) and v_th.numel() != 1)
+            or isinstance(neuron.v_init, torch.Tensor)):
         return None
     lib = native.load()
     if lib is None:

@@ -19,8 +19,8 @@ Layouts: with ``step_mode="m"`` the input is ``[T, N, ...]`` and the loop over T
 calls until ``reset()`` (``snnc.reset(model)`` resets every op). ``self.v`` is a plain attribute,
 not a buffer: it is not part of ``state_dict``.
 
-``v_th`` is a float or a tensor broadcastable to one sample (e.g. ``[C, 1, 1]`` for a per-channel
-threshold after channel-wise balancing). ``learn_threshold=True`` makes it a ``Parameter``.
+``v_th`` and ``v_init`` are floats or tensors broadcastable to one sample (e.g. ``[C, 1, 1]`` for a
+per-channel threshold after channel-wise balancing, and a membrane starting at half of it). ``learn_threshold=True`` makes it a ``Parameter``.
 ``output_membrane=True`` makes the neuron return ``(S, H)`` instead of ``S``: the spikes and the
 membrane before this step's reset (what snntorch's ``spk, mem = lif(x, mem)`` and
 ``init_hidden=True, output=True`` report; for ``subtract_after_leak`` and ``none`` it is the state).
@@ -44,6 +44,12 @@ def heaviside(z, strict: bool):
 
 _RESETS = ("subtract", "zero", "subtract_after_leak", "none")
 _COMPARES = (">=", ">")
+
+
+def has_v_init(neuron) -> bool:
+    """True when the membrane does not start at 0 (``v_init`` a non-zero float or a tensor)."""
+    v = neuron.v_init
+    return bool((v != 0).any()) if isinstance(v, torch.Tensor) else v != 0.0
 
 
 class Neuron(nn.Module, abc.ABC):
@@ -72,7 +78,12 @@ class Neuron(nn.Module, abc.ABC):
         self.v_reset = float(v_reset)
         self.reset_mode = reset
         self.compare = compare
-        self.v_init = float(v_init)
+        if isinstance(v_init, torch.Tensor) and v_init.numel() > 1:
+            # one start value per channel, e.g. half of a per-channel threshold (Bu 2022) after
+            # channel-wise conversion of a residual net
+            self.register_buffer("v_init", v_init.detach().to(torch.float32).clone())
+        else:
+            self.v_init = float(v_init)
         self.surrogate = surrogate
         self.step_mode = step_mode
         self.v = None
@@ -110,6 +121,8 @@ class Neuron(nn.Module, abc.ABC):
         return s, self.reset_membrane(h, s), h
 
     def initial_membrane(self, x):
+        if isinstance(self.v_init, torch.Tensor):
+            return torch.zeros_like(x) + self.v_init.to(x.dtype)
         return torch.full_like(x, self.v_init)
 
     def forward(self, x):
@@ -158,7 +171,7 @@ class Neuron(nn.Module, abc.ABC):
         a["reset"] = self.reset_mode
         if self.compare != ">=":
             a["compare"] = self.compare
-        if self.v_init != 0.0:
+        if has_v_init(self):
             a["v_init"] = self.v_init
         if self.surrogate is not None:
             a["surrogate"] = self.surrogate

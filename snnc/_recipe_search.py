@@ -1,0 +1,92 @@
+"""The default of ``snnc.convert``: pick the conversion recipe for a given T by measurement.
+
+Which recipe converts best depends on T and on the network: percentile scales (Rueckauer 2017)
+win at large T, clip values tuned for T with a half-threshold start (Li 2021 / Bu 2022) at small
+T, channel-wise scales on nets whose channels differ in range, bias correction (Li 2021) where a
+systematic rate-code error accumulates over depth. Rather than a fixed rule, every candidate is
+converted and run for T steps on (a subset of) the calibration inputs, and scored by how often
+its prediction agrees with the ANN's own prediction on the same inputs (no labels needed), ties
+broken by the smaller mean squared error of the logits. Scores are reported, so the choice can be
+checked and reproduced with ``method=`` and the reported options.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from snnc.errors import SnncError
+
+SCORE_SAMPLES = 256   # calibration inputs each candidate runs on (the first ones)
+BIAS_CORRECTION_MAX_T = 16   # above it the rate-code bias is small and the correction's T-step runs per
+                             # layer cost the most: such candidates are not tried unless asked for
+
+# name -> threshold_balance options (T_target is set to the T scored at)
+CANDIDATES = {
+    "percentile": dict(method="percentile"),
+    "percentile-cw": dict(method="percentile", channel_wise=True),
+    "percentile-cw-half": dict(method="percentile", channel_wise=True, v_init_fraction=0.5),
+    "mse": dict(method="mse"),
+    "mse-cw": dict(method="mse", channel_wise=True),
+    "mse-bc": dict(method="mse", bias_correction=True),
+    "mse-cw-bc": dict(method="mse", channel_wise=True, bias_correction=True),
+}
+
+
+def _all_qcfs(graph) -> bool:
+    from snnc.ops.qcfs import QCFS
+    from snnc.passes._snn_builder import is_activation
+    acts = [n for n in graph.graph.nodes if is_activation(graph, n)]
+    return bool(acts) and all(n.op == "call_module" and isinstance(graph.get_submodule(n.target), QCFS)
+                              for n in acts)
+
+
+def _candidates(options: dict, T: int) -> dict:
+    """The candidates with the user's options applied; duplicates (same options) dropped."""
+    out, seen = {}, set()
+    for name, opts in CANDIDATES.items():
+        if opts.get("bias_correction") and T > BIAS_CORRECTION_MAX_T and "bias_correction" not in options:
+            continue
+        merged = {**opts, **options}
+        key = tuple(sorted((k, repr(v)) for k, v in merged.items()))
+        if key not in seen:
+            seen.add(key)
+            out[name] = merged
+    return out
+
+
+def _score(snn_step, ann, x, T):
+    from snnc.passes import unroll_timesteps
+    from snnc.runtime import run
+    with torch.no_grad():
+        want = ann(x)
+        got = run(unroll_timesteps(snn_step, T), x)
+    agree = 100.0 * float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    return agree, float(((got - want) ** 2).mean())
+
+
+def choose(folded, calib, T: int, options: dict):
+    """``(per-step snn graph, report)`` for the best candidate at ``T`` on ``calib`` batches."""
+    from snnc.passes import threshold_balance
+
+    if _all_qcfs(folded):   # trained for conversion: its thresholds are the recipe (Bu 2022)
+        opts = {"method": "qcfs", **options}
+        return threshold_balance(folded, calib, **opts), {"method": "qcfs", "options": options,
+                                                          "chosen_by": "QCFS activations", "T": T}
+    if calib is None:
+        raise SnncError("snnc.convert: choosing a recipe (method=None) needs calibration data; pass calib or "
+                        "method=...")
+    x = torch.cat(calib)[:SCORE_SAMPLES]
+    ann = folded
+    scores, best = {}, None
+    for name, opts in tqdm(_candidates(options, T).items(), desc=f"choosing a recipe for T={T}", disable=None,
+                           leave=False):
+        opts = {**opts, "T_target": options.get("T_target", T)}
+        snn = threshold_balance(folded, calib, **opts)
+        agree, mse = _score(snn, ann, x, T)
+        scores[name] = {"agreement": round(agree, 2), "mse": round(mse, 5)}
+        if best is None or (agree, -mse) > (best[0], -best[1]):
+            best = (agree, mse, name, opts, snn)
+    _, _, name, opts, snn = best
+    report = {"method": name, "options": opts, "chosen_by": f"agreement with the ANN on {len(x)} "
+              f"calibration inputs at T={T}", "T": T, "scores": scores}
+    return snn, report
