@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	# the CPU torch by a CUDA build; it runs without it, so install it without dependencies
 	$(PIP) install -q --no-deps spikingjelly==2.0.0
 	$(PIP) install -q loguru scipy requests h5py packaging  # what spikingjelly imports
+	# norse and sinabs (peer-model corpus, tests/test_peer_models.py): --no-deps for the same reason
+	# (their metadata pulls torchvision/torchaudio or pins nir); their light imports by name
+	$(PIP) install -q --no-deps norse sinabs
+	$(PIP) install -q tqdm pbr
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,8 +34,6 @@ test-slow: $(STAMP)
 
 # peers for side-by-side benches, without their torchvision/torchaudio requirements
 bench-deps: $(STAMP)
-	$(PIP) install -q --no-deps norse sinabs
-	$(PIP) install -q requests loguru scipy h5py packaging pbr
 
 bench: bench-deps
 	for b in bench/*.py; do $(VPY) -P $$b || exit 1; done  # -P: bench/tvm.py must not shadow tvm

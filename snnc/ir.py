@@ -17,6 +17,7 @@ The graph's example-input spec lives in ``gm.snnc_spec`` (a plain attribute, so 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 from torch import fx
@@ -102,9 +103,19 @@ class _Annotator(fx.Interpreter):
             raise VerifyError(f"{node_ref(n)}: metadata says {old.dtype}{list(old.shape)} but the graph "
                               f"computes {value.dtype}{list(value.shape)}; the last pass left stale metadata")
         spec = op_spec(self.module, n)
+        if _tensor_tuple(value) and n.op == "call_module":  # a multi-output op, e.g. (spikes, membrane)
+            ins = [a.meta.get("snnc") for a in n.all_input_nodes if a.op != "get_attr"]
+            tins = [i for i in ins if isinstance(i, TensorInfo)]
+            layout = _out_layout(self.module, n, tins)
+            spiking = bool(spec) and spec.spiking == "yes"
+            n.meta["snnc"] = tuple(TensorInfo(tuple(v.shape), v.dtype, spiking and i == 0, layout)
+                                   for i, v in enumerate(value))
+            return value
         if isinstance(value, torch.Tensor):
             # get_attr constants broadcast against any layout: they do not decide the node's layout
             ins = [a.meta.get("snnc") for a in n.all_input_nodes if a.op != "get_attr"]
+            if n.target is operator.getitem and isinstance(ins[0], tuple) and isinstance(n.args[1], int):
+                ins = [ins[0][n.args[1]]]  # one output of a multi-output op
             tins = [i for i in ins if isinstance(i, TensorInfo)]
             if n.op == "placeholder":
                 spiking, layout = False, self.input_layout
@@ -116,6 +127,10 @@ class _Annotator(fx.Interpreter):
         else:
             n.meta["snnc"] = value if isinstance(value, (int, float, bool, tuple, list, torch.Size)) else None
         return value
+
+
+def _tensor_tuple(v) -> bool:
+    return isinstance(v, tuple) and bool(v) and all(isinstance(e, torch.Tensor) for e in v)
 
 
 def _out_layout(gm, node, tins, value=None, T=None):

@@ -41,7 +41,11 @@ def run(gm: nn.Module, inputs, T: int | None = None):
                 raise InputError(f"input of shape {list(x.shape)} has {x.shape[0]} time steps, T={T}")
         outs = [gm(*[x[t] if ps else x for x, ps in zip(inputs, per_step)]) for t in range(T)]
     reset(gm)
-    return outs[-1] if _ends_in_readout(gm) else torch.stack(outs)
+    if _ends_in_readout(gm):
+        return outs[-1]
+    if isinstance(outs[0], (tuple, list)):  # e.g. a neuron reporting (spikes, membrane)
+        return tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
+    return torch.stack(outs)
 
 
 def quantize_float_inputs(gm, inputs: list) -> list:

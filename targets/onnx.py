@@ -164,7 +164,8 @@ def compile(gm, target="onnx", T=None, loop="auto"):
     if loop == "auto":
         loop = "scan" if (graph_spec(gm).get("T") or 0) >= SCAN_FROM_T else "unroll"
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    single = isinstance(out_node.args[0], fx.Node)
+    # one tensor, not a multi-output op returned whole (a neuron's (spikes, membrane))
+    single = isinstance(out_node.args[0], fx.Node) and not isinstance(out_node.args[0].meta.get("snnc"), tuple)
     model = _export_copy(gm, loop)
     inputs = [torch.randn_like(x) if x.is_floating_point() else x
               for x in example_inputs(gm, batch=max(2, _spec_batch(gm)))]

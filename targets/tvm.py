@@ -240,6 +240,47 @@ def cuda_source(lib) -> str:
     return "\n".join(seen)
 
 
+def _exported_sources(g) -> str:
+    """The source of every op lowered from its exported forward: the built code depends on it."""
+    import hashlib
+    import inspect
+    from .tvm_lower import fused_scan_ok
+    from snnc.ops import Neuron
+    mods = {type(m) for m in g.modules() if (isinstance(m, Neuron) and not fused_scan_ok(m))
+            or getattr(type(m), "exportable", False)}
+    h = hashlib.sha256()
+    for cls in sorted(mods, key=lambda c: c.__qualname__):
+        for k in cls.__mro__:
+            if k.__module__.startswith("snnc"):
+                h.update(inspect.getsource(k).encode())
+    return h.hexdigest()[:16]
+
+
+def _exported_ops(g) -> list:
+    """Nodes whose op TVM imports from its exported forward (no fused scan kernel)."""
+    from snnc.ops import Neuron, is_snnc_op
+    from .tvm_lower import fused_scan_ok
+
+    def exported(m):
+        if isinstance(m, Neuron):
+            return not fused_scan_ok(m)
+        return is_snnc_op(m) and getattr(type(m), "exportable", False)
+    return [n for n in g.graph.nodes if n.op == "call_module" and exported(g.get_submodule(n.target))]
+
+
+def _cpu_mode(g, mode):
+    """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
+    forward inside the Relax module, which only the relax mode builds)."""
+    plain = _exported_ops(g)
+    if mode == "auto":
+        return "relax" if plain else "hybrid"
+    if mode == "hybrid" and plain:
+        from snnc.errors import UnsupportedOp, node_ref
+        raise UnsupportedOp(f"{node_ref(plain[0])}: {type(g.get_submodule(plain[0].target)).op_name} has no fused "
+                            "TVM scan kernel, so hybrid mode cannot run it; use mode='relax' (or 'auto')")
+    return mode
+
+
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
             tune_minutes=None, progress=True, spike_int8=False):
@@ -258,9 +299,10 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
         tdict, device, mode = tb.cuda_target(arch), "gpu", "relax"
     else:
         tdict, device = tb.llvm_target(mcpu, num_cores), "cpu"
-        mode = "hybrid" if mode == "auto" else mode
     g = _prepare(gm, T)
     check_supported(g)
+    if target != "tvm:cuda":
+        mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
     meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
@@ -298,13 +340,14 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
 def _relax_library(g, tdict, device, batch, cache):
     """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
     graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one."""
-    if batch == "any":
-        key = tb.graph_key(g, tdict, "relax", "any")
+    exported = _exported_sources(g)
+    if batch == "any" and not _exported_ops(g):  # exported forwards have the traced (static) shapes
+        key = tb.graph_key(g, tdict, "relax", "any", exported)
         try:
             return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any"), tdict), cache)[0], "any"
         except Exception:  # noqa: BLE001 - TVM raises many kinds; the static build below is the answer
             pass
-    key = tb.graph_key(g, tdict, "relax")
+    key = tb.graph_key(g, tdict, "relax", exported)
     return tb.cached(key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0], "static"
 
 

@@ -19,7 +19,7 @@ import types
 
 import torch
 import tvm
-from torch import fx
+from torch import fx, nn
 from tvm import relax
 from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
 
@@ -184,6 +184,8 @@ def _simplify(e):
 
 def _convert_neuron(imp, node):
     mod = imp.named_modules[node.target]
+    if not fused_scan_ok(mod):
+        return _convert_exported(imp, node)
     (_, dtype), x = _seq_shape(node), imp.env[node.args[0]]
     shape = _dims(x)  # [T, N, ...]; N may be symbolic (batch="any")
     steps, sample = shape[0], tuple(shape[2:])
@@ -204,6 +206,48 @@ def _convert_neuron(imp, node):
     args = [flat] if th is None else [flat, relax.const(th.numpy().astype(dtype))]
     s = bb.emit(relax.call_tir(gv, args, relax.TensorType((steps, M), dtype)))
     return _reshape(bb, s, shape)
+
+
+def fused_scan_ok(mod) -> bool:
+    """Whether the fused TIR scan implements this neuron: one output (spikes), a reset mode the
+    scan knows, scalar constants in ``charge``; other neurons (a LIF reporting its membrane, with
+    per-neuron decay or reset="none", the peers' StateNeurons) lower from their exported forward."""
+    from snnc.ops import StateNeuron
+    return (not isinstance(mod, StateNeuron) and not getattr(mod, "output_membrane", False)
+            and getattr(mod, "reset_mode", "subtract") != "none"
+            and not isinstance(getattr(mod, "decay", 0.0), torch.Tensor))
+
+
+def _convert_exported(imp, node):
+    """Any other snnc op (snntorch's Synaptic, norse's cells, sinabs' multi-spike IAF ...): its
+    reference forward, exported by ``torch.export`` with this node's static input shapes and
+    imported by TVM's exported-program frontend, becomes one private Relax function called here.
+    The T loop is unrolled into elementwise ops (no fused scan), the arithmetic is the reference's
+    op for op."""
+    from tvm.relax.frontend.torch import from_exported_program
+    mod = imp.named_modules[node.target]
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    example = tuple(torch.zeros(info(a).shape, dtype=info(a).dtype) for a in args)
+    with torch.no_grad():
+        ep = torch.export.export(_Forward(mod), example)
+    sub = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+    bb = imp.block_builder
+    gv = bb.add_func(sub["main"].without_attr("global_symbol"), f"{type(mod).op_name.replace('.', '_')}_fn")
+    return bb.emit(relax.Call(gv, [imp.env[a] for a in args]))
+
+
+class _Forward(nn.Module):
+    """A fresh-state copy of an op for export (per-step ops keep no state across the export)."""
+
+    def __init__(self, mod):
+        super().__init__()
+        import copy
+        self.mod = copy.deepcopy(mod).eval()
+        if hasattr(self.mod, "reset"):
+            self.mod.reset()
+
+    def forward(self, *args):
+        return self.mod(*args)
 
 
 def _convert_readout(imp, node):

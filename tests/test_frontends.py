@@ -160,11 +160,29 @@ def test_snntorch_reset_order_differs_from_spikingjelly_subtract(snn):
 
 
 def test_snntorch_unrepresentable_modules_are_named(snn):
-    with pytest.raises(UnsupportedOp, match="module '1' \\(snntorch Leaky\\): init_hidden=False"):
-        snnc.trace(nn.Sequential(nn.Linear(2, 2), snn.Leaky(beta=0.9)), torch.zeros(1, 2))
-    with pytest.raises(UnsupportedOp, match="module '1' .*Synaptic\\): two state variables"):
-        snnc.trace(nn.Sequential(nn.Linear(2, 2), snn.Synaptic(alpha=0.9, beta=0.8, init_hidden=True)),
+    with pytest.raises(UnsupportedOp, match="module '1' \\(snntorch Leaky\\): inhibition"):
+        snnc.trace(nn.Sequential(nn.Linear(2, 2), snn.Leaky(beta=0.9, inhibition=True, init_hidden=True)),
                    torch.zeros(1, 2))
+    with pytest.raises(UnsupportedOp, match="module '1' .*RLeaky\\): a convolutional recurrence"):
+        snnc.trace(nn.Sequential(nn.Conv2d(1, 2, 3), snn.RLeaky(beta=0.9, conv2d_channels=2, kernel_size=3,
+                                                                 init_hidden=True)), torch.zeros(1, 1, 5, 5))
+    with pytest.raises(UnsupportedOp, match="module '1' .*Alpha\\): snntorch neuron without an snnc mapping"):
+        snnc.trace(nn.Sequential(nn.Linear(2, 2), snn.Alpha(alpha=0.9, beta=0.8, init_hidden=True)), torch.zeros(1, 2))
+
+
+def test_snntorch_leaky_without_init_hidden_keeps_its_membrane_between_calls(snn):
+    """``init_hidden=False`` called without a membrane: snntorch keeps ``self.mem``, and so does the
+    snnc neuron; both return ``(spk, mem)``."""
+    m = _scale_weights(nn.Sequential(nn.Linear(4, 3), snn.Leaky(beta=0.9, reset_mechanism="zero"))).eval()
+    x = torch.rand(7, 2, 4) * 2
+    from snntorch import utils
+    utils.reset(m)
+    with torch.no_grad():
+        theirs = [m(xt) for xt in x]
+    g = snnc.trace(m, x[0])
+    spk, mem = snnc.run(g, x, T=7)
+    assert torch.stack([t[0] for t in theirs]).sum() > 2
+    assert torch.equal(spk, torch.stack([t[0] for t in theirs])) and torch.equal(mem, torch.stack([t[1] for t in theirs]))
 
 
 def test_subtract_after_leak_multi_step_equals_single_step_and_unrolls():

@@ -25,7 +25,8 @@ from ..errors import UnsupportedOp
 CONVERTERS: dict[type, Callable] = {}
 
 # top-level package of the framework -> snnc module that registers its converters
-FRAMEWORKS = {"spikingjelly": "snnc.frontends.spikingjelly", "snntorch": "snnc.frontends.snntorch"}
+FRAMEWORKS = {"spikingjelly": "snnc.frontends.spikingjelly", "snntorch": "snnc.frontends.snntorch",
+              "norse": "snnc.frontends.norse", "sinabs": "snnc.frontends.sinabs"}
 
 
 @dataclasses.dataclass

@@ -14,61 +14,101 @@ without resetting it and applies the previous step's reset inside the next updat
 bit for bit) or ``reset="zero"`` (resetting right after the spike and decaying zero afterwards is
 the same number as snntorch's deferred reset). Spikes and membranes match exactly.
 
-Only the stateful-module style (``init_hidden=True``, the style of ``nn.Sequential`` snntorch
-models) maps onto a per-step graph: with ``init_hidden=False`` the model's own ``forward`` threads
-the membrane through ``spk, mem = lif(x, mem)``, which snnc cannot trace into a neuron op.
-``Synaptic`` (two state variables: synaptic current and membrane) and the recurrent neurons have
-no snnc neuron and are rejected by name.
+``reset_mechanism="none"`` -> ``reset="none"``. Per-neuron ``beta`` / ``threshold`` tensors (learnable
+or not) are copied as tensors (``beta`` clamped to [0, 1] as snntorch does in every step).
+
+Every calling style maps:
+  * ``init_hidden=True``: a per-step snnc neuron keeping the membrane; with ``output=True`` it
+    returns ``(spk, mem)`` (``output_membrane=True``) like snntorch;
+  * ``init_hidden=False`` (the tutorials' ``spk, mem = lif(cur, mem)`` loop in ``forward``): the
+    neuron keeps its own membrane and the threaded one is ignored while ``snnc.trace`` captures
+    the loop (``snnc/capture.py``); ``lif.init_leaky()`` still answers.
+``Synaptic`` -> ``snn.synaptic``; ``RLeaky`` / ``RSynaptic`` with a linear (``all_to_all=True,
+linear_features=n``) or elementwise (``all_to_all=False, V=...``) recurrence -> ``snn.rlif`` /
+``snn.rsynaptic`` (``snnc/ops/synaptic.py``, ``snnc/ops/recurrent.py``).
 """
 from __future__ import annotations
 
 import snntorch as snn
 import torch
 
+from ..capture import ExplicitState
 from ..errors import UnsupportedOp
-from ..ops import LIF
+from ..ops import LIF, RLeaky, RSynaptic, Synaptic
 from . import register_neuron
 
-_REASONS = {
-    "Synaptic": "two state variables (synaptic current and membrane); snnc neurons have one",
-    "RLeaky": "recurrent neuron (its output feeds back through a weight); snnc per-step graphs are feed-forward",
-    "RSynaptic": "recurrent neuron with two state variables",
-}
+_RESETS = {"subtract": "subtract_after_leak", "zero": "zero", "none": "none"}
 
 
-def _scalar(ctx, mod, name, value) -> float:
-    t = torch.as_tensor(value).detach()
-    if t.numel() != 1:
-        raise UnsupportedOp(f"module '{ctx.path}' (snntorch Leaky): per-neuron {name} of shape {list(t.shape)}; "
-                            "snnc's LIF takes one value")
-    return float(t.reshape(()))
+def _value(ctx, mod, name, value):
+    """A Python float for a one-element value, else the tensor (per-neuron values)."""
+    t = torch.as_tensor(value).detach().float()
+    return float(t.reshape(())) if t.numel() == 1 else t.clone()
+
+
+def _check(mod, ctx, kind):
+    where = f"module '{ctx.path or kind}' (snntorch {kind})"
+    if mod.inhibition or mod.state_quant or float(torch.as_tensor(getattr(mod, "graded_spikes_factor", 1.0))) != 1.0:
+        raise UnsupportedOp(f"{where}: inhibition, state_quant and graded spikes have no snnc form")
+    if not getattr(mod, "reset_delay", True):
+        raise UnsupportedOp(f"{where}: reset_delay=False has no snnc form (use the default reset_delay=True)")
+    if mod.reset_mechanism not in _RESETS:
+        raise UnsupportedOp(f"{where}: reset_mechanism={mod.reset_mechanism!r}; supported: {', '.join(_RESETS)}")
+    return where
+
+
+def _styled(op, mod, data_args=1):
+    """``init_hidden=True``: the op itself; ``False``: the capture-time explicit-state stand-in."""
+    return op if mod.init_hidden else ExplicitState(op, mod, data_args)
 
 
 def _leaky(mod, ctx):
-    where = f"module '{ctx.path or 'Leaky'}' (snntorch Leaky)"
-    if not mod.init_hidden or mod.output:
-        raise UnsupportedOp(f"{where}: init_hidden={mod.init_hidden}, output={mod.output}: the forward passes the "
-                            "membrane in and out (spk, mem = lif(x, mem)); build it with init_hidden=True, "
-                            "output=False so the state lives in the module (a per-step snnc neuron)")
-    if mod.inhibition or mod.state_quant or float(mod.graded_spikes_factor) != 1.0:
-        raise UnsupportedOp(f"{where}: inhibition, state_quant and graded spikes have no snnc form")
-    if not mod.reset_delay:
-        raise UnsupportedOp(f"{where}: reset_delay=False has no snnc form (use the default reset_delay=True)")
-    resets = {"subtract": "subtract_after_leak", "zero": "zero"}
-    if mod.reset_mechanism not in resets:
-        raise UnsupportedOp(f"{where}: reset_mechanism={mod.reset_mechanism!r}; supported: subtract, zero")
-    beta = min(max(_scalar(ctx, mod, "beta", mod.beta), 0.0), 1.0)  # snntorch clamps beta to [0, 1]
-    return LIF(decay=beta, v_th=_scalar(ctx, mod, "threshold", mod.threshold),
-               reset=resets[mod.reset_mechanism], compare=">")
+    _check(mod, ctx, "Leaky")
+    beta = _value(ctx, mod, "beta", torch.as_tensor(mod.beta).clamp(0, 1))
+    op = LIF(decay=beta, v_th=_value(ctx, mod, "threshold", mod.threshold),
+             reset=_RESETS[mod.reset_mechanism], compare=">",
+             output_membrane=bool(mod.output) or not mod.init_hidden)
+    return _styled(op, mod)
+
+
+def _synaptic(mod, ctx):
+    _check(mod, ctx, "Synaptic")
+    op = Synaptic(mod.alpha, mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
+                  output_state=bool(mod.output) or not mod.init_hidden)
+    return _styled(op, mod)
+
+
+def _recurrence(mod, ctx, kind):
+    if not mod.all_to_all:
+        return {"V": mod.V.detach() if isinstance(mod.V, torch.Tensor) else mod.V}
+    if isinstance(getattr(mod, "recurrent", None), torch.nn.Linear):
+        return {"recurrent": mod.recurrent}
+    raise UnsupportedOp(f"module '{ctx.path or kind}' (snntorch {kind}): a convolutional recurrence "
+                        "(conv2d_channels, kernel_size) has no snnc form; supported: all_to_all with "
+                        "linear_features, or all_to_all=False (one-to-one V)")
+
+
+def _rleaky(mod, ctx):
+    _check(mod, ctx, "RLeaky")
+    op = RLeaky(mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
+                output_state=bool(mod.output) or not mod.init_hidden, **_recurrence(mod, ctx, "RLeaky"))
+    return _styled(op, mod)
+
+
+def _rsynaptic(mod, ctx):
+    _check(mod, ctx, "RSynaptic")
+    op = RSynaptic(mod.alpha, mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
+                   output_state=bool(mod.output) or not mod.init_hidden, **_recurrence(mod, ctx, "RSynaptic"))
+    return _styled(op, mod)
 
 
 register_neuron(snn.Leaky, _leaky)
+register_neuron(snn.Synaptic, _synaptic)
+register_neuron(snn.RLeaky, _rleaky)
+register_neuron(snn.RSynaptic, _rsynaptic)
 
 
 def unsupported(mod) -> str | None:
-    name = type(mod).__name__
-    if name in _REASONS:
-        return _REASONS[name]
     if isinstance(mod, snn.SpikingNeuron):
-        return "snntorch neuron without an snnc mapping; supported: Leaky"
+        return "snntorch neuron without an snnc mapping; supported: Leaky, Synaptic, RLeaky, RSynaptic"
     return None

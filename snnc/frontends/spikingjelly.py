@@ -34,7 +34,7 @@ from spikingjelly.activation_based import layer, neuron
 from spikingjelly.activation_based.base import MemoryModule
 from torch import nn
 
-from ..ops import IF, LIF, MergeTime, ParametricLIF, SplitTime
+from ..ops import IF, LIF, MergeTime, ParametricLIF, SplitTime, Voting
 from . import _fuse_time_groups, convert_children, convert_module, register_neuron
 
 _NEURONS = (neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode)
@@ -81,8 +81,6 @@ def _torch_layer(mod):
     base = next(c for c in type(mod).__mro__[1:] if c.__module__.startswith("torch.nn"))
     out = copy.deepcopy(mod)
     out.__class__ = base
-    if "step_mode" in out.__dict__:
-        del out.__dict__["step_mode"]
     return out
 
 
@@ -90,7 +88,9 @@ def _over_time(layers, ctx):
     """Stateless layers applied to ``[T, N, ...]``: merge time into the batch, run, split again."""
     if ctx.T is None:
         raise _unsupported(ctx, layers[0], "multi-step layer needs the example input [T, N, ...] to know T")
-    return nn.Sequential(MergeTime(), *layers, SplitTime(ctx.T))
+    seq = nn.Sequential(MergeTime(), *layers, SplitTime(ctx.T))
+    seq.step_mode = "m"  # model code may branch on it (the zoo's ``if self.avgpool.step_mode == "m"``)
+    return seq
 
 
 def _stateless(mod, ctx, multi_step=False):
@@ -99,7 +99,13 @@ def _stateless(mod, ctx, multi_step=False):
 
 
 def _dropout(mod, ctx, multi_step=False):
-    return nn.Dropout(mod.p)  # inference: identity in both modes (spikingjelly shares the mask over T)
+    return nn.Dropout(mod.p).train(mod.training)  # eval: identity in both modes (spikingjelly shares the mask over T)
+
+
+def _voting(mod, ctx, multi_step=False):
+    # avg_pool1d(kernel=stride=voting_size) over the last dim == the mean of each group of voters
+    # (any leading dims, so single- and multi-step alike); the group count comes from the input
+    return Voting(voters=mod.voting_size)
 
 
 def _seq_to_ann(container, ctx, multi_step=False):
@@ -129,7 +135,7 @@ def _multi_step_container(container, ctx, multi_step=False):
 _STATELESS = (layer.Conv1d, layer.Conv2d, layer.Linear, layer.BatchNorm1d, layer.BatchNorm2d, layer.AvgPool2d,
               layer.MaxPool2d, layer.AdaptiveAvgPool2d, layer.Flatten)
 _CONVERT_M = {neuron.IFNode: _if, neuron.LIFNode: _lif, neuron.ParametricLIFNode: _plif,
-              **{cls: _stateless for cls in _STATELESS}}
+              layer.VotingLayer: _voting, **{cls: _stateless for cls in _STATELESS}}
 
 for _cls, _fn in _CONVERT_M.items():
     register_neuron(_cls, _fn)

@@ -10,6 +10,7 @@ Every neuron follows the same three-phase update (spikingjelly's charge / fire /
              V[t] = H[t], and the next charge subtracts   (reset="subtract_after_leak", snntorch's
                     v_th * Θ(V[t-1] - v_th) after the leak: Leaky: H[t] = beta V[t-1] + X[t] - v_th S[t-1],
                     H[t] = f(V[t-1], X[t]) - v_th * Θ(V[t-1] - v_th)      the reset is not decayed)
+             V[t] = H[t]                                  (reset="none", snntorch's reset_mechanism="none")
     V[-1] = v_init
 
 Layouts: with ``step_mode="m"`` the input is ``[T, N, ...]`` and the loop over T runs inside
@@ -20,6 +21,9 @@ not a buffer: it is not part of ``state_dict``.
 
 ``v_th`` and ``v_init`` are floats or tensors broadcastable to one sample (e.g. ``[C, 1, 1]`` for a
 per-channel threshold after channel-wise balancing, and a membrane starting at half of it). ``learn_threshold=True`` makes it a ``Parameter``.
+``output_membrane=True`` makes the neuron return ``(S, H)`` instead of ``S``: the spikes and the
+membrane before this step's reset (what snntorch's ``spk, mem = lif(x, mem)`` and
+``init_hidden=True, output=True`` report; for ``subtract_after_leak`` and ``none`` it is the state).
 ``surrogate`` selects the backward of Θ for training (``None``: no gradient through spikes);
 the forward is Θ whatever the surrogate.
 """
@@ -38,7 +42,7 @@ def heaviside(z, strict: bool):
     return (z > 0).to(z.dtype) if strict else (z >= 0).to(z.dtype)
 
 
-_RESETS = ("subtract", "zero", "subtract_after_leak")
+_RESETS = ("subtract", "zero", "subtract_after_leak", "none")
 _COMPARES = (">=", ">")
 
 
@@ -54,8 +58,9 @@ class Neuron(nn.Module, abc.ABC):
     op_name = "snn.neuron"
 
     def __init__(self, v_th=1.0, v_reset=0.0, reset="subtract", compare=">=", v_init=0.0,
-                 learn_threshold=False, surrogate=None, step_mode="s"):
+                 learn_threshold=False, surrogate=None, step_mode="s", output_membrane=False):
         super().__init__()
+        self.output_membrane = bool(output_membrane)
         if reset not in _RESETS:
             raise ValueError(f"reset={reset!r}: expected one of {_RESETS}")
         if compare not in _COMPARES:
@@ -97,18 +102,23 @@ class Neuron(nn.Module, abc.ABC):
     def reset_membrane(self, h, s):
         if self.reset_mode == "subtract":
             return h - self.v_th * s
-        if self.reset_mode == "subtract_after_leak":
+        if self.reset_mode in ("subtract_after_leak", "none"):
             return h
         return h * (1.0 - s) + self.v_reset * s
 
     def step(self, x, v):
         """One time step: returns ``(spikes, new_membrane)``."""
+        s, v, _ = self.step_full(x, v)
+        return s, v
+
+    def step_full(self, x, v):
+        """One time step: ``(spikes, new_membrane, membrane before the reset)``."""
         h = self.charge(v, x)
         if self.reset_mode == "subtract_after_leak":  # S[t-1] recomputed from V[t-1], as snntorch does
             z = v - self.v_th
             h = h - self.v_th * ((z >= 0) if self.compare == ">=" else (z > 0)).to(h.dtype)
         s = self.fire(h)
-        return s, self.reset_membrane(h, s)
+        return s, self.reset_membrane(h, s), h
 
     def initial_membrane(self, x):
         if isinstance(self.v_init, torch.Tensor):
@@ -120,11 +130,13 @@ class Neuron(nn.Module, abc.ABC):
             return self.multi_step(x)
         if self.v is None or self.v.shape != x.shape:
             self.v = self.initial_membrane(x)
-        s, self.v = self.step(x, self.v)
-        return s
+        s, self.v, h = self.step_full(x, self.v)
+        return (s, h) if self.output_membrane else s
 
     def multi_step(self, x_seq):
         """``[T, N, ...] -> [T, N, ...]``: the iterative update of Wu 2019, state kept local."""
+        if self.output_membrane:
+            return self.step_loop(x_seq)
         if self.surrogate is not None and hasattr(self.surrogate, "multi_step"):
             return self.surrogate.multi_step(self, x_seq)
         return self.step_loop(x_seq)
@@ -132,11 +144,15 @@ class Neuron(nn.Module, abc.ABC):
     def step_loop(self, x_seq):
         """The reference loop: T calls of ``step`` with the membrane as a local variable."""
         v = self.initial_membrane(x_seq[0])
-        out = []
+        out, mem = [], []
         for t in range(x_seq.shape[0]):
-            s, v = self.step(x_seq[t], v)
+            if self.output_membrane:
+                s, v, h = self.step_full(x_seq[t], v)
+                mem.append(h)
+            else:
+                s, v = self.step(x_seq[t], v)
             out.append(s)
-        return torch.stack(out)
+        return (torch.stack(out), torch.stack(mem)) if self.output_membrane else torch.stack(out)
 
     def reset(self):
         self.v = None
@@ -159,6 +175,8 @@ class Neuron(nn.Module, abc.ABC):
             a["v_init"] = self.v_init
         if self.surrogate is not None:
             a["surrogate"] = self.surrogate
+        if self.output_membrane:
+            a["output_membrane"] = True
         return a
 
     def extra_repr(self):
@@ -242,10 +260,15 @@ class LIF(Neuron):
             if tau <= 1.0:
                 raise ValueError(f"LIF: tau={tau} must be > 1 (decay = 1 - 1/tau)")
             decay = 1.0 - 1.0 / float(tau)
-        if not 0.0 <= float(decay) <= 1.0:
+        if isinstance(decay, torch.Tensor) and decay.numel() > 1:  # per neuron (snntorch's beta tensor)
+            if not bool(((decay >= 0) & (decay <= 1)).all()):
+                raise ValueError("LIF: every decay value must lie in [0, 1]")
+            self.register_buffer("decay", decay.detach().float().clone())
+        elif not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"LIF: decay={decay} must lie in [0, 1]")
+        else:
+            self.decay = float(decay)
         self.tau = None if tau is None else float(tau)
-        self.decay = float(decay)
         self.decay_input = bool(decay_input)
         self.v_leak = float(v_leak)
 
@@ -298,6 +321,64 @@ class ParametricLIF(Neuron):
     def attrs(self):
         a = {"tau": 1.0 / float(self.w.detach().sigmoid())}
         a.update(self.common_attrs())
+        return a
+
+
+class StateNeuron(Neuron):
+    """Base of neurons whose state is several tensors (synaptic current + membrane, ...) or whose
+    update is not charge / fire / reset on one membrane. Subclasses define
+    ``init_state(x) -> tuple`` and ``update(x, state) -> (output, new_state, reported)``;
+    ``reported`` is what ``output_state=True`` returns besides the output (the peer's own tuple,
+    e.g. snntorch Synaptic's ``(spk, syn, mem)``). The multi-step form is the step loop over T."""
+
+    op_name = "snn.state_neuron"
+
+    def __init__(self, output_state=False, **kw):
+        super().__init__(**kw)
+        self.output_state = bool(output_state)
+        self.state = None
+
+    def charge(self, v, x):  # pragma: no cover - the update is ``update``
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def init_state(self, x) -> tuple:
+        """The state before step 0, for an input step shaped like ``x``."""
+
+    @abc.abstractmethod
+    def update(self, x, state):
+        """One step: ``(output, new state, reported state)``."""
+
+    def _result(self, out, reported):
+        return (out, *reported) if self.output_state else out
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            return self.multi_step(x)
+        if self.state is None or self.state[0].shape != x.shape:
+            self.state = self.init_state(x)
+        out, self.state, reported = self.update(x, self.state)
+        return self._result(out, reported)
+
+    def multi_step(self, x_seq):
+        state = self.init_state(x_seq[0])
+        outs, reps = [], []
+        for t in range(x_seq.shape[0]):
+            out, state, reported = self.update(x_seq[t], state)
+            outs.append(out)
+            reps.append(reported)
+        if not self.output_state:
+            return torch.stack(outs)
+        return (torch.stack(outs), *[torch.stack([r[i] for r in reps]) for i in range(len(reps[0]))])
+
+    def reset(self):
+        super().reset()
+        self.state = None
+
+    def common_attrs(self) -> dict:
+        a = super().common_attrs()
+        if self.output_state:
+            a["output_state"] = True
         return a
 
 

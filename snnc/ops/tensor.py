@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch import fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -110,7 +111,16 @@ def _fate_transpose(node, rank):
     return "other" if 0 in (_norm(a, rank), _norm(b, rank)) and _norm(a, rank) != _norm(b, rank) else "keep"
 
 
+def _of_multi_output(node) -> bool:
+    """``getitem`` picking one output of a multi-output op (a neuron's ``(spikes, membrane)``):
+    a plain selection, not a tensor index."""
+    src = node.args[0]
+    return isinstance(src, fx.Node) and isinstance(src.meta.get("snnc"), tuple)
+
+
 def _fate_getitem(node, rank):
+    if _of_multi_output(node):
+        return "keep"
     idx = node.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
     if not idx or idx[0] is Ellipsis or isinstance(idx[0], slice):
@@ -231,6 +241,8 @@ def _seq_permute(graph, node, args, kwargs, T):
 
 
 def _seq_getitem(graph, node, args, kwargs, T):
+    if _of_multi_output(node):
+        return _emit(graph, node, args, kwargs)
     idx = args[1] if isinstance(args[1], tuple) else (args[1],)
     if idx and idx[0] is Ellipsis and Ellipsis not in idx[1:] and None not in idx[1:]:
         return _emit(graph, node, args, kwargs)     # x[..., i] indexes from the end: time untouched

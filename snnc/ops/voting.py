@@ -12,21 +12,23 @@ class Voting(nn.Module):
 
     op_name = "snn.voting"
     spiking_output = "no"
+    exportable = True  # stateless: TVM lowers its forward (unflatten + mean) as exported
 
-    def __init__(self, classes: int, voters: int = 10):
+    def __init__(self, classes: int | None = None, voters: int = 10):
         super().__init__()
-        self.classes, self.voters = int(classes), int(voters)
+        self.classes, self.voters = (None if classes is None else int(classes)), int(voters)
 
     def forward(self, x):
-        if x.shape[-1] != self.classes * self.voters:
-            raise ValueError(f"Voting: last dim {x.shape[-1]} != classes*voters = {self.classes * self.voters}")
-        return x.unflatten(-1, (self.classes, self.voters)).mean(-1)
+        classes = self.classes if self.classes is not None else x.shape[-1] // self.voters
+        if x.shape[-1] != classes * self.voters:
+            raise ValueError(f"Voting: last dim {x.shape[-1]} is not classes*voters = {classes}*{self.voters}")
+        return x.unflatten(-1, (classes, self.voters)).mean(-1)
 
     def reset(self):
         pass
 
     def attrs(self):
-        return {"classes": self.classes, "voters": self.voters}
+        return {"classes": self.classes, "voters": self.voters} if self.classes is not None else {"voters": self.voters}
 
 
-register_op(Voting, hooks={"onnx": FORWARD})
+register_op(Voting, hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})
