@@ -142,7 +142,8 @@ def check_recipe(recipe):
     assert set(report.ran()) == want, str(report)  # no target skipped an op
 
 
-@settings(max_examples=5, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# derandomized: the default run is reproducible in CI; the slow test below explores new recipes
+@settings(max_examples=5, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(recipes)
 def test_random_architectures_agree_on_every_target(recipe):
     check_recipe(recipe)
