@@ -91,8 +91,14 @@ def _neuron(mod, shape, dt):
     if isinstance(mod, (CurrentLIF, CurrentLI)):
         return _current(mod, shape, dt)
     meta = {"snnc_op": type(mod).op_name, "reset": mod.reset_mode, "compare": mod.compare}
-    if mod.v_init != 0.0:
-        meta["v_init"] = mod.v_init
+    v_init = mod.v_init
+    if isinstance(v_init, torch.Tensor):   # per-channel start (channel-wise conversion): NIR has no field
+        if not bool((v_init == v_init.flatten()[0]).all()):
+            raise UnsupportedOp(f"{type(mod).op_name} starts from a per-channel membrane (v_init of shape "
+                                f"{list(v_init.shape)}); NIR has no initial-state field for it")
+        v_init = float(v_init.flatten()[0])
+    if v_init != 0.0:
+        meta["v_init"] = v_init
     v_th, v_reset = _full(mod.v_th, shape), _full(mod.v_reset if mod.reset_mode == "zero" else 0.0, shape)
     if isinstance(mod, IF):
         return nir.IF(r=_full(1.0 / dt, shape), v_threshold=v_th, v_reset=v_reset, metadata=meta)
@@ -117,7 +123,7 @@ def _differs_from_nir(mod) -> bool:
     if isinstance(mod, CurrentLI):
         return mod.v_init != mod.v_leak
     v0 = mod.v_leak if isinstance(mod, CurrentLIF) else 0.0
-    return mod.reset_mode != "zero" or mod.compare == ">=" or mod.v_init != v0
+    return mod.reset_mode != "zero" or mod.compare == ">=" or bool(torch.as_tensor(mod.v_init != v0).any())
 
 
 def _sample_shape(n) -> tuple:
@@ -196,7 +202,10 @@ class _Exporter:
         elif isinstance(mod, (IF, LIF, ParametricLIF)):   # per-step or multi-step: the same NIR neuron
             if _differs_from_nir(mod):
                 self.inexact.append(str(n.target))
-            self.add(n, _neuron(mod, self.shape(n), self.dt), srcs)
+            try:
+                self.add(n, _neuron(mod, self.shape(n), self.dt), srcs)
+            except UnsupportedOp as e:
+                raise UnsupportedOp(f"{node_ref(n)}: {e}") from None
         elif isinstance(mod, Delay):
             self.add(n, nir.Delay(delay=_full(mod.steps * self.dt, self.shape(n))), srcs)
         else:

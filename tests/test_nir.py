@@ -244,3 +244,17 @@ def test_spikingjelly_nir_export_imports_and_matches_spikingjelly():
     with torch.no_grad():
         ref = torch.stack([m(xt) for xt in x])
     assert ref.sum() > 5 and torch.equal(snnc.run(gm, x, T=10), ref)
+
+
+def test_to_nir_refuses_a_per_channel_initial_membrane_by_node():
+    """Channel-wise conversion starts each channel's membrane at its own fraction of v_th; NIR
+    has no initial-state field, so export names the node instead of failing on a tensor compare."""
+    from snnc.errors import UnsupportedOp
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), snnc.ops.IF(v_init=0.0))
+    g = snnc.trace(net.eval(), torch.zeros(1, 1, 4, 4))
+    neuron = g.get_submodule("1")
+    neuron.v_init = torch.tensor([0.25, 0.5]).view(2, 1, 1)
+    with pytest.raises(UnsupportedOp, match=r"node .*per-channel membrane"):
+        snnc.to_nir(g)
+    neuron.v_init = torch.full((2, 1, 1), 0.25)   # uniform: written as the scalar it is
+    assert snnc.to_nir(g) is not None
