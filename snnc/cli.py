@@ -22,26 +22,6 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 # --- argument types: a bad value is a usage error naming the argument (argparse: exit 2) -------
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
-
-
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return v
-
-
 def _shape(text):
     try:
         dims = [int(d) for d in text.split(",")]
