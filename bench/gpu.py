@@ -124,22 +124,13 @@ def check_tvm_cuda(device, quick):
 
 
 def plain_loop(net):
-    convs = [m for m in net if isinstance(m, nn.Conv2d)]
-    decays = [m.decay for m in net if isinstance(m, LIF)]
-
-    def run(x):
-        T, N = x.shape[:2]
-        for conv, decay in zip(convs, decays):
-            y = conv(x.flatten(0, 1)).unflatten(0, (T, N))
-            v, out = torch.zeros_like(y[0]), []
-            for t in range(T):
-                v = decay * v + y[t]
-                s = (v >= 1.0).float()
-                v = v - s
-                out.append(s)
-            x = torch.stack(out)
-        return x
-    return run
+    """The hand-written multi-step loop of bench/inference.py (one definition for both benches;
+    loaded by path because bench/ is kept off sys.path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_snnc_bench_inference", Path(__file__).with_name("inference.py"))
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    return inference.PlainLoop(net).eval()
 
 
 def bench_inference(device, quick, name, net, x, rounds, T=4):
