@@ -17,12 +17,7 @@ import hostile_util as H
 pytest.importorskip("tvm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SNNC_CACHE_DIR", str(tmp_path_factory.mktemp("snnc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # one fresh snnc cache for this file
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from snnc.zoo import bench_net, cifarnet, digits_cnn, digits_resnet, digits_snn,
 from int_nets import ann, convert_by_max
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _roundtrip(g, tmp_path, x):

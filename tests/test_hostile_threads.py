@@ -25,12 +25,7 @@ def _switch_often():
     sys.setswitchinterval(old)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SNNC_CACHE_DIR", str(tmp_path_factory.mktemp("snnc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # one fresh snnc cache for this file
 
 
 def _hammer(module, batch=64):

@@ -17,13 +17,7 @@ from snnc.zoo import bench_net, digits_snn
 tvm = pytest.importorskip("tvm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    """One fresh cache for this file: builds shared between tests hit it, nothing leaks out."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SNNC_CACHE_DIR", str(tmp_path_factory.mktemp("snnc_cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # one fresh snnc cache for this file
 
 
 @pytest.fixture(scope="module")
