@@ -59,8 +59,13 @@ def _current(mod, shape, dt):
     """CurrentLIF -> CubaLIF, CurrentLI -> LI / I / CubaLI: the inverse of ``nir_neurons``'s
     alpha = 1 - dt/tau_syn, gain_in = w_in dt/tau_syn, beta = 1 - dt/tau_mem, gain = r dt/tau_mem."""
     import nir
+    if not mod.scalar_params():
+        raise UnsupportedOp(f"{mod.op_name} with per-neuron alpha/beta/v_th has no exact NIR form here; "
+                            "give it one value each")
     meta = {"snnc_op": type(mod).op_name, "alpha": mod.alpha, "beta": mod.beta, "gain_in": mod.gain_in,
             "gain": mod.gain_mem, "v_leak": mod.v_leak, "v_init": mod.v_init}
+    if mod.form == "euler":   # norse's operation order and float32 constants, restored exactly on import
+        meta.update(form="euler", k_syn=mod.k_syn, k_mem=mod.k_mem, current=mod.current)
     if mod.alpha == 1.0:
         raise UnsupportedOp(f"{mod.op_name} with alpha=1 has an infinite synaptic time constant; NIR cannot write it")
     tau_syn, w_in = dt / (1.0 - mod.alpha), mod.gain_in / (1.0 - mod.alpha)

@@ -128,7 +128,20 @@ def _split_gain(gain):
     return 1.0, g
 
 
+def _euler(m, meta):
+    """A neuron ``to_nir`` wrote in norse's Euler form: its exact float32 constants."""
+    m.form, m.current = "euler", bool(meta.get("current", True))
+    m.k_syn, m.k_mem = float(meta["k_syn"]), float(meta["k_mem"])
+    return m, None
+
+
 def cuba_lif_node(name, node, dt, meta):
+    if meta.get("form") == "euler":
+        return _euler(CurrentLIF(alpha=float(meta["alpha"]), beta=float(meta["beta"]), gain=float(meta["gain"]),
+                                 v_leak=float(meta.get("v_leak", 0.0)), v_th=threshold_value(node.v_threshold),
+                                 v_reset=uniform(name, "v_reset", arr(node.v_reset)),
+                                 v_init=float(meta.get("v_init", meta.get("v_leak", 0.0))),
+                                 **{k: v for k, v in _neuron_kwargs(meta).items() if k != "v_init"}), meta)
     alpha, beta, gain, v_leak = _two_state(name, "CubaLIF", node, dt, meta, node.tau_syn, node.w_in)
     g, scale = _split_gain(gain)
     kw = _neuron_kwargs(meta)
@@ -140,6 +153,10 @@ def cuba_lif_node(name, node, dt, meta):
 
 def li_node(name, node, dt, meta):
     kind = type(node).__name__
+    if meta.get("form") == "euler":
+        v_leak = float(meta.get("v_leak", 0.0))
+        return _euler(CurrentLI(alpha=float(meta["alpha"]), beta=float(meta["beta"]), gain=float(meta["gain"]),
+                                v_leak=v_leak, v_init=float(meta.get("v_init", v_leak))), meta)
     if kind == "I":   # dv/dt = r I: no leak, beta = 1
         if "alpha" in meta:
             alpha, beta, gain, v_leak = _two_state(name, kind, node, dt, meta, None, None)

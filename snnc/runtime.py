@@ -17,13 +17,19 @@ def _ends_in_readout(gm: fx.GraphModule) -> bool:
             and isinstance(gm.get_submodule(src.target), Readout))
 
 
-def run(gm: nn.Module, inputs, T: int | None = None):
+def run(gm: nn.Module, inputs, T: int | None = None, sequence: bool | None = None):
     """Run the reference interpreter from a reset state.
 
     * multi-step graph (after ``unroll_timesteps``): one call, returns the graph's output.
     * per-step graph: ``T`` calls. An input with one more leading dim than the graph's input spec
       is read as ``[T, N, ...]`` and fed step by step; otherwise the same input is fed each step.
       Returns the last output if the graph ends in a readout, else the outputs stacked ``[T, ...]``.
+
+    ``sequence`` says it explicitly (``True``: every input is ``[T, N, ...]``; ``False``: every
+    input is one step, fed at each step). Left ``None``, an input that could be either is refused
+    naming both shapes: one with the graph's rank whose leading dim is T while the graph's first
+    sample dim is 1 (a NIR graph of shape ``[1, F]``, say: ``[T, 1, F]`` is a batch of T or T steps
+    of a one-sample batch with the batch dim left out).
     """
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     inputs = quantize_float_inputs(gm, inputs)
@@ -34,8 +40,8 @@ def run(gm: nn.Module, inputs, T: int | None = None):
             out = gm(*inputs)
             reset(gm)
             return out
-        ranks = [len(s) for s, _ in spec["inputs"]] if spec["inputs"] else [x.dim() for x in inputs]
-        per_step = [x.dim() == r + 1 for x, r in zip(inputs, ranks)]
+        shapes = [list(s) for s, _ in spec["inputs"]] if spec["inputs"] else [list(x.shape) for x in inputs]
+        per_step = _per_step(inputs, shapes, T, sequence)
         for x, ps in zip(inputs, per_step):
             if ps and x.shape[0] != T:
                 raise InputError(f"input of shape {list(x.shape)} has {x.shape[0]} time steps, T={T}")
@@ -46,6 +52,35 @@ def run(gm: nn.Module, inputs, T: int | None = None):
     if isinstance(outs[0], (tuple, list)):  # e.g. a neuron reporting (spikes, membrane)
         return tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
     return torch.stack(outs)
+
+
+def _per_step(inputs, shapes, T, sequence) -> list:
+    """For each input: is it ``[T, N, ...]`` (fed step by step) or one step (fed every step)?"""
+    out = []
+    for k, (x, want) in enumerate(zip(inputs, shapes)):
+        r, got = len(want), list(x.shape)
+        where = f"input {k} of shape {got} (the graph takes one step of shape {want})"
+        if sequence is True and x.dim() != r + 1:
+            raise InputError(f"{where}: sequence=True needs [T, N, ...] with {r + 1} dims")
+        if sequence is False and x.dim() != r:
+            raise InputError(f"{where}: sequence=False needs one step with {r} dims")
+        if sequence is None and x.dim() == r and T > 1 and r > 1 and got[0] == T and want[1] == 1 \
+                and got[1:] == want[1:]:
+            raise InputError(f"{where} with T={T} is ambiguous: a batch of {T} fed at every step, or {T} steps "
+                             f"of a batch whose dim was left out? Pass sequence=False for the first, or "
+                             f"x.unsqueeze(1) (shape {[T, 1, *got[1:]]}) / sequence=True for the second")
+        out.append(x.dim() == r + 1 if sequence is None else sequence)
+    return out
+
+
+def leaves(v) -> list:
+    """The tensors of a (nested tuple / list) model output, in order: how a graph's outputs and a
+    framework's outputs are compared one for one."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for e in v for t in leaves(e)]
+    return []
 
 
 def quantize_float_inputs(gm, inputs: list) -> list:

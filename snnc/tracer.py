@@ -139,7 +139,7 @@ def _trace_loop(model, gm, example) -> fx.GraphModule:
         want = model(*example)
         got = runtime.run(out, example)
     runtime.reset(model)
-    flat_w, flat_g = _leaves(want), _leaves(got)
+    flat_w, flat_g = runtime.leaves(want), runtime.leaves(got)
     if len(flat_w) != len(flat_g) or any(a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-5)
                                          for a, b in zip(flat_w, flat_g)):
         raise TraceError(f"cannot capture the loop over time in {type(model).__name__}.forward: the graph of one "
@@ -176,10 +176,3 @@ def _drop_unused_state_outputs(root, graph):
                 u.replace_all_uses_with(n)
                 graph.erase_node(u)
 
-
-def _leaves(v):
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, (tuple, list)):
-        return [t for e in v for t in _leaves(e)]
-    return []

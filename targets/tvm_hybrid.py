@@ -28,7 +28,7 @@ from snnc.ops import registry
 
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
-from .tvm_lower import multi_state, neuron_scan, state_kernel
+from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_kernel, recurrent_scan, state_kernel
 from .tvm_schedule import conv2d_kernel
 
 TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
@@ -89,6 +89,8 @@ class TVMKernelCall(nn.Module):
         out = self._out(x.shape, x.dtype)
         if self.threshold is None:
             self.fn(x.view(steps, -1), out.view(steps, -1))
+        elif isinstance(self.threshold, list):   # a recurrent scan's weights
+            self.fn(x.view(steps, -1), *self.threshold, out.view(steps, -1))
         else:
             self.fn(x.view(steps, -1), self.threshold, out.view(steps, -1))
         return out
@@ -200,11 +202,14 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
         once = calls.count(node.target) == 1
         rec = registry.module_record(mod)
         loops = rec is not None and rec.over_time == "loop"   # ops with a scan kernel (check_supported ran)
-        if loops and rec.spiking_of(mod) == "yes":
+        if loops and rec.spiking_of(mod) == "yes" and (recurrent_scan(mod) is None or fused_scan_ok(mod)):
             shape, dtype = info(node).shape, str(info(node).dtype).replace("torch.", "")
             sample = shape[2:]
             name = f"scan_{len(kernels)}"
-            if multi_state(mod):
+            if recurrent_scan(mod) is not None:   # its constants (weights) ride where a threshold would
+                builder, args, kw, th = recurrent_kernel(mod, shape, dtype)
+                kernels[name] = (builder, args, kw)
+            elif multi_state(mod):
                 th = None
                 kernels[name] = (state_kernel, (mod, shape[0], None, dtype, device),
                                  dict(lanes=pick_lanes(math.prod(sample))))
@@ -212,7 +217,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
                 rule, th = neuron_scan(mod, sample, dtype)
                 kernels[name] = (neuron_scan_kernel, (shape[0], None, dtype, rule),
                                  dict(device=device, lanes=pick_lanes(math.prod(sample))))
-            th = None if th is None else aligned(th)
+            th = None if th is None else [aligned(t) for t in th] if isinstance(th, list) else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
             in_shape = info(node.args[0]).shape

@@ -369,3 +369,116 @@ def _state_scan_gpu(Tn, M_static, dtype, K, spike, new_state, initial, threads=2
                                 for k in T.serial(K):
                                     ST[k, 0] = NEW[k, 0]
     return state_scan
+
+
+def recurrent_scan_kernel(T_steps: int, M: int | None, F: int, dtype: str, update, init, path: str,
+                          *, lanes: int | None = None):
+    """PrimFunc ``(X[T, M], P..., S[T, M])``: the fused scan of a recurrent neuron layer, whose input
+    at step t adds a recurrent term computed from its own output at t-1 (snntorch's ``RLeaky`` /
+    ``RSynaptic``, NIR's cyclic edges): ``M = R * F``, R rows (samples, or the leading dims of a
+    linear recurrence) of F features. ``path``:
+
+        "linear" / "linear_bias":  P = (WT[F, F], [B[F]]),  REC[f] = sum_g S[t-1, g] WT[g, f]  (+ B[f])
+        "elementwise":              P = (V[F],),             REC[f] = S[t-1, f] V[f]
+        (REC = 0 at t = 0, plus the bias: the previous output starts at zero)
+
+    ``update(x, rec, state) -> (out, new_state)`` builds the neuron's step on TIR values; ``init``
+    lists each state variable's initial value. ``WT`` is the Linear weight transposed (``[in, out]``)
+    so the product's inner loop runs over contiguous memory; rows whose previous output is 0 are
+    skipped (adding ``0 * w`` changes no value), so sparse spikes cost little. Rows run in
+    parallel, one row's state lives in a local buffer while it walks t = 0..T-1 (the sum order is
+    ascending g, not BLAS's: a linear path agrees with torch to float rounding, not bit for bit)."""
+    K = len(init)
+    init = [T.Cast(dtype, v) for v in init]
+    zero = T.Cast(dtype, 0)
+    Mv = _size(M)
+
+    def _state(ST, f):
+        return [ST[k, f] for k in range(K)]
+
+    def spike(x, rec, ST, f):
+        return update(x, rec, _state(ST, f))[0]
+
+    def new_state(x, rec, ST, f, k):
+        values = update(x, rec, _state(ST, f))[1]
+        out = values[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, values[idx], out)
+        return out
+
+    def initial(k):
+        out = init[K - 1]
+        for idx in range(K - 2, -1, -1):
+            out = T.Select(k == idx, init[idx], out)
+        return out
+
+    if path == "elementwise":
+        @T.prim_func(s_tir=True)
+        def recurrent_scan(x: T.handle, v: T.handle, s: T.handle):
+            T.func_attr({"tir.noalias": True})
+            X = T.match_buffer(x, (T_steps, Mv), dtype)
+            V = T.match_buffer(v, (F,), dtype)
+            S = T.match_buffer(s, (T_steps, Mv), dtype)
+            with T.sblock("root"):
+                for r in T.parallel(Mv // F):
+                    with T.sblock("row"):
+                        T.reads(X[0:T_steps, r * F:r * F + F], V[0:F])
+                        T.writes(S[0:T_steps, r * F:r * F + F])
+                        ST = T.alloc_buffer((K, F), dtype, scope="local")
+                        NEW = T.alloc_buffer((K, F), dtype, scope="local")
+                        REC = T.alloc_buffer((F,), dtype, scope="local")
+                        for k in T.serial(K):
+                            for f in T.serial(F):
+                                ST[k, f] = initial(k)
+                        for t in T.serial(T_steps):
+                            for f in T.serial(F):
+                                REC[f] = zero
+                                if t > 0:
+                                    REC[f] = S[t - 1, r * F + f] * V[f]
+                            for f in T.serial(F):
+                                S[t, r * F + f] = spike(X[t, r * F + f], REC[f], ST, f)
+                                for k in T.serial(K):
+                                    NEW[k, f] = new_state(X[t, r * F + f], REC[f], ST, f, k)
+                                for k in T.serial(K):
+                                    ST[k, f] = NEW[k, f]
+        return recurrent_scan
+    if path not in ("linear", "linear_bias"):
+        raise ValueError(f"recurrent_scan_kernel: path={path!r}; expected 'linear', 'linear_bias' or 'elementwise'")
+    bias = path == "linear_bias"
+
+    @T.prim_func(s_tir=True)
+    def recurrent_scan(x: T.handle, w: T.handle, b: T.handle, s: T.handle):
+        T.func_attr({"tir.noalias": True})
+        X = T.match_buffer(x, (T_steps, Mv), dtype)
+        WT = T.match_buffer(w, (F, F), dtype)
+        B = T.match_buffer(b, (F,), dtype)
+        S = T.match_buffer(s, (T_steps, Mv), dtype)
+        with T.sblock("root"):
+            for r in T.parallel(Mv // F):
+                with T.sblock("row"):
+                    T.reads(X[0:T_steps, r * F:r * F + F], WT[0:F, 0:F], B[0:F])
+                    T.writes(S[0:T_steps, r * F:r * F + F])
+                    ST = T.alloc_buffer((K, F), dtype, scope="local")
+                    NEW = T.alloc_buffer((K, F), dtype, scope="local")
+                    REC = T.alloc_buffer((F,), dtype, scope="local")
+                    for k in T.serial(K):
+                        for f in T.serial(F):
+                            ST[k, f] = initial(k)
+                    for t in T.serial(T_steps):
+                        for f in T.serial(F):
+                            REC[f] = zero
+                        if t > 0:
+                            for g in T.serial(F):
+                                if S[t - 1, r * F + g] != zero:
+                                    for f in T.serial(F):
+                                        REC[f] = REC[f] + S[t - 1, r * F + g] * WT[g, f]
+                        if bias:
+                            for f in T.serial(F):
+                                REC[f] = REC[f] + B[f]
+                        for f in T.serial(F):
+                            S[t, r * F + f] = spike(X[t, r * F + f], REC[f], ST, f)
+                            for k in T.serial(K):
+                                NEW[k, f] = new_state(X[t, r * F + f], REC[f], ST, f, k)
+                            for k in T.serial(K):
+                                ST[k, f] = NEW[k, f]
+    return recurrent_scan

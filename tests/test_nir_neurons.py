@@ -150,9 +150,17 @@ def test_current_neurons_and_delay_run_in_onnx_and_tvm(request):
     for mode in ("hybrid", "relax"):
         c = snnc.compile(u, target="tvm:llvm", mode=mode)
         torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
-    fb = snnc.trace(nn.Sequential(nn.Linear(6, 4), Feedback(LIF(), nn.Linear(4, 4))), torch.zeros(1, 6))
-    with pytest.raises(UnsupportedOp, match="op snn.feedback has no tvm lowering \\(the recurrent path"):
-        snnc.compile(snnc.passes.unroll_timesteps(fb, T=4), target="tvm:llvm")
+    # a recurrent edge: one TIR scan over T with the matrix-vector product in its body, both modes
+    fb = nn.Sequential(nn.Linear(6, 4), Feedback(LIF(), nn.Linear(4, 4)))
+    with torch.no_grad():
+        fb[0].bias.fill_(0.8)
+    fb = snnc.trace(fb, torch.zeros(1, 6))
+    ref = snnc.run(fb, x, T=10)
+    assert 0 < float(ref.mean()) < 1
+    u = snnc.passes.unroll_timesteps(fb, T=10)
+    assert "snn_feedback_scan" in snnc.targets.tvm_lower.to_relax(u).script()
+    for mode in ("hybrid", "relax"):
+        assert torch.equal(snnc.compile(u, target="tvm:llvm", mode=mode)(x), ref)
 
 
 @pytest.mark.slow

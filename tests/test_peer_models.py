@@ -21,20 +21,13 @@ from peer_models import CASES  # noqa: E402
 
 import snnc  # noqa: E402
 from snnc.errors import UnsupportedOp  # noqa: E402
+from snnc.runtime import leaves  # noqa: E402
 
 TARGETS = ("torch", "onnx", "tvm:llvm")
 PACKAGES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "norse", "sinabs": "sinabs"}
 
 # (case, target or "*") -> the message snnc must refuse it with
 REFUSED: dict[tuple[str, str], str] = {}
-
-
-def _leaves(v):
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, (tuple, list)):
-        return [t for e in v for t in _leaves(e)]
-    return []
 
 
 def compile_case(name, target):
@@ -52,7 +45,7 @@ def measure(name, target) -> dict:
     """Spike agreement (min over spike outputs) and max abs error (over the other outputs)."""
     m, x, ref = compile_case(name, target)
     out = m(x)
-    theirs, ours = _leaves(ref), _leaves(out)
+    theirs, ours = leaves(ref), leaves(out)
     assert len(theirs) == len(ours), f"{name}: {len(ours)} outputs, the framework gives {len(theirs)}"
     agreement, err, spikes = 1.0, 0.0, 0.0
     for a, b in zip(theirs, ours):

@@ -1,8 +1,8 @@
 """norse (``norse.torch``) -> snnc ops.
 
-    LIFCell(p, dt)      -> snn.cuba_lif            (current + membrane, norse's Euler step)
-    LIFBoxCell(p, dt)   -> snn.cuba_lif {current=false}
-    LICell(p, dt)       -> snn.li                  (leaky-integrator readout, outputs its voltage)
+    LIFCell(p, dt)      -> snn.current_lif {form=euler}    (current + membrane, norse's Euler step)
+    LIFBoxCell(p, dt)   -> snn.current_lif {form=euler, current=false}
+    LICell(p, dt)       -> snn.current_li {form=euler}     (leaky-integrator readout, outputs its voltage)
     SequentialState(...) -> nn.Sequential of the converted members
 
 Cells are per-step modules whose state norse threads through the caller (``z, s = cell(x, s)``):
@@ -20,7 +20,9 @@ from torch import nn
 
 from ..capture import ExplicitState
 from ..errors import UnsupportedOp
-from ..ops import CubaLIF, LeakyIntegrator
+import torch
+
+from ..ops import CurrentLI, CurrentLIF
 from . import convert_module, register_neuron
 
 
@@ -35,20 +37,34 @@ def _cell(op):
     return ExplicitState(op, None, pack_state=True)
 
 
+def _scalars(mod, ctx, kind, names):
+    """norse's parameters as floats (the snnc neuron takes one value per parameter here)."""
+    out = {}
+    for n in names:
+        t = torch.as_tensor(getattr(mod.p, n)).detach().float()
+        if t.numel() != 1:
+            raise UnsupportedOp(f"module '{ctx.path or kind}' (norse {kind}): per-neuron {n} "
+                                f"(shape {list(t.shape)}); snnc takes one value")
+        out[n] = float(t.reshape(()))
+    return out
+
+
 def _lif(mod, ctx):
-    p = mod.p
-    return _cell(CubaLIF(p.tau_syn_inv, p.tau_mem_inv, p.v_leak, p.v_th, p.v_reset, dt=mod.dt, output_state=True))
+    p = _scalars(mod, ctx, "LIFCell", ("tau_syn_inv", "tau_mem_inv", "v_leak", "v_th", "v_reset"))
+    return _cell(CurrentLIF.norse(p["tau_syn_inv"], p["tau_mem_inv"], p["v_leak"], dt=mod.dt, v_th=p["v_th"],
+                                  v_reset=p["v_reset"], reset="zero", compare=">", report=("v", "i")))
 
 
 def _lif_box(mod, ctx):
     _check(mod, ctx, "LIFBoxCell")
-    p = mod.p
-    return _cell(CubaLIF(0.0, p.tau_mem_inv, p.v_leak, p.v_th, p.v_reset, dt=mod.dt, current=False, output_state=True))
+    p = _scalars(mod, ctx, "LIFBoxCell", ("tau_mem_inv", "v_leak", "v_th", "v_reset"))
+    return _cell(CurrentLIF.norse(0.0, p["tau_mem_inv"], p["v_leak"], dt=mod.dt, current=False, v_th=p["v_th"],
+                                  v_reset=p["v_reset"], reset="zero", compare=">", report=("v",)))
 
 
 def _li(mod, ctx):
-    p = mod.p
-    return _cell(LeakyIntegrator(p.tau_syn_inv, p.tau_mem_inv, p.v_leak, dt=mod.dt, output_state=True))
+    p = _scalars(mod, ctx, "LICell", ("tau_syn_inv", "tau_mem_inv", "v_leak"))
+    return _cell(CurrentLI.norse(p["tau_syn_inv"], p["tau_mem_inv"], p["v_leak"], dt=mod.dt, report=("v", "i")))
 
 
 def _sequential_state(container, ctx):

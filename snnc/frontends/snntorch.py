@@ -23,9 +23,11 @@ Every calling style maps:
   * ``init_hidden=False`` (the tutorials' ``spk, mem = lif(cur, mem)`` loop in ``forward``): the
     neuron keeps its own membrane and the threaded one is ignored while ``snnc.trace`` captures
     the loop (``snnc/capture.py``); ``lif.init_leaky()`` still answers.
-``Synaptic`` -> ``snn.synaptic``; ``RLeaky`` / ``RSynaptic`` with a linear (``all_to_all=True,
+``Synaptic`` -> ``snn.current_lif`` (snntorch's decay form: ``alpha``, ``beta``, gains 1, its deferred
+reset ``subtract_after_leak`` / ``zero_after_leak`` / ``none``, strict compare; ``output`` or the
+explicit loop report ``(syn, mem)``); ``RLeaky`` / ``RSynaptic`` with a linear (``all_to_all=True,
 linear_features=n``) or elementwise (``all_to_all=False, V=...``) recurrence -> ``snn.rlif`` /
-``snn.rsynaptic`` (``snnc/ops/synaptic.py``, ``snnc/ops/recurrent.py``).
+``snn.rsynaptic`` (``snnc/ops/cuba.py``, ``snnc/ops/recurrent.py``).
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ import torch
 
 from ..capture import ExplicitState
 from ..errors import UnsupportedOp
-from ..ops import LIF, RLeaky, RSynaptic, Synaptic
+from ..ops import LIF, CurrentLIF, RLeaky, RSynaptic
 from . import register_neuron
 
 _RESETS = {"subtract": "subtract_after_leak", "zero": "zero", "none": "none"}
+# Synaptic / RLeaky / RSynaptic zero the whole step (input included) one step after the spike
+_TWO_STATE_RESETS = {"subtract": "subtract_after_leak", "zero": "zero_after_leak", "none": "none"}
 
 
 def _value(ctx, mod, name, value):
@@ -71,10 +75,21 @@ def _leaky(mod, ctx):
     return _styled(op, mod)
 
 
+def _decays(ctx, mod):
+    """alpha / beta clamped to [0, 1] as snntorch does in every step (floats, or per-neuron tensors)."""
+    return {k: _value(ctx, mod, k, torch.as_tensor(getattr(mod, k)).clamp(0, 1))
+            for k in ("alpha", "beta") if hasattr(mod, k)}
+
+
+def _report(mod, names):
+    return names if bool(mod.output) or not mod.init_hidden else None
+
+
 def _synaptic(mod, ctx):
     _check(mod, ctx, "Synaptic")
-    op = Synaptic(mod.alpha, mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
-                  output_state=bool(mod.output) or not mod.init_hidden)
+    op = CurrentLIF(**_decays(ctx, mod), v_th=_value(ctx, mod, "threshold", mod.threshold),
+                    reset=_TWO_STATE_RESETS[mod.reset_mechanism], compare=">", v_init=0.0,
+                    report=_report(mod, ("i", "v")))
     return _styled(op, mod)
 
 
@@ -90,15 +105,17 @@ def _recurrence(mod, ctx, kind):
 
 def _rleaky(mod, ctx):
     _check(mod, ctx, "RLeaky")
-    op = RLeaky(mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
-                output_state=bool(mod.output) or not mod.init_hidden, **_recurrence(mod, ctx, "RLeaky"))
+    op = RLeaky(_decays(ctx, mod)["beta"], v_th=_value(ctx, mod, "threshold", mod.threshold),
+                reset=_TWO_STATE_RESETS[mod.reset_mechanism], report=_report(mod, ("v",)),
+                **_recurrence(mod, ctx, "RLeaky"))
     return _styled(op, mod)
 
 
 def _rsynaptic(mod, ctx):
     _check(mod, ctx, "RSynaptic")
-    op = RSynaptic(mod.alpha, mod.beta, v_th=mod.threshold, reset=mod.reset_mechanism,
-                   output_state=bool(mod.output) or not mod.init_hidden, **_recurrence(mod, ctx, "RSynaptic"))
+    op = RSynaptic(**_decays(ctx, mod), v_th=_value(ctx, mod, "threshold", mod.threshold),
+                   reset=_TWO_STATE_RESETS[mod.reset_mechanism], report=_report(mod, ("i", "v")),
+                   **_recurrence(mod, ctx, "RSynaptic"))
     return _styled(op, mod)
 
 

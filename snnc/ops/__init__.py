@@ -2,9 +2,7 @@
 op record (``snnc.ops.registry``) registered by its own module."""
 from . import standard, tensor  # records of the torch layers and tensor ops the IR keeps
 from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
-from .cuba_lif import CubaLIF
 from .dsr import DSRIF, DSRLIF
-from .leaky_integrator import LeakyIntegrator
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
 from .cuba import CurrentLI, CurrentLIF
@@ -16,7 +14,6 @@ from .norm import NeuNorm, TDBatchNorm
 from .pooling import SpikeMaxPool2d
 from .qcfs import QCFS, use_qcfs
 from .recurrent import RLeaky, RSynaptic
-from .synaptic import Synaptic
 from .voting import Voting
 
 

@@ -8,7 +8,9 @@ previous step's output back, so it is state. ``Feedback(neuron, path)`` holds th
 ``path`` is any stateless module (a square ``nn.Linear`` in the NIR paper's Braille graphs, NIR
 ``Affine``/``Linear``/``Scale``); with ``Y[-1] = 0`` an ``Affine`` path's bias enters at step 0,
 as in snntorch's ``RLeaky``/``RSynaptic`` and nirtorch's executor. The multi-step form loops over
-T (the recurrence is sequential through ``path``).
+T (the recurrence is sequential through ``path``); tvm:llvm runs a ``nn.Linear`` path as one TIR scan
+over T whose body is the matrix-vector product (``tvm_kernels.recurrent_scan_kernel``), any other
+path from the exported forward.
 """
 from __future__ import annotations
 
@@ -63,9 +65,18 @@ class Feedback(nn.Module):
         return {"neuron": type(self.neuron).op_name, "path": path, **self.neuron.attrs()}
 
 
+def _scan(m) -> dict | None:
+    """The recurrent TVM scan of ``neuron(X[t] + path(Y[t-1]))``: the neuron's own update on the
+    summed input (``update=None``), a linear path; ``None`` for other paths."""
+    if not isinstance(m.path, nn.Linear) or m.path.in_features != m.path.out_features:
+        return None
+    return {"neuron": m.neuron, "update": None, "init": None,
+            "path": ("linear", m.path.weight, m.path.bias), "input_sum": True}
+
+
 register(OpRecord(
     "snn.feedback", modules=(Feedback,), spiking=lambda m: m.spiking_output if m is not None else "yes",
     time_agnostic=True, accepts=seq_when_multi_step, state=("y",), over_time="loop",
     attrs=lambda m: m.attrs(), shape=lambda m, ins: ins[0],
-    hooks={"onnx": FORWARD, "nir_out": FORWARD},
-    refused={"tvm": "the recurrent path is a matrix product inside the loop over T; no fused TVM scan"}))
+    hooks={"onnx": FORWARD, "nir_out": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_neuron",
+           "recurrent_scan": _scan}))

@@ -1,17 +1,19 @@
 """snn.rlif / snn.rsynaptic: snntorch's recurrent neurons ``RLeaky`` and ``RSynaptic``.
 
 The previous step's spikes feed back through ``V(.)``: a square ``nn.Linear`` over the features
-(``all_to_all=True``) or an elementwise weight ``V`` (``all_to_all=False``)::
+(``all_to_all=True``) or an elementwise weight ``V`` (``all_to_all=False``), added where snntorch
+adds it (``snntorch/_neurons/rleaky.py``, ``rsynaptic.py``, ``_base_state_function``)::
 
-    RLeaky:    U[t] = beta U[t-1] + X[t] + V(S[t-1])  - reset term   (reset as snn.lif's
-                                                                      subtract_after_leak / zero / none)
-    RSynaptic: I[t] = alpha I[t-1] + X[t] + V(S[t-1]),  U[t] = beta U[t-1] + I[t] - reset term
-    S[t] = 1[U[t] - v_th > 0],   S[-1] = 0 (so V's bias enters at step 0, as in snntorch)
+    RLeaky:    H[t] = (beta U[t-1] + X[t]) + V(S[t-1])
+    RSynaptic: I[t] = (alpha I[t-1] + X[t]) + V(S[t-1]),   H[t] = beta U[t-1] + I[t]
+    then snntorch's deferred reset, as ``snn.current_lif`` (``reset="subtract_after_leak"``:
+    U[t] = H[t] - v_th Θ(U[t-1] - v_th); ``"zero_after_leak"``: U[t] = H[t] - H[t] Θ(U[t-1] - v_th);
+    ``"none"``), S[t] = Θ(U[t] - v_th) strict,   S[-1] = 0 (so V's bias enters at step 0).
 
-Both follow snntorch's operation order (``snnc/ops/synaptic.py``); ``RLeaky`` is the synaptic
-update with no current state (``alpha = 0``, which adds exactly ``0 * 0``: same numbers).
-The recurrence makes the T loop sequential through a matrix product, so the multi-step form is
-the step loop (tvm:llvm lowers the exported loop, no fused scan).
+Both are ``snn.current_lif`` records' update with the recurrent term (``CurrentLIF.update``'s
+``rec``; RLeaky keeps no current). The recurrence makes the T loop sequential through a matrix
+product: tvm:llvm runs it as one TIR scan over T whose body is the matrix-vector product
+(``tvm_kernels.recurrent_scan_kernel``), torch and ONNX as the step loop below.
 """
 from __future__ import annotations
 
@@ -20,25 +22,37 @@ import copy
 import torch
 from torch import nn
 
+from .cuba import CurrentLIF
 from .registry import FORWARD, register_op, seq_when_multi_step
-from .synaptic import Synaptic, _tensor
 
 
-class RSynaptic(Synaptic):
+class RSynaptic(CurrentLIF):
     op_name = "snn.rsynaptic"
 
-    def __init__(self, alpha, beta, recurrent: nn.Linear | None = None, V=None, **kw):
-        super().__init__(alpha, beta, **kw)
+    def __init__(self, alpha, beta, recurrent: nn.Linear | None = None, V=None, v_th=1.0,
+                 reset="subtract_after_leak", **kw):
+        super().__init__(alpha=alpha, beta=beta, v_th=v_th, reset=reset, compare=">", v_init=0.0, **kw)
         if (recurrent is None) == (V is None):
             raise ValueError(f"{type(self).__name__}: give exactly one of recurrent= (nn.Linear) or V= (elementwise)")
         self.recurrent = copy.deepcopy(recurrent) if recurrent is not None else None
         if V is not None:
-            self.register_buffer("V", _tensor(V))
+            self.register_buffer("V", torch.as_tensor(V, dtype=torch.float32).detach().clone())
         else:
             self.V = None
 
     def recurrent_input(self, spk):
         return self.recurrent(spk) if self.recurrent is not None else spk * self.V
+
+    def initial_state(self, x):
+        return (*super().initial_state(x), torch.zeros_like(x))
+
+    def update(self, x, state, math=None, rec=None):
+        """``state = (i, v, s)``: the previous spikes are state too (they feed ``V``)."""
+        i, v, s = state
+        s, (i, v) = CurrentLIF.update(self, x, (i, v), rec=self.recurrent_input(s))
+        return s, (i, v, s)
+
+    state_names = ("i", "v", "s")
 
     def attrs(self):
         a = super().attrs()
@@ -52,16 +66,8 @@ class RLeaky(RSynaptic):
     def __init__(self, beta, **kw):
         super().__init__(0.0, beta, **kw)
 
-    def update(self, x, state):
-        syn, mem, spk = state
-        r = (mem - self.v_th > 0).to(x.dtype)
-        mem = self.beta * mem + x + self.recurrent_input(spk)  # snntorch: beta*mem + input + V(spk)
-        if self.reset_mode == "subtract":
-            mem = mem - r * self.v_th
-        elif self.reset_mode == "zero":
-            mem = mem - r * mem
-        s = (mem - self.v_th > 0).to(x.dtype)
-        return s, (syn, mem, s), (mem,)
+    def _membrane_rec(self, i, v, x, rec):
+        return self.beta * v + self.gain_in * x + rec, i
 
     def attrs(self):
         a = super().attrs()
@@ -69,9 +75,20 @@ class RLeaky(RSynaptic):
         return a
 
 
-# op record: torch runs the forward above; ONNX traces it; TVM imports it exported (no fused scan:
-# ``snnc.targets.tvm_lower._convert_exported``). No shape rule: outputs may be a tuple (output_state),
-# so shapes come from running the op on fake tensors.
+def recurrence(m):
+    """``("linear", weight, bias or None)`` or ``("elementwise", V)`` of a recurrent op."""
+    if m.recurrent is not None:
+        return ("linear", m.recurrent.weight, m.recurrent.bias)
+    return ("elementwise", m.V)
+
+
+def _scan(m) -> dict:
+    """What the recurrent TVM scan needs: ``update(neuron, x, (i, v), math, rec)``, the initial
+    ``(i, v)`` and the path (the previous spikes are the kernel's own previous output row)."""
+    return {"neuron": m, "update": lambda n, x, state, math, rec: CurrentLIF.update(n, x, state, math, rec),
+            "init": [0.0, 0.0], "path": recurrence(m)}
+
+
 for _cls in (RSynaptic, RLeaky):
-    register_op(_cls, spiking="yes", state=("syn", "mem", "spk"), over_time="loop", accepts=seq_when_multi_step,
-                hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_exported"})
+    register_op(_cls, spiking="yes", state=("i", "v", "s"), over_time="loop", accepts=seq_when_multi_step,
+                hooks={"onnx": FORWARD, "tvm": "snnc.targets.tvm_lower:_convert_neuron", "recurrent_scan": _scan})
