@@ -214,3 +214,38 @@ def test_run_refuses_an_ambiguous_leading_size_one_input_naming_both_shapes():
     with pytest.raises(InputError, match=r"sequence=True needs \[T, N, \.\.\.\] with 4 dims"):
         snnc.run(g, x, T=6, sequence=True)
     assert torch.equal(snnc.run(g, x.unsqueeze(1), T=6, sequence=True), seq)
+
+
+def test_peer_two_state_neurons_go_to_nir_and_back_exactly(tmp_path):
+    """norse's Euler form and snntorch's deferred reset are not NIR's equations: ``to_nir`` writes
+    CubaLIF / CubaLI with the nearest NIR fields and the exact op in the metadata, which
+    ``from_nir`` restores (same spikes and voltages as the peer)."""
+    norse = pytest.importorskip("norse.torch")
+    snn = pytest.importorskip("snntorch")
+    import nir
+    for m, run in ((_scaled(norse.SequentialState(nn.Linear(6, 9), norse.LIFCell(), nn.Linear(9, 4), norse.LICell()),
+                            w=2.0, b=1.0), _norse_run),
+                   (_scaled(nn.Sequential(nn.Linear(6, 9), snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True))),
+                    _snntorch_run)):
+        x = torch.rand(20, 2, 6)
+        g = snnc.trace(m, x[0])
+        with pytest.warns(UserWarning) if isinstance(m, nn.Sequential) and not isinstance(m, norse.SequentialState) \
+                else _no_warning():
+            graph = snnc.to_nir(g, dt=1e-3, path=tmp_path / "g.nir", overwrite=True)
+        kinds = sorted(type(n).__name__ for n in graph.nodes.values())
+        assert "CubaLIF" in kinds
+        back = snnc.from_nir(nir.read(tmp_path / "g.nir"), dt=1e-3)
+        assert torch.equal(snnc.run(back, x, T=20), snnc.run(g, x, T=20))
+        assert torch.equal(snnc.run(g, x, T=20), run(m, x))
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+        return False
