@@ -28,7 +28,8 @@ from snnc.ops import registry
 
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
-from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_kernel, recurrent_scan, state_kernel
+from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_scan, state_kernel
+from .tvm_recurrent import recurrent_kernel
 from .tvm_schedule import conv2d_kernel
 
 TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64

@@ -27,8 +27,7 @@ from snnc.errors import UnsupportedOp, node_ref
 from snnc.ir import info
 from snnc.ops import registry
 
-from .tvm_kernels import (NeuronScan, neuron_scan_kernel, pick_lanes, readout_kernel, recurrent_scan_kernel,
-                          state_scan_kernel)
+from .tvm_kernels import NeuronScan, neuron_scan_kernel, pick_lanes, readout_kernel, state_scan_kernel
 
 OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps must not merge a hand-scheduled kernel
 
@@ -102,28 +101,6 @@ def recurrent_scan(mod) -> dict | None:
     return None if hook is None else hook(mod)
 
 
-def _single_state_update(neuron):
-    """``update(view, x, [v], math)`` of a charge / fire / reset neuron (``snnc/ops/neurons.py``'s
-    three phases, same ops), for a recurrent scan whose neuron keeps one membrane."""
-    charge = type(neuron).charge
-
-    def update(view, x, state, math):
-        (v,) = state
-        strict = view.compare == ">"
-        h = charge(view, v, x)
-        if view.reset_mode == "subtract_after_leak":
-            h = h - view.v_th * math.heaviside(v - view.v_th, strict)
-        s = math.heaviside(h - view.v_th, strict)
-        if view.reset_mode == "subtract":
-            v = h - view.v_th * s
-        elif view.reset_mode == "zero":
-            v = h * (1.0 - s) + view.v_reset * s
-        else:
-            v = h
-        return s, (v,)
-    return update
-
-
 def _scalar_neuron(n) -> bool:
     """A neuron whose update the TIR scans take: scalar constants, one output."""
     if getattr(n, "report", None) is not None or getattr(n, "output_membrane", False):
@@ -132,52 +109,6 @@ def _scalar_neuron(n) -> bool:
         return n.scalar_params()
     return not any(isinstance(getattr(n, a, None), torch.Tensor) and getattr(n, a).numel() > 1
                    for a in ("v_th", "decay", "v_init"))
-
-
-def recurrent_rule(mod, dtype="float32"):
-    """``(rule(x, rec, state) -> (out, state), init, path)`` on TIR values for a recurrent op."""
-    scan = recurrent_scan(mod)
-    neuron = scan["neuron"]
-    view, math_ = _Constants(neuron), _TIRMath(dtype)
-    if scan["update"] is not None:
-        update, init = scan["update"], scan["init"]
-        step = lambda x, rec, st: update(view, x, tuple(st), math_, rec)  # noqa: E731
-    else:   # snn.feedback: the neuron's own update on X[t] + path(Y[t-1])
-        if multi_state(neuron):
-            init = [float(t.reshape(-1)[0]) for t in neuron.initial_state(torch.zeros(1))]
-            step = lambda x, rec, st: type(neuron).update(view, x + rec, tuple(st), math_)  # noqa: E731
-        else:
-            init, single = [float(neuron.v_init)], _single_state_update(neuron)
-            step = lambda x, rec, st: single(view, x + rec, tuple(st), math_)  # noqa: E731
-
-    def rule(x, rec, state):
-        try:
-            s, new = step(x, rec, state)
-        except UnsupportedOp:
-            raise
-        except Exception as e:
-            raise UnsupportedOp(f"{type(neuron).__name__}.update is not plain arithmetic, so it has no TVM "
-                                f"lowering ({type(e).__name__}: {e})") from None
-        return s, list(new)
-    return rule, init, scan["path"]
-
-
-def recurrent_kernel(mod, shape, dtype, symbolic=True):
-    """``(builder, args, kwargs, constants)`` of the recurrent scan of ``mod`` on ``[T, N, ...]``:
-    the kernel sees ``[T, M]`` with M = rows * F (F: the recurrence's features)."""
-    rule, init, path = recurrent_rule(mod, dtype)
-    sample = tuple(int(d) for d in shape[2:])
-    if path[0] == "linear":
-        w, b = path[1].detach().float(), path[2]
-        F = int(w.shape[0])
-        consts = [w.t().contiguous(), torch.zeros(F) if b is None else b.detach().float().clone()]
-        kind = "linear_bias"
-    else:
-        F = math.prod(sample)
-        consts, kind = [torch.broadcast_to(torch.as_tensor(path[1]).detach().float(), sample).reshape(-1).contiguous()], \
-            "elementwise"
-    M = None if symbolic else int(math.prod(int(d) for d in shape[1:]))
-    return recurrent_scan_kernel, (int(shape[0]), M, F, dtype, rule, init, kind), {}, consts
 
 
 def charge_rule(neuron, dtype="float32"):
@@ -274,7 +205,8 @@ def _convert_neuron(imp, node):
     if not fused_scan_ok(mod) or (imp.snnc_device != "cpu" and recurrent_scan(mod) is not None):
         return _convert_exported(imp, node)
     if recurrent_scan(mod) is not None:
-        return _convert_recurrent(imp, node, mod)
+        from .tvm_recurrent import convert_recurrent
+        return convert_recurrent(imp, node, mod)
     (_, dtype), x = _seq_shape(node), imp.env[node.args[0]]
     shape = _dims(x)  # [T, N, ...]; N may be symbolic (batch="any")
     steps, sample = shape[0], tuple(shape[2:])
@@ -294,22 +226,6 @@ def _convert_neuron(imp, node):
     flat = _reshape(bb, x, (steps, M))
     args = [flat] if th is None else [flat, relax.const(th.numpy().astype(dtype))]
     s = bb.emit(relax.call_tir(gv, args, relax.TensorType((steps, M), dtype)))
-    return _reshape(bb, s, shape)
-
-
-def _convert_recurrent(imp, node, mod):
-    """One ``call_tir`` of the recurrent scan: ``[T, N, ...] -> [T, M]``, the kernel, back."""
-    (_, dtype), x = _seq_shape(node), imp.env[node.args[0]]
-    shape = _dims(x)
-    static = all(isinstance(d, int) for d in shape)
-    builder, args, kw, consts = recurrent_kernel(mod, _seq_shape(node)[0], dtype, symbolic=not static)
-    name = f"{type(mod).op_name.replace('.', '_')}_scan"
-    gv = imp.block_builder.add_func(opaque(builder(*args, **kw)), name)
-    bb = imp.block_builder
-    steps, M = shape[0], _prod(shape[1:])
-    flat = _reshape(bb, x, (steps, M))
-    s = bb.emit(relax.call_tir(gv, [flat, *[relax.const(c.numpy().astype(dtype)) for c in consts]],
-                               relax.TensorType((steps, M), dtype)))
     return _reshape(bb, s, shape)
 
 

@@ -9,7 +9,7 @@ previous step's output back, so it is state. ``Feedback(neuron, path)`` holds th
 ``Affine``/``Linear``/``Scale``); with ``Y[-1] = 0`` an ``Affine`` path's bias enters at step 0,
 as in snntorch's ``RLeaky``/``RSynaptic`` and nirtorch's executor. The multi-step form loops over
 T (the recurrence is sequential through ``path``); tvm:llvm runs a ``nn.Linear`` path as one TIR scan
-over T whose body is the matrix-vector product (``tvm_kernels.recurrent_scan_kernel``), any other
+over T whose body is the matrix-vector product (``tvm_recurrent.recurrent_scan_kernel``), any other
 path from the exported forward.
 """
 from __future__ import annotations

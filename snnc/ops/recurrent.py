@@ -13,7 +13,7 @@ adds it (``snntorch/_neurons/rleaky.py``, ``rsynaptic.py``, ``_base_state_functi
 Both are ``snn.current_lif`` records' update with the recurrent term (``CurrentLIF.update``'s
 ``rec``; RLeaky keeps no current). The recurrence makes the T loop sequential through a matrix
 product: tvm:llvm runs it as one TIR scan over T whose body is the matrix-vector product
-(``tvm_kernels.recurrent_scan_kernel``), torch and ONNX as the step loop below.
+(``tvm_recurrent.recurrent_scan_kernel``), torch and ONNX as the step loop below.
 """
 from __future__ import annotations
 
