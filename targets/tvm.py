@@ -325,7 +325,7 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
     hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8 or convs == "int8")
-    key = tb.graph_key(g, tdict, "hybrid")
+    key = tb.graph_key(g, tdict, "hybrid", hg.kernel_key)
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
     if convs == "auto":
