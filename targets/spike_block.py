@@ -118,6 +118,7 @@ class SpikeBlock(nn.Module):
         self.conv, self.name, self.kernels = conv, name, kernels  # kernels: format -> kernel name
         self.in_shape, self.binary, self.reuse_output = tuple(in_shape), binary, reuse_output
         self.choice, self.out_format, self.fns, self.buffers = "torch", "f32", {}, {}
+        self.fresh_output = False
         self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
         self.weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
         self.bias = None if conv.bias is None else conv.bias.detach().float()
@@ -137,7 +138,7 @@ class SpikeBlock(nn.Module):
         return ["torch"] + (["int8"] if self.packed is not None else [])
 
     def _out(self, key, shape, dtype):
-        if not self.reuse_output:
+        if not self.reuse_output or (key == "s" and self.fresh_output):
             return torch.empty(shape, dtype=dtype)
         key = (threading.get_ident(), key, tuple(shape), dtype)  # per thread, as TVMKernelCall
         buf = self.buffers.get(key)

@@ -14,9 +14,11 @@ Two ways to run, one artefact:
     the fused neuron kernels on the same buffers (``tvm_hybrid.py``); each Conv2d runs in torch
     (oneDNN) or as the hand-scheduled TVM kernel, whichever was faster in a race at compile time
     (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
-    ``spike_int8=True`` lets convs / linears whose input is 0/1 spikes also race the int8 spike
-    kernels (``spike_conv.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of
-    fp32, not bit-exact); ``convs="int8"`` forces them wherever the input is spikes.
+    Convs / linears whose input is 0/1 spikes also race the int8 spike kernels (``spike_conv.py``,
+    ``spike_block.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of fp32, not
+    bit-exact) by default where the CPU has AMX-INT8 / VNNI (``spike_int8=None``: detected at
+    compile time, recorded in ``meta["spike_int8"]``); ``spike_int8=False`` opts out (fp32
+    everywhere, bit-exact), ``convs="int8"`` forces them wherever the input is spikes.
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
 Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
@@ -58,7 +60,7 @@ from snnc.ir import annotate, graph_spec, info
 from . import tvm_build as tb
 from .spike_conv import int8_isa
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
-                         run_hybrid)
+                         run_hybrid, spike_report)
 from .tvm_lower import check_supported, to_relax
 
 MODES = ("auto", "hybrid", "relax")
@@ -283,7 +285,7 @@ def _cpu_mode(g, mode):
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True, spike_int8=False):
+            tune_minutes=None, progress=True, spike_int8=None):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -324,7 +326,13 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
-    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8 or convs == "int8")
+    if spike_int8 not in (None, True, False):
+        raise SnncError(f"{target}: spike_int8={spike_int8!r}; expected None (auto), True or False")
+    if spike_int8 is None:  # default: on where the CPU has int8 matrix instructions, for convs="auto"
+        spike_int8 = device == "cpu" and convs == "auto" and int8_isa() is not None
+    spike_int8 = bool(spike_int8 or convs == "int8") and device == "cpu" and int8_isa() is not None
+    meta["spike_int8"], meta["int8_isa"] = spike_int8, int8_isa() if device == "cpu" else None
+    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8)
     key = tb.graph_key(g, tdict, "hybrid", hg.kernel_key)
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
@@ -334,6 +342,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     else:
         choices = {m.name: convs for m in raced_layers(hg)}
     meta["hybrid_convs"] = apply_conv_choices(hg, choices)
+    if spike_int8:
+        meta["spike_layers"] = spike_report(hg)
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 

@@ -166,7 +166,8 @@ def _race(call, spikes, runs):
         with torch.no_grad():
             call(x)
             best[choice] = min(_seconds(lambda: call(x)) for _ in range(runs))
-    getattr(call, "buffers", {}).clear()
+    if isinstance(call, TVMKernelCall):  # (nn.Module.buffers is a method elsewhere)
+        call.buffers.clear()
     call.choice = "torch"
     return min(best, key=best.get)
 
@@ -326,7 +327,27 @@ def _set_spike_formats(g: fx.GraphModule) -> None:
             int8 = len(readers) == len(node.users) and all(
                 isinstance(g.get_submodule(u.target), SpikeBlock) and g.get_submodule(u.target).choice == "int8"
                 for u in readers)
-            g.get_submodule(node.target).out_format = "u8x2" if int8 else "f32"
+            block = g.get_submodule(node.target)
+            block.out_format = "u8x2" if int8 else "f32"
+            # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
+            block.fresh_output = any(u.op == "output" for u in node.users)
+
+
+def spike_report(g: fx.GraphModule) -> dict:
+    """Per layer that could take the int8 spike kernels: the runner in effect, the weight digits
+    and the largest stated error bound (|y - y_exact| per output, any 0/1 input), the spike
+    format it writes (blocks)."""
+    report = {}
+    for m in raced_layers(g):
+        spike = m if isinstance(m, SpikeBlock) else getattr(m, "spike", None)
+        if spike is None or getattr(spike, "packed", None) is None:
+            continue
+        row = {"runner": m.choice, "digits": 2 if m.choice == "int8" else "fp32",
+               "error_bound": float(spike.error_bound.max()) if m.choice == "int8" else 0.0}
+        if isinstance(m, SpikeBlock):
+            row["writes"] = m.out_format
+        report[m.name] = row
+    return report
 
 
 def bind_kernels(g: fx.GraphModule, lib) -> None:
