@@ -11,11 +11,11 @@ weight digit and a pass summing the digits. A block instead
   exactly in int32 and scales once by ``max|w_c| / (127*254)``: the two-digit weight of
   ``spike_conv.split_int8`` (same bound, ``SpikeConv2d.error_bound``) with C_out fp32 outputs
   instead of 2*C_out and no digit sum (254*1 fits uint8; int32 holds k*254*127*2);
-* runs the neuron over the conv output in time-step groups with its membrane in a buffer that
-  persists across groups, and writes the spikes straight into the next block's input format
-  (stacked uint8, or fp32 where something else reads them, e.g. the graph output);
-* runs the conv per group of time steps (``group`` steps, each on the whole batch N), so the
-  fp32 conv output of one group stays in cache for the neuron that reads it.
+* runs the conv on the whole T*N batch (or tiles of it for very large batches: whole time steps,
+  or slices of one step's batch; ``SpikeBlock.tiles``), the neuron kernel after it, with the
+  membrane in a buffer that persists across tiles;
+* writes the spikes straight into the next block's input format (stacked uint8, or fp32 where
+  something else reads them, e.g. the graph output).
 
 The conv of a block runs fp32 (oneDNN, channels_last) or int8 by the same per-layer race as the
 other convs (``choice``: "torch" / "int8"); int8 only where the input is proven 0/1.
@@ -32,6 +32,11 @@ from tvm.script import tirx as T
 from .spike_conv import split_int8
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
+# fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch
+# hands the cores from torch's OpenMP pool to TVM's, and the pool that just finished spin-waits
+# on them; on the bench net (2 threads) 4 MiB tiles measured 2.2x the CPU time of whole-T calls,
+# 16 MiB 1.2x, while the cache gain of small tiles showed only with one thread.
+TILE_BYTES = 256 << 20
 HI = 254  # the high digit's input multiplier: 254*1 fits uint8, and q1 spans [-127, 127] of s/254
 
 
@@ -167,22 +172,30 @@ class SpikeBlock(nn.Module):
         spikes = self._out("s", (steps, n * h * w, copies * c), dtype)
         membrane = self._out("v", (n * h * w, c), torch.float32)
         fn = self.fns[self.out_format]
-        group = self.group(steps, n)
+        group, rows = self.tiles(steps, n)
+        hw = h * w
         with torch.no_grad():
             for t0 in range(0, steps, group):
                 g = min(group, steps - t0)
-                y = self._conv(x[t0 * n:(t0 + g) * n])
-                fn(y.permute(0, 2, 3, 1).reshape(g, n * h * w, c), membrane, spikes[t0:t0 + g], int(t0 == 0))
+                for n0 in range(0, n, rows):  # rows < n only with g == 1: a slice of one step's batch
+                    k = min(rows, n - n0)
+                    y = self._conv(x[t0 * n + n0:(t0 + g) * n if k == n else t0 * n + n0 + k])
+                    fn(y.permute(0, 2, 3, 1).reshape(g, k * hw, c), membrane[n0 * hw:(n0 + k) * hw],
+                       spikes[t0:t0 + g, n0 * hw:(n0 + k) * hw], int(t0 == 0))
         return spikes.view(steps, n, h, w, copies * c).permute(0, 1, 4, 2, 3)
 
-    def group(self, steps, n):
-        """Time steps per conv call: the fp32 conv output of a group fits ~2 MiB (stays in cache
-        for the neuron kernel), at least one step; slices start 64-byte aligned (TVM's buffers)."""
+    def tiles(self, steps, n):
+        """``(time steps, samples)`` per conv call: the fp32 conv output of one call is at most
+        ``TILE_BYTES`` (bounds the temporary; see its comment for the measured size), whole time
+        steps when one fits, else a slice of one step's batch. Slices must start 64-byte aligned
+        (TVM's buffers): otherwise one call does everything."""
         c, h, w = self.out_shape
-        per_step = n * h * w * c * 4
-        if (n * h * w * c) % 64:
-            return steps
-        return max(1, min(steps, (2 << 20) // per_step))
+        per_sample = h * w * c * 4
+        if (h * w * c) % 64:
+            return steps, n
+        if n * per_sample <= TILE_BYTES:
+            return max(1, min(steps, TILE_BYTES // (n * per_sample))), n
+        return 1, max(1, TILE_BYTES // per_sample)
 
     def race(self, runs=2) -> str:
         """Time the block with each conv runner on spike-like input; the fastest one runs."""

@@ -187,3 +187,16 @@ def test_export_and_load_at_another_batch_size(firing, tmp_path):
     ref = snnc.run(g, other)
     assert (loaded(other) == ref).float().mean().item() >= 0.999
     assert (m(other) == ref).float().mean().item() >= 0.999
+
+
+@needs_int8
+@pytest.mark.parametrize("tile", [256 * 1024, 40 * 1024])  # whole steps per call / slices of a step
+def test_tiled_blocks_carry_the_membrane_across_tiles(firing, monkeypatch, tile):
+    from snnc.targets import spike_block
+    g, x = firing
+    m = snnc.compile(g, target="tvm:llvm", convs="int8")
+    whole = m(x)
+    monkeypatch.setattr(spike_block, "TILE_BYTES", tile)
+    blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)]
+    assert any(b.tiles(4, 3) != (4, 3) for b in blocks)
+    assert torch.equal(m(x), whole)  # the same arithmetic, only split into more calls
