@@ -20,15 +20,14 @@ import hashlib
 import math
 import threading
 import time
-
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from snnc.ir import info
-from snnc.ops.coding import MergeTime, SplitTime
 from snnc.ops import registry
+from snnc.ops.coding import MergeTime, SplitTime
 
 from .spike_block import SpikeBlock, block_scan_kernel
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
@@ -284,7 +283,7 @@ def _fuse_blocks(g, kernels, rules, binary, calls):
         node.args = (merge.args[0],) + tuple(node.args[1:])
         for n in (split, conv, merge):
             g.graph.erase_node(n)
-            if n.target not in calls[calls.index(n.target) + 1:]:  # a module called only here
+            if calls.count(n.target) == 1:  # a module called only here
                 g.delete_submodule(n.target)
     g.graph.lint()
 
