@@ -290,15 +290,16 @@ def _emit_pool(b: KernelBuilder, node, mod):
     xdt, ydt = b.dtype[x], ("int32" if is_sum else b.dtype[x])
     name = _name(node, "int.sum_pool2d" if is_sum else "int.max_pool2d")
     lines = _header(name, [("X", ("m", C[0], H[0], W[0]), xdt), ("Y", ("m", C[0], Ho, Wo), ydt)])
-    first = f"X[bi, c, i * {s}, j * {s}]"
-    upd = (f'Y[bi, c, i, j] + T.Cast("{ydt}", X[bi, c, i * {s} + u, j * {s} + v])' if is_sum
-           else f"T.max(Y[bi, c, i, j], X[bi, c, i * {s} + u, j * {s} + v])")
-    init = f'T.Cast("{ydt}", 0)' if is_sum else first
+    # the k*k window as one expression, vectorised over the output row (no store per tap)
+    taps = [f'T.Cast("{ydt}", X[bi, c, i * {s} + {u}, j * {s} + {v}])' for u in range(k) for v in range(k)]
+    expr = taps[0]
+    for t in taps[1:]:
+        expr = f"{expr} + {t}" if is_sum else f"T.max({expr}, {t})"
     lines += ["    for bi in T.parallel(m):",
-              f"        for c, i, j in T.grid({C[0]}, {Ho}, {Wo}):",
-              f"            Y[bi, c, i, j] = {init}",
-              f"            for u, v in T.grid({k}, {k}):",
-              f"                Y[bi, c, i, j] = {upd}"]
+              f"        for c, i in T.grid({C[0]}, {Ho}):",
+              f"            for j in T.vectorized({Wo}):" if b.codegen == "llvm" and Wo <= 64  # C: no vector types
+              else f"            for j in range({Wo}):",
+              f"                Y[bi, c, i, j] = {expr}"]
     bsym = [B[0], B[1]]
     b.kernel(node, name, _parse(lines), [(x, [bsym, C, H, W])], [], [bsym, C, [Ho, 0], [Wo, 0]], ydt)
     r = b.range.get(x)
