@@ -109,10 +109,10 @@ def _i64(v):
     return f"T.int64({int(v)})"
 
 
-def _parse(lines):
+def _parse(lines, extra=None):
     import tvm
     from tvm.script import tirx as T
-    return tvm.script.parse("\n".join(lines), extra_vars={"T": T})
+    return tvm.script.parse("\n".join(lines), extra_vars={"T": T, **(extra or {})})
 
 
 def _threshold_layout(v_th, sample):
@@ -193,6 +193,7 @@ class KernelBuilder:
         self.steps: list[dict] = []
         self.dtype: dict = {}  # node -> TIR dtype of its value at run time
         self.range: dict = {}  # node -> (lo, hi) where known (spikes, pooled spikes, the int8 input)
+        self.fused: set = set()  # nodes an earlier kernel already computed (conv + neuron fusion)
         self.T = graph_spec(gm)["T"]
 
     def value(self, node):
@@ -322,19 +323,26 @@ def _emit_add(b: KernelBuilder, node, mod: IntAdd):
         b.range[node] = (-bound, bound)
 
 
-def _emit_neuron(b: KernelBuilder, node, mod: IntIF):
-    """``IntIF`` / ``IntLIF`` (their docstrings are the spec) as the shared fused scan kernel."""
-    x = node.args[0]
-    Tn, *rest = b.sym[x]
-    sample = tuple(d[0] for d in rest[1:])
+def neuron_rule(node, mod: IntIF, sample, x_range):
+    """``(NeuronScan, threshold values or None)`` of an integer neuron layer on int32 currents
+    within ``x_range`` (None: unknown)."""
     for attr in ("v_reset", "v_init", "v_leak"):
         if not isinstance(getattr(mod, attr, 0), int):
             raise UnsupportedOp(f"tvm:int: {node_ref(node)} has a per-channel {attr}; the neuron scan kernel "
                                 "takes one value per layer (quantize with per_channel=False)")
     th_fields, th_values = _threshold_layout(mod.v_th, sample)
-    xr = b.range.get(x)
-    rule = NeuronScan(charge=_charge_rule(mod, None if xr is None else max(-xr[0], xr[1])), compare=mod.compare, reset=mod.reset_mode,
+    bound = None if x_range is None else max(-x_range[0], x_range[1])
+    rule = NeuronScan(charge=_charge_rule(mod, bound), compare=mod.compare, reset=mod.reset_mode,
                       v_reset=mod.v_reset, v_init=mod.v_init, **th_fields)
+    return rule, th_values
+
+
+def _emit_neuron(b: KernelBuilder, node, mod: IntIF):
+    """``IntIF`` / ``IntLIF`` (their docstrings are the spec) as the shared fused scan kernel."""
+    x = node.args[0]
+    Tn, *rest = b.sym[x]
+    sample = tuple(d[0] for d in rest[1:])
+    rule, th_values = neuron_rule(node, mod, sample, b.range.get(x))
     lanes = pick_lanes(math.prod(sample)) if b.codegen == "llvm" else 1  # C: no vector types
     name = _name(node, mod.op_name)
     func = neuron_scan_kernel(Tn[0], None, "int32", rule, lanes=lanes).with_attr("global_symbol", name)
@@ -390,6 +398,8 @@ def lower(gm: fx.GraphModule, codegen: str = "llvm", isa: str | None = None):
                 b.range[node] = (-128, 127)
             if b.dtype[node] is None:
                 raise UnsupportedOp(f"tvm:int: input {node_ref(node)} is {info(node).dtype}, not an integer")
+            continue
+        if node in b.fused:
             continue
         if node.op == "output":
             output = node.args[0]

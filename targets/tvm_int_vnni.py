@@ -124,6 +124,14 @@ def emit_conv2d(b, node, mod, offset: int):
                     "params": [], "out": packed, "out_kernel_shape": [bsym, [C4, 0], [Hp, 0], [Wp, 0]],
                     "out_shape": [bsym, [C4, 0], [Hp, 0], [Wp, 0]], "dtype": "int32"})
 
+    wp, bias = _packed_weights(mod.weight, mod.bias, offset)
+    keys = [f"{node.name}_weight_vnni", f"{node.name}_bias_vnni"]
+    b.params[keys[0]], b.params[keys[1]] = wp, bias
+    P_sym = [bsym, [C4, 0], [Hp, 0], [Wp, 0]]
+    fusable = _neuron_after(b, node)
+    if fusable is not None:
+        return _emit_conv_neuron(b, node, mod, fusable, packed, P_sym, keys)
+
     JW = _tile(Wo)
     acc = f"acc[T.ramp(jj * 16, 1, 16)]"
     data = f"P[bo // {OB}, c, i * {s} + u, (jb * {JW} + jj) * {s} + v]"
@@ -141,11 +149,97 @@ def emit_conv2d(b, node, mod, offset: int):
              f"                if bo % {OB} * 16 + o < {O}:",
              f"                    for jj in T.vectorized({JW}):",
              f"                        Y[bo // {OB}, bo % {OB} * 16 + o, i, jb * {JW} + jj] = acc[jj * 16 + o]"]
-    wp, bias = _packed_weights(mod.weight, mod.bias, offset)
-    keys = [f"{node.name}_weight_vnni", f"{node.name}_bias_vnni"]
-    b.params[keys[0]], b.params[keys[1]] = wp, bias
-    b.kernel(node, name, _parse(conv), [(packed, [bsym, [C4, 0], [Hp, 0], [Wp, 0]])], keys,
-             [bsym, [O, 0], [Ho, 0], [Wo, 0]])
+    b.kernel(node, name, _parse(conv), [(packed, P_sym)], keys, [bsym, [O, 0], [Ho, 0], [Wo, 0]])
+
+
+def _neuron_after(b, node):
+    """``(view node, neuron node, static)`` when ``node``'s only use is a ``time.split`` (static
+    False: the conv ran on all T*N steps) or a direct encoder (static True: one input repeated
+    over T) whose only use is an integer IF/LIF layer: then the neuron scan runs inside the conv
+    kernel on the accumulators, and the int32 currents never go to memory."""
+    from snnc.ops import IntIF
+    from snnc.ops.coding import DirectEncoder, SplitTime
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    view = users[0]
+    kind = type(b.gm.get_submodule(view.target))
+    nxt = list(view.users)
+    if kind not in (SplitTime, DirectEncoder) or len(nxt) != 1 or nxt[0].op != "call_module":
+        return None
+    neuron = nxt[0]
+    mod = b.gm.get_submodule(neuron.target)
+    if not isinstance(mod, IntIF) or any(not isinstance(getattr(mod, a, 0), int) for a in ("v_reset", "v_init", "v_leak")):
+        return None
+    static = kind is DirectEncoder
+    rows = b.sym[node][0]
+    if rows != ([1, 1] if static else [b.T, 1]) or b.sym[neuron][:2] != [[b.T, 0], [1, 1]]:
+        return None
+    return view, neuron, static
+
+
+def _emit_conv_neuron(b, node, mod, fusable, packed, P_sym, keys):
+    """conv + neuron scan in one kernel: per tile of 16 channels x JW columns, T conv steps, each
+    followed by the neuron update on the accumulators (``tvm_kernels._rule``: the same charge /
+    fire / reset expressions as the neuron scan kernel), spikes stored as int8 [T, N, O, H, W]
+    (the reference's spike dtype; the kernels after it read any integer dtype)."""
+    from .tvm_int_lower import _header, _name, _parse, neuron_rule
+    from .tvm_kernels import _rule
+    view, neuron, static = fusable
+    nmod = b.gm.get_submodule(neuron.target)
+    O, _, K, _ = mod.weight.shape
+    _, _, Ho, Wo = (d[0] for d in b.sym[node])
+    s = mod.stride
+    C4 = P_sym[1][0]
+    OB, Tn, JW = -(-O // 16), b.T, _tile(Wo)
+    rule, th_values = neuron_rule(neuron, nmod, (O, Ho, Wo), b.range.get(node))
+    charge, fire, reset = _rule(rule, "int32")
+    name = _name(neuron, nmod.op_name) + "_fused"
+    args = [("P", ((f"{Tn} * m" if not static else "m"), C4, P_sym[2][0], P_sym[3][0]), "int32"),
+            ("Wt", (OB, K, K, C4, 64), "int8"), ("Bs", (OB * 16,), "int32")]
+    params = list(keys)
+    if th_values is not None:
+        args.append(("VTH", (th_values.numel(),), "int32"))
+        params.append(f"{neuron.name}_v_th")
+        b.params[params[-1]] = th_values
+    args.append(("Y", (Tn, "m", O, Ho, Wo), "int8"))  # spikes as int8: 4x less memory than the scan's int32
+    th = "VTH" if th_values is not None else "None"
+    # flat neuron index of element e = jj * 16 + o (for per-channel / per-position thresholds)
+    idx = f"((bo // {OB} * {O} + bo % {OB} * 16 + e % 16) * {Ho} + i) * {Wo} + jb * {JW} + e // 16"
+    row = "bo // {OB}" if static else f"t * m + bo // {OB}"
+    acc = "acc[T.ramp(jj * 16, 1, 16)]"
+    data = f"P[{row.format(OB=OB)}, c, i * {s} + u, (jb * {JW} + jj) * {s} + v]"
+    conv = [f"for jj in T.unroll({JW}):",
+            f"    {acc} = Bs[T.ramp(bo % {OB} * 16, 1, 16)]",
+            f"for c, u, v in T.grid({C4}, {K}, {K}):",
+            f"    for jj in T.unroll({JW}):",
+            f"        {acc} = {_vpdpbusd(acc, data, f'Wt[bo % {OB}, u, v, c, T.ramp(0, 1, 64)]')}"]
+    lines = _header(name, args)
+    lines += [f"    for bo in T.parallel(m * {OB}):",
+              f"        for i, jb in T.grid({Ho}, {Wo // JW}):",
+              f'            acc = T.alloc_buffer(({JW * 16},), "int32", scope="local")',
+              f'            hb = T.alloc_buffer(({JW * 16},), "int32", scope="local")']
+    lines += [" " * 12 + ln for ln in conv] if static else []
+    lines += [f"            for t in range({Tn}):"]
+    lines += [] if static else [" " * 16 + ln for ln in conv]
+    lines += ["                if t == 0:",
+              f"                    for e in T.vectorized({JW * 16}):",
+              f"                        hb[e] = charge(init, acc[e], {idx}, {th})",
+              "                else:",
+              f"                    for e in T.vectorized({JW * 16}):",
+              f"                        hb[e] = charge(reset(hb[e], {idx}, {th}), acc[e], {idx}, {th})",
+              "                for o in range(16):",
+              f"                    if bo % {OB} * 16 + o < {O}:",
+              f"                        for jj in T.vectorized({JW}):",
+              f"                            Y[t, bo // {OB}, bo % {OB} * 16 + o, i, jb * {JW} + jj] = "
+              f"T.Cast(\"int8\", fire(hb[jj * 16 + o], {idx.replace('e % 16', 'o').replace('e // 16', 'jj')}, {th}))"]
+    from tvm.script import tirx as T
+    func = _parse(lines, {"charge": charge, "fire": fire, "reset": reset, "init": T.int32(rule.v_init)})
+    b.fused.update({view, neuron})
+    b.dtype[view] = "int32"
+    b.range[neuron] = (0, 1)
+    out_sym = [[Tn, 0], [1, 1], [O, 0], [Ho, 0], [Wo, 0]]
+    b.kernel(neuron, name, func, [(packed, P_sym)], params, out_sym, dtype="int8")
 
 
 def emit_linear(b, node, mod, offset: int):
