@@ -108,9 +108,15 @@ def tvm_int_compile(quick: bool):
              quantize_integer_s=round(tq, 2), compile_s=round(time.perf_counter() - t0, 2))
 
 
+def _lif_graph(T):
+    return unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(64, 64), LIF(tau=2.0)), torch.zeros(1, 64)), T=T)
+
+
 def onnx_export_vs_T(quick: bool):
+    for loop in ("unroll", "scan"):  # untimed: the first export of each form pays torch.onnx's warm-up
+        snnc.compile(_lif_graph(2), target="onnx", loop=loop)
     for T in (4, 16, 64) if quick else (4, 16, 64, 256):
-        g = unroll_timesteps(snnc.trace(nn.Sequential(nn.Linear(64, 64), LIF(tau=2.0)), torch.zeros(1, 64)), T=T)
+        g = _lif_graph(T)
         t0 = time.perf_counter()
         m = snnc.compile(g, target="onnx", loop="auto")
         emit(bench="compile_time", graph="linear+LIF 64", stage="onnx export", T=T, loop=m.meta.get("loop"),

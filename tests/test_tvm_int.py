@@ -318,3 +318,20 @@ def test_charge_dtype_is_int32_only_where_nothing_can_wrap():
     fixed = IntLIF(v_th=100, leak="fixed", decay_q=3000, frac_bits=12, state_bits=24)
     assert _charge_dtype(fixed, 10) == "int64"        # 2**24 * 3000 overflows int32
     assert _charge_dtype(IntLIF(v_th=100, leak="fixed", decay_q=3000, frac_bits=12, state_bits=16), 10) == "int32"
+
+
+@needs_vnni
+@pytest.mark.parametrize("leak,per_channel", [("shift", False), ("fixed", True)])
+def test_fused_conv_lif_over_time_bit_exact(leak, per_channel):
+    """A spikingjelly-style multi-step conv SNN fed a different frame each step: both convs run on
+    all T*N frames and carry their LIF layer (leak, zero reset, strict compare) in the kernel."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(2, 20, 3, padding=1), LIF(tau=2.0, v_th=0.3),
+                        nn.Conv2d(20, 8, 3, stride=2), LIF(tau=4.0, v_th=0.2, reset="zero", compare=">"))
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(1, 2, 9, 9)), T=6)
+    q = quantize_integer(g, leak=leak, per_channel=per_channel)
+    xq = quantize_input(q, torch.rand(6, 5, 2, 9, 9) * 2 - 0.5)
+    ref = snnc.run(q, xq)
+    m = snnc.compile(q, target="tvm:int")
+    assert sum(st["kernel"].endswith("_fused") for st in m.plan["steps"] if st["op"] == "kernel") == 2
+    assert 0.01 < ref.float().mean() < 0.9 and torch.equal(m(xq), ref)
