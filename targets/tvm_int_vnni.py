@@ -27,9 +27,9 @@ the portable kernel.
 
 The kernel is compiled for the host CPU (``mcpu``); ``int8_isa()`` decides at compile time and
 again when an artefact is loaded (``tvm_int.load`` falls back to the portable library on a CPU
-without VNNI). AMX-INT8 tiles are not used: TVM 0.27's LLVM path has no AMX tile intrinsics in
-its x86 tensor-intrinsic table, and these layers (16-512 channels) are too thin for 16x64 tiles
-to pay for the tile configuration.
+without VNNI). AMX-INT8 tiles are not used (not measured): TVM 0.27 ships no AMX tensor
+intrinsics (its x86 table, ``tvm.s_tir.tensor_intrin.x86``, holds the VNNI and AVX-512 dot
+products only), and tile configuration from TIR would be hand-written LLVM intrinsics.
 """
 from __future__ import annotations
 
