@@ -200,3 +200,33 @@ def test_tiled_blocks_carry_the_membrane_across_tiles(firing, monkeypatch, tile)
     blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)]
     assert any(b.tiles(4, 3) != (4, 3) for b in blocks)
     assert torch.equal(m(x), whole)  # the same arithmetic, only split into more calls
+
+
+@needs_int8
+def test_spikingjelly_conv_lif_net_runs_in_blocks_and_agrees_with_spikingjelly():
+    """Conv-LIF layers as spikingjelly's multi-step tutorials write them (``layer.Conv2d`` +
+    ``neuron.LIFNode``, ``step_mode="m"``), compiled by default, against spikingjelly's run."""
+    pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based import functional, layer, neuron
+    torch.manual_seed(5)
+    net = nn.Sequential(layer.Conv2d(2, 16, 3, padding=1), neuron.LIFNode(tau=2.0),
+                        layer.Conv2d(16, 32, 3, padding=1), neuron.LIFNode(tau=2.0),
+                        layer.Conv2d(32, 32, 3, padding=1), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(12)  # rates 0.32 / 0.22 / 0.19: every layer fires
+    net.eval()
+    x = torch.rand(4, 3, 2, 12, 12) * 2
+    functional.reset_net(net)
+    rates = []
+    for lif in (m for m in net if isinstance(m, neuron.LIFNode)):
+        lif.register_forward_hook(lambda mod, i, o: rates.append(o.mean().item()))
+    with torch.no_grad():
+        ref = net(x)
+    assert all(0.05 < r < 0.7 for r in rates), rates
+    m = snnc.compile(snnc.trace(net, x), target="tvm:llvm", convs="int8")
+    blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)]
+    assert [b.choice for b in blocks] == ["torch", "int8", "int8"]
+    assert (m(x) == ref).float().mean().item() >= 0.999
