@@ -25,7 +25,10 @@ cannot serve two calls at once); the executable is shared.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
-cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``), ``spike_convs``
+("auto" = the host's best int8 kernel for convs on spikes in the Relax library, "vnni",
+"avx512bw", or "fp32" to keep every conv fp32; ``tvm_spike_conv.py``, recorded in
+``meta["spike_convs"]``).
 
 Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
 ``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
@@ -60,6 +63,7 @@ from .spike_conv import int8_isa
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
                          run_hybrid)
 from .tvm_lower import check_supported, to_relax
+from .tvm_spike_conv import check_loadable, spike_kernels
 
 MODES = ("auto", "hybrid", "relax")
 BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
@@ -283,7 +287,7 @@ def _cpu_mode(g, mode):
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True, spike_int8=False):
+            tune_minutes=None, progress=True, spike_int8=False, spike_convs="auto"):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -304,7 +308,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if target != "tvm:cuda":
         mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
-    meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
+    spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
+    meta = {"spike_convs": spike_isa,"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
@@ -313,9 +318,10 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
         get_relax = lambda: (tuned_relax(g, tdict, trials=trials, database=database, minutes=tune_minutes,  # noqa: E731
                                          progress=progress, cache=cache), "static")
     else:
-        get_relax = lambda: _relax_library(g, tdict, device, batch, cache)  # noqa: E731
+        get_relax = lambda: _relax_library(g, tdict, device, batch, cache, spike_isa)  # noqa: E731
     if dump_dir is not None:
-        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch))
+        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch,
+                                         spike_convs="fp32" if tuning else spike_isa))
     if mode == "relax":
         lib, meta["library_batch"] = get_relax()
         if getattr(lib, "tuning", None):
@@ -337,21 +343,26 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 
-def _relax_library(g, tdict, device, batch, cache):
+def _relax_library(g, tdict, device, batch, cache, spike_isa="fp32"):
     """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
-    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one."""
+    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one.
+    ``spike_isa``: the int8 kernels of spike-input convs (``tvm_spike_conv``), or "fp32"."""
     exported = _exported_sources(g)
+    sc = () if spike_isa == "fp32" else (spike_isa,)  # fp32 keys stay what they were
     if batch == "any" and not _exported_ops(g):  # exported forwards have the traced (static) shapes
-        key = tb.graph_key(g, tdict, "relax", "any", exported)
+        key = tb.graph_key(g, tdict, "relax", "any", exported, *sc)
         try:
-            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any"), tdict), cache)[0], "any"
+            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any", spike_convs=spike_isa),
+                                                         tdict), cache)[0], "any"
         except Exception:  # noqa: BLE001 - TVM raises many kinds; the static build below is the answer
             pass
-    key = tb.graph_key(g, tdict, "relax", exported)
-    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0], "static"
+    key = tb.graph_key(g, tdict, "relax", exported, *sc)
+    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, spike_convs=spike_isa), tdict),
+                     cache)[0], "static"
 
 
 def load(path, meta):
+    check_loadable(meta, path)
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as e:

@@ -22,7 +22,8 @@ from snnc.errors import SnncError
 from snnc.fileio import atomic_write
 
 _MEMORY_CACHE: dict[str, tuple] = {}  # key -> (runtime module, library path or None)
-_LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py", "tvm_schedule.py", "tvm_tune.py")
+_LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py", "tvm_schedule.py", "tvm_tune.py",
+                   "tvm_spike_conv.py")
 DEFAULT_CUDA_ARCH = "sm_80"
 
 
@@ -39,7 +40,7 @@ def host_isa() -> dict:
                 break
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
     return {"cpu": cpu, "features": [f for f in wanted if f in flags]}
 
 
