@@ -316,12 +316,12 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if tuning:
         from .tvm_tune import tuned_relax
         get_relax = lambda: (tuned_relax(g, tdict, trials=trials, database=database, minutes=tune_minutes,  # noqa: E731
-                                         progress=progress, cache=cache), "static")
+                                         progress=progress, cache=cache, spike_isa=spike_isa), "static")
     else:
         get_relax = lambda: _relax_library(g, tdict, device, batch, cache, spike_isa)  # noqa: E731
     if dump_dir is not None:
         _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch,
-                                         spike_convs="fp32" if tuning else spike_isa))
+                                         spike_convs=spike_isa))
     if mode == "relax":
         lib, meta["library_batch"] = get_relax()
         if getattr(lib, "tuning", None):
