@@ -26,7 +26,7 @@ Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-6
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``), ``spike_convs``
-("auto" = the host's best int8 kernel for convs on spikes in the Relax library, "vnni",
+("auto" = the host's best int8 kernel for convs on spikes in the Relax library, "amx", "vnni",
 "avx512bw", or "fp32" to keep every conv fp32; ``tvm_spike_conv.py``, recorded in
 ``meta["spike_convs"]``).
 
@@ -63,7 +63,7 @@ from .spike_conv import int8_isa
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
                          run_hybrid)
 from .tvm_lower import check_supported, to_relax
-from .tvm_spike_conv import check_loadable, spike_kernels
+from .tvm_spike_conv import AMX_MATTR, amx_permission, check_loadable, spike_kernels
 
 MODES = ("auto", "hybrid", "relax")
 BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
@@ -128,6 +128,8 @@ class TVMModule(CompiledModule):
         dev = self._device()
         vm = self._vms.get(threading.get_ident())
         if vm is None:
+            if self.meta.get("spike_convs") == "amx" and not amx_permission():  # tile state: once per process
+                raise SnncError("this library's AMX kernels need the AMX tile permission, which the kernel refused")
             with self._vm_lock:  # the lazy library build and VM creation happen once per thread
                 vm = self._vms[threading.get_ident()] = relax.VirtualMachine(self.relax_lib.module, dev)
         run = lambda *xs: _to_torch(vm["main"](*[_to_tvm(x, dev) for x in xs]))  # noqa: E731
@@ -309,6 +311,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
         mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
     spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
+    if spike_isa == "amx":
+        tdict = {**tdict, "mattr": list(AMX_MATTR)}
     meta = {"spike_convs": spike_isa,"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}

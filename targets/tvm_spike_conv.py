@@ -26,8 +26,10 @@ product of ``tvm.s_tir.tensor_intrin.x86``): spikes are packed 4 input channels 
 the instructions of the fp32 kernel. Without VNNI but with AVX-512BW the same loop uses
 ``vpmaddubsw`` + ``vpmaddwd``: their int16 pair sums are at most 2*127 for 0/1 inputs, so they
 never saturate and stay exact. Without either, or with ``isa="fp32"``, the fp32 schedule of
-``tvm_schedule.py`` runs. AMX-INT8 is detected and reported (``isa_choice``) but not used yet:
-its tile configuration is not among this TVM wheel's intrinsics.
+``tvm_schedule.py`` runs. With AMX-INT8 (and the kernel's permission for the tile state) the
+convs that fit a tile (64k in-channels, 16k output columns, stride 1) run on AMX tiles
+(``amx_conv_kernel``: 16x16x64 int8 products per ``tdpbusd``), the rest on VNNI; integer
+results are identical on both (tested), so the choice never changes outputs.
 """
 from __future__ import annotations
 
@@ -43,12 +45,17 @@ from .spike_conv import split_int8
 
 LANES = 16   # out-channels per zmm (int32 x 16)
 DIGITS = 2   # int8 digits per weight (spike_conv's bound: k * max|w_c| * 1.55e-5)
-ISAS = ("auto", "vnni", "avx512bw", "fp32")
+ISAS = ("auto", "amx", "vnni", "avx512bw", "fp32")
+AMX_MATTR = ["+amx-tile", "+amx-int8"]  # LLVM features the AMX kernel is compiled with
 
 
 def host_int8_isa(features) -> str:
-    """The int8 kernel this host runs: ``vnni`` (AVX-512 VNNI), ``avx512bw`` or ``fp32``."""
+    """The int8 kernel this host runs: ``amx`` (AMX-INT8 tiles, with VNNI for the convs that do
+    not fit a tile; needs the kernel's AMX permission too), ``vnni`` (AVX-512 VNNI),
+    ``avx512bw`` or ``fp32``."""
     feats = set(features)
+    if {"amx_tile", "amx_int8", "avx512_vnni"} <= feats and amx_permission():
+        return "amx"
     if "avx512_vnni" in feats:
         return "vnni"
     if "avx512bw" in feats:
@@ -63,10 +70,10 @@ def isa_choice(requested: str, features) -> str:
     have = host_int8_isa(features)
     if requested == "auto":
         return have
-    order = ("fp32", "avx512bw", "vnni")
+    order = ("fp32", "avx512bw", "vnni", "amx")
     if order.index(requested) > order.index(have):
-        raise SnncError(f"tvm:llvm: spike_convs={requested!r} needs a CPU with "
-                        f"{'avx512_vnni' if requested == 'vnni' else 'avx512bw'}; this one has {have!r} at best")
+        raise SnncError(f"tvm:llvm: spike_convs={requested!r} needs a CPU (and kernel) with {_NEEDS[requested]}; "
+                        f"this one has {have!r} at best")
     return requested
 
 
@@ -178,6 +185,111 @@ def conv_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, stride: int, p
     return spike_conv2d
 
 
+# --- AMX-INT8 ------------------------------------------------------------------------------------
+
+def amx_applies(C: int, W_out: int, stride: int) -> bool:
+    """The AMX tile kernel needs 64 input channels per tile row, 16 output columns per tile and
+    contiguous columns (stride 1); other spike convs use the VNNI kernel."""
+    return C % 64 == 0 and W_out % 16 == 0 and stride == 1
+
+
+def amx_weights(wq: np.ndarray) -> np.ndarray:
+    """The A tiles of ``amx_conv_kernel`` from ``pack_weights``' ``Wq``: uint8 digits + 128 (AMX
+    multiplies unsigned A by signed B, so the weights carry the offset and the spikes are B),
+    ``[D, O/16, C/64, KH, KW, 16 out, 64 in]`` (one 1 KiB tile per step)."""
+    D, O16, C4, KH, KW, _ = wq.shape
+    w = wq.reshape(D, O16, C4 // 16, 16, KH, KW, 16, 4).astype(np.int16) + 128
+    return np.ascontiguousarray(w.transpose(0, 1, 2, 4, 5, 6, 3, 7).reshape(D, O16, C4 // 16, KH, KW, 16, 64)
+                                .astype(np.uint8))
+
+
+def _tile(name, *args):
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def amx_conv_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: int, n: int | None = None):
+    """PrimFunc ``(P, Wa, S[D, O], B[O], Y)``: the spike conv on AMX tiles (stride 1).
+
+    C tile [16 out-channels x 16 columns] += A [16 out x 64 in-channels] (weight digit + 128,
+    uint8) . B [16 channel groups x (16 columns x 4 channels)] (spikes, the VNNI pack's rows:
+    P[n, g, y+ry, x:x+16] is 64 contiguous bytes, row stride Hp*Wp*4). The +128 offset adds
+    128 * (active inputs in the window), counted by a third product with an all-ones A tile and
+    subtracted exactly in int32. Tiles: 0, 1 = digit accumulators, 2 = count, 3 = ones,
+    4, 5 = weight digits, 6 = spikes. Output rows are out-channels, so the fp32 epilogue stores
+    16 contiguous columns per vector (no transpose). Each parallel task loads the tile
+    configuration first (it is per thread); the process must hold the AMX permission
+    (``amx_permission``)."""
+    N, C4, Hp, Wp = _batch(n), C // 4, H + 2 * pad, W + 2 * pad
+    Ho, Wo = Hp - KH + 1, Wp - KW + 1
+    O16, CB, D, XO = O // LANES, C // 64, DIGITS, Wo // 16
+
+    @T.prim_func(s_tir=True)
+    def spike_conv2d_amx(p: T.handle, wa: T.handle, sc: T.handle, bi: T.handle, y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        P = T.match_buffer(p, (N, C4, Hp, Wp), "int32")
+        Wa = T.match_buffer(wa, (D, O16, CB, KH, KW, 16, 64), "uint8")
+        S = T.match_buffer(sc, (D, O), "float32")
+        B = T.match_buffer(bi, (O,), "float32")
+        Y = T.match_buffer(y, (N, O, Ho, Wo), "float32")
+        with T.sblock("root"):
+            for nfy in T.parallel(N * O16 * Ho):
+                cfg = T.alloc_buffer((64,), "uint8", scope="local")
+                ones = T.alloc_buffer((1024,), "uint8", scope="local")
+                acc = T.alloc_buffer((768,), "int32", scope="local")
+                for i in T.vectorized(64):
+                    cfg[i] = T.uint8(0)
+                cfg[0] = T.uint8(1)          # palette 1; every tile 16 rows x 64 bytes
+                for t in range(8):
+                    cfg[16 + 2 * t] = T.uint8(64)
+                    cfg[48 + t] = T.uint8(16)
+                for i in T.vectorized(1024):
+                    ones[i] = T.uint8(1)
+                _tile("ldtilecfg", T.address_of(cfg[0]))
+                _tile("tileloadd64", T.int8(3), T.address_of(ones[0]), T.int64(64))
+                for xo in range(XO):
+                    for t in T.unroll(3):
+                        _tile("tilezero", T.int8(t))
+                    for cb in range(CB):
+                        for ry in range(KH):
+                            for rx in range(KW):
+                                _tile("tileloadd64", T.int8(6),
+                                      T.address_of(P[nfy // (O16 * Ho), cb * 16, nfy % Ho + ry, xo * 16 + rx]),
+                                      T.int64(Hp * Wp * 4))
+                                for d in T.unroll(D):
+                                    _tile("tileloadd64", T.int8(4 + d),
+                                          T.address_of(Wa[d, nfy // Ho % O16, cb, ry, rx, 0, 0]), T.int64(64))
+                                    _tile("tdpbusd", T.int8(d), T.int8(4 + d), T.int8(6))
+                                _tile("tdpbusd", T.int8(2), T.int8(3), T.int8(6))
+                    for t in T.unroll(3):
+                        _tile("tilestored64", T.int8(t), T.address_of(acc[t * 256]), T.int64(64))
+                    for r in range(16):
+                        for i in T.vectorized(16):
+                            Y[nfy // (O16 * Ho), nfy // Ho % O16 * 16 + r, nfy % Ho, xo * 16 + i] = (
+                                T.Cast("float32", acc[r * 16 + i] - acc[512 + i] * 128)
+                                * S[0, nfy // Ho % O16 * 16 + r]
+                                + T.Cast("float32", acc[256 + r * 16 + i] - acc[512 + i] * 128)
+                                * S[1, nfy // Ho % O16 * 16 + r]
+                                + B[nfy // Ho % O16 * 16 + r])
+                _tile("tilerelease")
+    return spike_conv2d_amx
+
+
+_AMX_GRANTED = []
+
+
+def amx_permission() -> bool:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``,
+    needed once per process before any tile instruction); True when granted."""
+    if not _AMX_GRANTED:
+        import ctypes
+        try:
+            ok = ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
+        except (OSError, AttributeError):
+            ok = False
+        _AMX_GRANTED.append(ok)
+    return _AMX_GRANTED[0]
+
+
 # --- Relax lowering: the importer's nn.Conv2d converter, int8 where the input is spikes ----------
 
 def install(imp, gm, isa: str) -> None:
@@ -216,7 +328,12 @@ def _emit(imp, conv, x, isa):
     bb = imp.block_builder
     pack = bb.add_func(opaque(pack_kernel(C, H, W, py, n)), "spike_pack")
     packed = bb.emit(relax.call_tir(pack, [x], relax.TensorType((B, C4, Hp, Wp), "int32")))
-    kern = bb.add_func(opaque(conv_kernel(C, O, H, W, KH, KW, sy, py, isa, n)), f"spike_conv2d_{isa}")
+    if isa == "amx" and amx_applies(C, Wo, sy):
+        kern = bb.add_func(opaque(amx_conv_kernel(C, O, H, W, KH, KW, py, n)), "spike_conv2d_amx")
+        wq = amx_weights(wq)
+    else:
+        isa = "vnni" if isa == "amx" else isa
+        kern = bb.add_func(opaque(conv_kernel(C, O, H, W, KH, KW, sy, py, isa, n)), f"spike_conv2d_{isa}")
     args = [packed, relax.const(wq), relax.const(scales), relax.const(bias)]
     return bb.emit(relax.call_tir(kern, args, relax.TensorType((B, O, Ho, Wo), "float32")))
 
@@ -246,7 +363,7 @@ def spike_kernels(requested: str, tdict: dict) -> str:
     return isa_choice(requested, host["features"])
 
 
-_NEEDS = {"vnni": "avx512_vnni", "avx512bw": "avx512bw"}
+_NEEDS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx512bw": "avx512bw"}
 
 
 def check_loadable(meta: dict, path) -> None:
@@ -254,6 +371,6 @@ def check_loadable(meta: dict, path) -> None:
     would die on an illegal instruction instead of raising."""
     from .tvm_build import host_isa
     need = _NEEDS.get(meta.get("spike_convs", "fp32"))
-    if need and need not in host_isa()["features"]:
+    if need and (need not in host_isa()["features"] or (need == "amx_int8" and not amx_permission())):
         raise SnncError(f"{path}: built with {meta['spike_convs']} int8 spike convolutions, which this CPU "
                         f"lacks ({need}); rebuild it here with spike_convs='fp32' or 'auto'")

@@ -174,6 +174,9 @@ def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, pro
     if work_dir.exists() and not work_dir.is_dir():
         raise SnncError(f"database={str(work_dir)!r} is a file; the tuning database is a folder")
     work_dir.mkdir(parents=True, exist_ok=True)
+    done = _complete(work_dir, key, trials, cache)
+    if done is not None:  # nothing left to tune: the library of this database, no task extraction
+        return done
     target = tb.make_target(tdict)
     with target:
         legal = relax.get_pipeline("zero")(to_relax(g, "cpu", batch="static", spike_convs=spike_isa))
@@ -215,7 +218,56 @@ def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, pro
     else:
         tb.cached_json(f"{lib_key}.choices", lambda: choices, cache)
     built.tuning = {**stats, "kernels": choices}
+    _mark_complete(work_dir, key, trials, stats, lib_key)
     return built
+
+
+class _Miss(Exception):
+    pass
+
+
+def _raise_miss():
+    raise _Miss()
+
+
+def _complete(work_dir: Path, key: str, trials: int, cache: bool):
+    """The cached library of a database already tuned to ``trials`` per task for graph ``key``
+    (``snnc_complete.json``, written after each run, names the database digest it was built
+    from), or None. Task extraction and the database load cost seconds; this check does not."""
+    import json
+    try:
+        mark = json.loads((work_dir / "snnc_complete.json").read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not cache or mark.get("trials", 0) < trials or mark.get("lib_key") != f"{key}-{_digest(work_dir)}":
+        return None
+    try:
+        built, _ = tb.cached(mark["lib_key"], _raise_miss, cache)
+    except _Miss:
+        return None
+    built.tuning = {**mark.get("stats", {}), "tuned_now": 0, "reused": True,
+                    "kernels": tb.cached_json(f"{mark['lib_key']}.choices", lambda: {}, cache)}
+    return built
+
+
+def _mark_complete(work_dir: Path, key: str, trials: int, stats: dict, lib_key: str) -> None:
+    import json
+
+    from snnc.fileio import atomic_write
+    if stats.get("stopped_by_budget"):
+        return  # unfinished: the next compile resumes tuning
+    path = work_dir / "snnc_complete.json"
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        marks = {}
+    if not isinstance(marks, dict):
+        marks = {}
+    marks[key] = {"trials": trials, "lib_key": lib_key, "stats": {k: v for k, v in stats.items() if k != "tuned_now"}}
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(marks)), overwrite=True)
+    except OSError:
+        pass
 
 
 def _tune(budget, **kwargs):
