@@ -28,6 +28,9 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 HOST = tb.host_isa()["features"]
 HOST_ISAS = [isa for isa, flag in (("vnni", "avx512_vnni"), ("avx512bw", "avx512bw")) if flag in HOST]
 needs_int8 = pytest.mark.skipif(not HOST_ISAS, reason="no AVX-512 VNNI / BW on this CPU")
+HAS_AMX = {"amx_tile", "amx_int8", "avx512_vnni"} <= set(HOST) and sc.amx_permission()
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 (or no tile permission) here")
+BEST = "amx" if HAS_AMX else (HOST_ISAS or ["fp32"])[0]
 
 
 def _net(channels=(3, 32, 32, 48), seed=0):
@@ -116,7 +119,7 @@ def test_library_uses_int8_for_spike_inputs_only_and_agrees(net):
     # the first conv reads the (real-valued) input: fp32; the two convs after LIF layers: int8
     calls = mod["main"].script().count("R.call_tir(spike_conv2d")
     assert calls == 2 and sum(n.startswith("spike_pack") for n in names) == 1  # 32 -> 32 and 32 -> 48: one pack
-    assert net["int8"].meta["spike_convs"] == HOST_ISAS[0]
+    assert net["int8"].meta["spike_convs"] == BEST
     for n in (1, 5):
         x = torch.rand(4, n, 3, 12, 12) * 2
         want = net["ref"](x)
@@ -127,7 +130,7 @@ def test_library_uses_int8_for_spike_inputs_only_and_agrees(net):
 @needs_int8
 def test_exported_int8_library_round_trip_at_another_batch(net, tmp_path):
     loaded = snnc.load(net["int8"].export(tmp_path / "net.so"))
-    assert loaded.meta["spike_convs"] == HOST_ISAS[0] and loaded.meta["library_batch"] == "any"
+    assert loaded.meta["spike_convs"] == BEST and loaded.meta["library_batch"] == "any"
     x = torch.rand(4, 7, 3, 12, 12) * 2  # traced at 2
     assert torch.equal(loaded(x), net["int8"](x))
     assert (loaded(x) == net["ref"](x)).float().mean() >= 0.999
@@ -142,7 +145,7 @@ def test_fp32_fallback_when_the_host_lacks_the_instructions(net, monkeypatch):
     x = torch.rand(4, 3, 3, 12, 12) * 2
     assert torch.equal(m(x), net["fp32"](x))
     assert (m(x) == net["ref"](x)).float().mean() >= 0.999
-    with pytest.raises(SnncError, match="spike_convs='vnni' needs a CPU with avx512_vnni"):
+    with pytest.raises(SnncError, match=r"spike_convs='vnni' needs a CPU \(and kernel\) with avx512_vnni"):
         snnc.compile(net["g"], target="tvm:llvm", mode="relax", spike_convs="vnni")
 
 
@@ -176,3 +179,54 @@ def test_int8_library_from_several_threads(net):
     for t in threads:
         t.join()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@needs_amx
+@pytest.mark.parametrize("C,O,HW,k,pad", [(64, 32, 16, 3, 1), (128, 16, 18, 3, 0), (64, 48, 16, 1, 0)])
+def test_amx_kernel_equals_the_vnni_kernel_bit_for_bit(C, O, HW, k, pad):
+    """Both accumulate the same integers exactly (AMX's +128 weight offset is removed in int32)
+    and apply the same fp32 epilogue, so their outputs are identical, and within the bound."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(C, O, k, padding=pad)
+    x = (torch.rand(2, C, HW, HW) < 0.4).float()
+    Ho = HW + 2 * pad - k + 1
+    assert sc.amx_applies(C, Ho, 1)
+    tgt = {**tb.llvm_target(), "mattr": sc.AMX_MATTR}
+    lib = tb.build_kernels({"pack": sc.pack_kernel(C, HW, HW, pad),
+                            "amx": sc.amx_conv_kernel(C, O, HW, HW, k, k, pad),
+                            "vnni": sc.conv_kernel(C, O, HW, HW, k, k, 1, pad, "vnni")}, tgt)
+    wq, scales, bias, bound = sc.pack_weights(conv)
+    packed = torch.empty(2, C // 4, HW + 2 * pad, HW + 2 * pad, dtype=torch.int32)
+    lib["pack"](x, packed)
+    ys = {}
+    for name, w in (("amx", sc.amx_weights(wq)), ("vnni", wq)):
+        ys[name] = torch.empty(2, O, Ho, Ho)
+        lib[name](packed, *(tvm.runtime.tensor(a) for a in (w, scales, bias)), ys[name])
+    assert torch.equal(ys["amx"], ys["vnni"])
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=pad)
+    err = (ys["amx"].double() - want).abs().amax((0, 2, 3))
+    assert (err <= torch.as_tensor(bound).double() + 4 * torch.finfo(torch.float32).eps * want.abs().amax((0, 2, 3))).all()
+
+
+@needs_amx
+def test_amx_library_uses_tiles_where_they_fit_and_matches_vnni():
+    """64 -> 64 (fits a tile) on AMX, 64 -> 48 -> ... as well; 3 -> 64 stays fp32; the AMX library's
+    outputs equal the VNNI library's (same integers) and agree with the reference."""
+    g = unroll_timesteps(snnc.trace(_net((3, 64, 64, 48)), torch.zeros(1, 3, 16, 16)), T=2)
+    mod = to_relax(_prepare(g, None), "cpu", batch="any", spike_convs="amx")
+    script = mod["main"].script()
+    assert script.count("R.call_tir(spike_conv2d_amx") == 2
+    amx = snnc.compile(g, target="tvm:llvm", mode="relax")
+    vnni = snnc.compile(g, target="tvm:llvm", mode="relax", spike_convs="vnni")
+    assert amx.meta["spike_convs"] == "amx" and "+amx-int8" in amx.meta["tvm_target"]["mattr"]
+    x = torch.rand(2, 3, 3, 16, 16) * 2
+    assert torch.equal(amx(x), vnni(x))
+    ref = snnc.compile(g, target="torch")(x)
+    assert ref.mean() > 0.05 and (amx(x) == ref).float().mean() >= 0.999
+
+
+def test_check_loadable_names_the_file(monkeypatch):
+    monkeypatch.setattr(tb, "host_isa", lambda: {"cpu": "x", "features": ["avx2"]})
+    with pytest.raises(SnncError, match="lib.so: built with vnni int8 spike convolutions"):
+        sc.check_loadable({"spike_convs": "vnni"}, "lib.so")
+    sc.check_loadable({"spike_convs": "fp32"}, "lib.so")  # fp32 libraries load anywhere
