@@ -28,7 +28,8 @@ sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax mod
 cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``), ``spike_convs``
 ("auto" = the host's best int8 kernel for convs on spikes in the Relax library, "amx", "vnni",
 "avx512bw", or "fp32" to keep every conv fp32; ``tvm_spike_conv.py``, recorded in
-``meta["spike_convs"]``).
+``meta["spike_convs"]``; default: "auto" for ``mode="relax"``, and for a hybrid module what the
+module itself does, "auto" with ``spike_int8=True`` / ``convs="int8"``, else "fp32").
 
 Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
 ``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
@@ -289,7 +290,7 @@ def _cpu_mode(g, mode):
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True, spike_int8=False, spike_convs="auto"):
+            tune_minutes=None, progress=True, spike_int8=False, spike_convs=None):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -310,6 +311,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if target != "tvm:cuda":
         mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
+    if spike_convs is None:  # a hybrid module's export computes what the module computes
+        spike_convs = "auto" if mode == "relax" or spike_int8 or convs == "int8" else "fp32"
     spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
     if spike_isa == "amx":
         tdict = {**tdict, "mattr": list(AMX_MATTR)}

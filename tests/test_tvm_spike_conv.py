@@ -230,3 +230,12 @@ def test_check_loadable_names_the_file(monkeypatch):
     with pytest.raises(SnncError, match="lib.so: built with vnni int8 spike convolutions"):
         sc.check_loadable({"spike_convs": "vnni"}, "lib.so")
     sc.check_loadable({"spike_convs": "fp32"}, "lib.so")  # fp32 libraries load anywhere
+
+
+@needs_int8
+def test_a_hybrid_module_exports_what_it_computes(net):
+    """Default mode (hybrid, fp32 convs in process): its export keeps fp32 convs; opting in to the
+    int8 spike kernels (spike_int8=True) makes the export int8 as well."""
+    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid").meta["spike_convs"] == "fp32"
+    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid", spike_int8=True).meta["spike_convs"] == BEST
+    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid", spike_convs="auto").meta["spike_convs"] == BEST
