@@ -240,8 +240,9 @@ def test_check_loadable_names_the_file(monkeypatch):
 
 @needs_int8
 def test_a_hybrid_module_exports_what_it_computes(net):
-    """Default mode (hybrid, fp32 convs in process): its export keeps fp32 convs; opting in to the
-    int8 spike kernels (spike_int8=True) makes the export int8 as well."""
-    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid").meta["spike_convs"] == "fp32"
+    """Default mode (hybrid, int8 spike convs in process on an int8 host): its export uses the int8
+    spike kernels too; opting out (spike_int8=False) keeps both fp32."""
+    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid").meta["spike_convs"] == BEST
+    assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid", spike_int8=False).meta["spike_convs"] == "fp32"
     assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid", spike_int8=True).meta["spike_convs"] == BEST
     assert snnc.compile(net["g"], target="tvm:llvm", mode="hybrid", spike_convs="auto").meta["spike_convs"] == BEST
