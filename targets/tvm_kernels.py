@@ -68,6 +68,8 @@ class NeuronScan:
     v_init: float | int | str = 0
     threshold_size: int = 1
     threshold_inner: int = 1
+    max_spikes: int = 1            # > 1: burst spikes, clamp(floor(H / v_th), 0, max_spikes) per step
+                                   # (snnc.ops.BurstIF; reset="subtract" only)
 
 
 def pick_lanes(n: int, widest: int = 16) -> int:
@@ -97,10 +99,20 @@ def _rule(p: NeuronScan, dtype: str):
     def fired(h, i, th):
         return h >= threshold(i, th) if p.compare == ">=" else h > threshold(i, th)
 
+    def count(h, i, th):
+        # BurstIF.fire: floor(H / v_th) (">=") or ceil(H / v_th) - 1 (">"), clamped to [0, max_spikes]
+        r = h / threshold(i, th)
+        k = T.floor(r) if p.compare == ">=" else T.ceil(r) - one
+        return T.max(T.min(k, T.Cast(dtype, p.max_spikes)), zero)
+
     def fire(h, i, th=None):
+        if p.max_spikes > 1:
+            return count(h, i, th)
         return T.Select(fired(h, i, th), one, zero)
 
     def reset(h, i, th=None):
+        if p.max_spikes > 1:   # the same rounded ops as Neuron.reset_membrane: H - v_th * S
+            return h - threshold(i, th) * count(h, i, th)
         # s is 0 or 1, so H - v_th*S and H*(1-S) + v_reset*S are these selects, bit for bit
         if p.reset == "subtract":
             return T.Select(fired(h, i, th), h - threshold(i, th), h)
@@ -129,6 +141,8 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
     """
     if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero", "subtract_after_leak"):
         raise ValueError(f"neuron_scan_kernel: compare={p.compare!r} reset={p.reset!r} not supported")
+    if p.max_spikes > 1 and p.reset != "subtract":
+        raise ValueError(f"neuron_scan_kernel: max_spikes={p.max_spikes} needs reset='subtract'")
     if p.v_init == "buffer" and p.v_th != "buffer":
         raise ValueError("neuron_scan_kernel: v_init='buffer' needs v_th='buffer' (they share one buffer)")
     if device == "gpu":

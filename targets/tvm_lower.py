@@ -140,10 +140,11 @@ def neuron_scan(neuron, sample_shape, dtype="float32"):
         values, size, inner = th_layout
         return NeuronScan(charge_rule(neuron, dtype), v_th="buffer", threshold_size=size, threshold_inner=inner,
                           compare=neuron.compare, reset=neuron.reset_mode, v_reset=neuron.v_reset,
-                          v_init="buffer"), torch.cat([values, init_layout[0]])
+                          v_init="buffer", max_spikes=getattr(neuron, "max_spikes", 1)), \
+            torch.cat([values, init_layout[0]])
     layout = threshold_layout(neuron.v_th, sample_shape)
     common = dict(compare=neuron.compare, reset=neuron.reset_mode, v_reset=neuron.v_reset,
-                  v_init=v_init)
+                  v_init=v_init, max_spikes=getattr(neuron, "max_spikes", 1))
     if layout is None:
         return NeuronScan(charge_rule(neuron, dtype), v_th=float(neuron.v_th), **common), None
     values, size, inner = layout

@@ -7,6 +7,7 @@ from .dsr import DSRIF, DSRLIF
 from .leaky_integrator import LeakyIntegrator
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
+from .burst import BurstIF
 from .cuba import CurrentLI, CurrentLIF
 from .delay import Delay
 from .feedback import Feedback
