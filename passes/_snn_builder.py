@@ -15,7 +15,8 @@ Rueckauer 2017's weight normalisation (eq. 7-8: W' = W lambda_{l-1} / lambda_l, 
     the IF keeps the input's unit and gets the threshold lambda / u instead (a float, or a
     ``[C, 1, 1]`` tensor for channel-wise scales, with v_init a tensor of the same shape).
 Residual adds bring their operands to one unit (the spiking operand's) by rescaling the
-other operands' producers. Pooling keeps per-channel units; a max pooling of converted values becomes a
+other operands' producers. With ``opts["burst"] = k > 1`` the neurons are ``BurstIF`` (up to k
+spikes per step) and a spike stands for lambda / k. Pooling keeps per-channel units; a max pooling of converted values becomes a
 ``SpikeMaxPool2d`` (``max_pool="lateral"`` or ``"gate"``) or stays a per-step max (``"spikes"``).
 """
 from __future__ import annotations

@@ -43,6 +43,9 @@ spikes of the input with the highest count so far); ``"spikes"`` keeps a per-ste
 spikes (an OR of the trains: over-estimates the rate, increasingly with T); ``"refuse"`` raises.
 ``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
 over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
+``burst=k`` (default 1) makes every activation a ``BurstIF`` that sends up to k spikes per step
+(Li & Zeng 2022): each spike is worth lambda / k, so T steps carry T k + 1 levels and the "mse"
+scales are tuned for ``T_target * k`` levels; spikes are then counts 0..k, not 0/1.
 """
 from __future__ import annotations
 
