@@ -215,10 +215,10 @@ def sj_curves(net, ann, data, Ts, results):
         record(results, net, "spikingjelly", name, acc, t0)
 
 
-def hybrid(net, ann, data, calib, T, epochs, lr, kind):
-    """Rathi 2020: convert (the default for T), unroll, surrogate ``kind`` (``stdb`` or the linear
-    ``triangle``), train a few epochs with Adam."""
-    g = snnc.convert(ann, calib, T=T)
+def hybrid(net, ann, data, calib, T, epochs, lr, kind, method=None):
+    """Rathi 2020: convert (the default for T, or ``method``: "percentile" is the paper's start),
+    unroll, surrogate ``kind`` (``stdb`` or the linear ``triangle``), train a few epochs with Adam."""
+    g = snnc.convert(ann, calib, T=T, method=method)
     start = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
     emit(kind="hybrid", net=net, T=T, epoch=0, acc=round(start, 2), surrogate=kind, lr=lr,
          conversion=g.snnc_conversion["method"])
@@ -293,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer T values, epochs and runs")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "out", "conversion.png"))
     ap.add_argument("--no-peer", action="store_true", help="skip spikingjelly")
+    ap.add_argument("--hybrid-from-percentile", action="store_true",
+                    help="also fine-tune from a percentile conversion (Rathi 2020's start), not only the default's")
+    ap.add_argument("--only-hybrid", action="store_true", help="skip the conversion curves (hybrid fine-tuning only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -311,17 +314,22 @@ def main(argv=None):
         has_max_pool = any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
         if has_max_pool:
             max_pool_nets.append(net)
-        snnc_curves(net, ann, data, calib, Ts, results, has_max_pool and not args.quick)
-        if not args.no_peer:
-            sj_curves(net, ann, data, Ts, results)
-        if has_max_pool and not args.quick:
-            avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
-        qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
+        if not args.only_hybrid:
+            snnc_curves(net, ann, data, calib, Ts, results, has_max_pool and not args.quick)
+            if not args.no_peer:
+                sj_curves(net, ann, data, Ts, results)
+            if has_max_pool and not args.quick:
+                avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
+            qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
         if net in HYBRID_NETS:
             for kind, T, lr, n_epochs in (HYBRID_QUICK if args.quick else HYBRID):
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, n_epochs, lr, kind)
+                if args.hybrid_from_percentile:   # Rathi 2020's start: a percentile-balanced SNN
+                    hybrid_acc[(net, T, f"{kind}-from-percentile")] = hybrid(net, ann, data, calib, T, n_epochs, lr,
+                                                                             kind, method="percentile")
     checks(results, ann_acc, hybrid_acc, max_pool_nets)
-    plot(results, ann_acc, args.plot)
+    if results:
+        plot(results, ann_acc, args.plot)
 
 
 if __name__ == "__main__":
