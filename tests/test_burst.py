@@ -94,7 +94,7 @@ def test_burst_graph_runs_on_onnx():
     assert torch.allclose(snnc.compile(g, target="onnx")(x), snnc.run(g, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "relax"])
+@pytest.mark.parametrize("mode", ["hybrid", pytest.param("relax", marks=pytest.mark.slow)])
 def test_burst_graph_runs_on_tvm_llvm(mode):
     pytest.importorskip("tvm")
     g, x = _burst_graph()

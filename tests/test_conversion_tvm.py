@@ -40,7 +40,7 @@ def test_per_channel_v_init_is_in_the_graph():
     assert any(len(set(m.v_init.flatten().tolist())) > 1 for m in per_channel)
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "relax"])
+@pytest.mark.parametrize("mode", ["hybrid", pytest.param("relax", marks=pytest.mark.slow)])
 def test_per_channel_v_init_lowers_to_tvm_llvm(mode):
     pytest.importorskip("tvm")
     g, x = _snn()
