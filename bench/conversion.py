@@ -39,8 +39,12 @@ from snnc.passes import fold_bn, insert_surrogate, threshold_balance, unroll_tim
 from snnc.zoo import digits_cnn
 from snnc.zoo.digits_maxpool import digits_resnet18, digits_vgg
 
-NETS = {"cnn": (lambda: digits_cnn(16), 15), "resnet18": (lambda: digits_resnet18(8), 30),
+NETS = {"cnn": (lambda: digits_cnn(16), 15), "resnet18": (lambda: digits_resnet18(16), 40),
         "vgg": (lambda: digits_vgg(16), 15)}                    # name -> (model, training epochs)
+# the ResNet-18 is trained as ResNets are (decoupled weight decay, cosine-annealed lr): with the
+# digits nets' constant-lr Adam it stalls near 93% train accuracy (width 8: 88.7% test; its eval-mode
+# accuracy swings by 20 points between epochs as BN statistics chase the last updates)
+RESNET_TRAINING = dict(lr=3e-3, weight_decay=1e-2)
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "bench-conversion")
 
 SNNC_FIXED = {   # per-step graphs (one conversion, every T from one run)
@@ -50,8 +54,9 @@ SNNC_FIXED = {   # per-step graphs (one conversion, every T from one run)
 MAX_POOL_MODES = ("gate", "spikes")   # besides the default's "lateral": measured on the nets with MaxPool
 
 # hybrid fine-tuning from the default conversion: (surrogate, T, Adam lr, epochs)
-HYBRID = (("triangle", 4, 1e-3, 3), ("stdb", 4, 1e-4, 3))
-HYBRID_QUICK = (("triangle", 4, 1e-3, 1),)
+HYBRID = (("triangle", 4, 1e-3, 5), ("stdb", 4, 1e-3, 5))
+HYBRID_QUICK = (("triangle", 4, 1e-3, 3), ("stdb", 4, 1e-3, 3))
+HYBRID_NETS = ("cnn", "vgg")
 
 
 def emit(**row):
@@ -59,21 +64,39 @@ def emit(**row):
 
 
 def trained(net, data, epochs):
-    """The ANN, trained once (Adam, lr 3e-3, seed 0) and cached by name and epochs."""
+    """The ANN, trained once (Adam, lr 3e-3, seed 0; the ResNet-18: ``_train_resnet``) and cached by
+    name and epochs."""
     make = NETS[net][0]
-    path = os.path.join(CACHE, f"{net}-e{epochs}.pt")
+    path = os.path.join(CACHE, f"{net}-e{epochs}{'-w16-adamw-cos' if net == 'resnet18' else ''}.pt")
+    if net == "resnet18":   # AdamW + cosine recipe: seeded before the net is built, so its init is seed 0 too
+        torch.manual_seed(0)
     model = make()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), 0.0
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = train_ann(model, data, epochs=epochs)
+    model = _train_resnet(model, data, epochs) if net == "resnet18" else train_ann(model, data, epochs=epochs)
     os.makedirs(CACHE, exist_ok=True)
     tmp = path + ".tmp"
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return model, time.perf_counter() - t0
+
+
+def _train_resnet(model, data, epochs):
+    """AdamW, cosine-annealed to 0 over all steps, batch 64, seed 0."""
+    opt = torch.optim.AdamW(model.parameters(), **RESNET_TRAINING)
+    train, _ = data.loaders(batch_size=64, seed=0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(train))
+    model.train()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
 
 
 def curve(step_fn, reset_fn, x, y, Ts, running_mean=False):
@@ -195,10 +218,10 @@ def sj_curves(net, ann, data, Ts, results):
         record(results, net, "spikingjelly", name, acc, t0)
 
 
-def hybrid(net, ann, data, calib, T, epochs, lr, kind):
-    """Rathi 2020: convert (the default for T), unroll, surrogate ``kind`` (``stdb`` or the linear
-    ``triangle``), train a few epochs with Adam."""
-    g = snnc.convert(ann, calib, T=T)
+def hybrid(net, ann, data, calib, T, epochs, lr, kind, method=None):
+    """Rathi 2020: convert (the default for T, or ``method``: "percentile" is the paper's start),
+    unroll, surrogate ``kind`` (``stdb`` or the linear ``triangle``), train a few epochs with Adam."""
+    g = snnc.convert(ann, calib, T=T, method=method)
     start = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
     emit(kind="hybrid", net=net, T=T, epoch=0, acc=round(start, 2), surrogate=kind, lr=lr,
          conversion=g.snnc_conversion["method"])
@@ -209,7 +232,7 @@ def hybrid(net, ann, data, calib, T, epochs, lr, kind):
     for row in hist:
         emit(kind="hybrid", net=net, T=T, epoch=row["epoch"], acc=round(row["val_acc"], 2), surrogate=kind,
              lr=lr, seconds=round(row["seconds"], 1))
-    return hist[-1]["val_acc"]
+    return [row["val_acc"] for row in hist]
 
 
 def checks(results, ann_acc, hybrid_acc, max_pool_nets):
@@ -233,9 +256,11 @@ def checks(results, ann_acc, hybrid_acc, max_pool_nets):
             drops = [round(accs[a] - accs[b], 2) for a, b in zip(big, big[1:])]
             emit(kind="check", name=f"{net}_default_never_loses_accuracy_T8_to_T{big[-1]}",
                  accs={T: round(accs[T], 2) for T in big}, largest_drop=max(drops + [0.0]), ok=max(drops) <= 0.0)
-    for (net, T, kind), acc in hybrid_acc.items():
-        emit(kind="check", name=f"{net}_hybrid_{kind}_T{T}_within_1pt_of_ann", ann=round(ann_acc[net], 2),
-             snn=round(acc, 2), ok=ann_acc[net] - acc <= 1.0)
+    for (net, T, kind), accs in hybrid_acc.items():
+        within = [e + 1 for e, a in enumerate(accs) if ann_acc[net] - a <= 1.0]
+        emit(kind="check", name=f"{net}_hybrid_{kind}_T{T}_within_1pt_of_ann_in_5_epochs", ann=round(ann_acc[net], 2),
+             snn=round(accs[-1], 2), best=round(max(accs), 2), first_epoch_within_1pt=within[0] if within else None,
+             ok=bool(within) and within[0] <= 5)
 
 
 def plot(results, ann_acc, path):
@@ -271,6 +296,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer T values, epochs and runs")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "out", "conversion.png"))
     ap.add_argument("--no-peer", action="store_true", help="skip spikingjelly")
+    ap.add_argument("--hybrid-from-percentile", action="store_true",
+                    help="also fine-tune from a percentile conversion (Rathi 2020's start), not only the default's")
+    ap.add_argument("--only-hybrid", action="store_true", help="skip the conversion curves (hybrid fine-tuning only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -289,17 +317,22 @@ def main(argv=None):
         has_max_pool = any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
         if has_max_pool:
             max_pool_nets.append(net)
-        snnc_curves(net, ann, data, calib, Ts, results, has_max_pool and not args.quick)
-        if not args.no_peer:
-            sj_curves(net, ann, data, Ts, results)
-        if has_max_pool and not args.quick:
-            avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
-        qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
-        if net == "cnn" or not args.quick:
+        if not args.only_hybrid:
+            snnc_curves(net, ann, data, calib, Ts, results, has_max_pool and not args.quick)
+            if not args.no_peer:
+                sj_curves(net, ann, data, Ts, results)
+            if has_max_pool and not args.quick:
+                avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
+            qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
+        if net in HYBRID_NETS:
             for kind, T, lr, n_epochs in (HYBRID_QUICK if args.quick else HYBRID):
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, n_epochs, lr, kind)
+                if args.hybrid_from_percentile:   # Rathi 2020's start: a percentile-balanced SNN
+                    hybrid_acc[(net, T, f"{kind}-from-percentile")] = hybrid(net, ann, data, calib, T, n_epochs, lr,
+                                                                             kind, method="percentile")
     checks(results, ann_acc, hybrid_acc, max_pool_nets)
-    plot(results, ann_acc, args.plot)
+    if results:
+        plot(results, ann_acc, args.plot)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def _channel_means(x: torch.Tensor) -> torch.Tensor:
 
 
 def correct_biases(snn: fx.GraphModule, ann: fx.GraphModule, act_nodes, scales: dict, neurons: dict,
-                   batches, T: int) -> None:
+                   batches, T: int, burst: int = 1) -> None:
     """In place on ``snn``: ``act_nodes`` (of ``ann``), their ``scales`` and IF module names."""
     pre_nodes = [n.all_input_nodes[0] for n in act_nodes]
     pre = cal.record_activations(ann, batches, pre_nodes, desc="bias correction (ANN)")
@@ -72,7 +72,7 @@ def correct_biases(snn: fx.GraphModule, ann: fx.GraphModule, act_nodes, scales: 
         h.remove()
         reset_state(snn)
         snn_mean = sums / count   # mean over samples, positions and the T steps
-        unit = (torch.as_tensor(scales[act]) / torch.as_tensor(neuron.v_th)).reshape(-1)
+        unit = (torch.as_tensor(scales[act]) / burst / torch.as_tensor(neuron.v_th)).reshape(-1)
         ann_mean = pre[act.all_input_nodes[0]].mean(1) / unit
         delta = ann_mean - snn_mean
         out_ch = producer.weight.shape[0]

@@ -15,7 +15,8 @@ Rueckauer 2017's weight normalisation (eq. 7-8: W' = W lambda_{l-1} / lambda_l, 
     the IF keeps the input's unit and gets the threshold lambda / u instead (a float, or a
     ``[C, 1, 1]`` tensor for channel-wise scales, with v_init a tensor of the same shape).
 Residual adds bring their operands to one unit (the spiking operand's) by rescaling the
-other operands' producers. Pooling keeps per-channel units; a max pooling of converted values becomes a
+other operands' producers. With ``opts["burst"] = k > 1`` the neurons are ``BurstIF`` (up to k
+spikes per step) and a spike stands for lambda / k. Pooling keeps per-channel units; a max pooling of converted values becomes a
 ``SpikeMaxPool2d`` (``max_pool="lateral"`` or ``"gate"``) or stays a per-step max (``"spikes"``).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import fx, nn
 
 from snnc.errors import SnncError, UnsupportedOp, node_ref
 from snnc.ir import annotate, info, op_name
-from snnc.ops import IF, DirectEncoder, PoissonEncoder, Readout, SpikeMaxPool2d, is_snnc_op
+from snnc.ops import IF, BurstIF, DirectEncoder, PoissonEncoder, Readout, SpikeMaxPool2d, is_snnc_op
 from snnc.ops.qcfs import QCFS
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -197,6 +198,8 @@ class Builder:
             self.recorders[node.name] = (name, u_in)
             self.unit[node] = u_in
             return
+        burst = self.opts.get("burst", 1)
+        scale = scale / burst   # a burst neuron's spike is worth lambda / burst (up to burst per step)
         factor = u_in / scale
         if self.absorb(src, factor, dry=True):
             self.absorb(src, factor, dry=False)
@@ -212,7 +215,9 @@ class Builder:
         # a per-channel threshold (an identity skip brings spikes of channel-wise scales into the
         # add) gets a per-channel start v_init = frac * v_th, so the half-threshold start of
         # Bu 2022 applies to residual nets as well
-        neuron = IF(v_th=v_th, reset=self.opts["reset"], v_init=frac * v_th if frac else 0.0)
+        v_init = frac * v_th if frac else 0.0
+        neuron = BurstIF(max_spikes=burst, v_th=v_th, v_init=v_init) if burst > 1 else \
+            IF(v_th=v_th, reset=self.opts["reset"], v_init=v_init)
         name = self._put_module(node, neuron, f"if_{node.name}")
         self.neurons[node.name] = name
         self.env[node] = self.graph.call_module(name, (self.env[src],))

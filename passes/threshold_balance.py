@@ -43,6 +43,9 @@ spikes of the input with the highest count so far); ``"spikes"`` keeps a per-ste
 spikes (an OR of the trains: over-estimates the rate, increasingly with T); ``"refuse"`` raises.
 ``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
 over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
+``burst=k`` (default 1) makes every activation a ``BurstIF`` that sends up to k spikes per step
+(Li & Zeng 2022): each spike is worth lambda / k, so T steps carry T k + 1 levels and the "mse"
+scales are tuned for ``T_target * k`` levels; spikes are then counts 0..k, not 0/1.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ ENCODINGS = ("direct", "poisson")
 MAX_POOLS = ("lateral", "gate", "spikes", "refuse")
 
 
-def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target):
+def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target, burst=1):
     if method not in METHODS:
         raise InputError(f"threshold_balance: method={method!r}; expected one of {METHODS}")
     if reset not in RESETS:
@@ -82,6 +85,10 @@ def _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, 
         raise InputError(f"threshold_balance: v_init_fraction={v_init_fraction} must be in [0, 1)")
     if max_pool not in MAX_POOLS:
         raise InputError(f"threshold_balance: max_pool={max_pool!r}; expected one of {MAX_POOLS}")
+    if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+        raise InputError(f"threshold_balance: burst={burst!r} must be an int >= 1 (spikes per step)")
+    if burst > 1 and reset != "subtract":
+        raise InputError(f"threshold_balance: burst={burst} needs reset='subtract' (got {reset!r})")
     for name, v in (("T_calib", T_calib), ("T_target", T_target)):
         if not isinstance(v, int) or v < 1:
             raise InputError(f"threshold_balance: {name}={v!r} must be a positive int")
@@ -154,30 +161,30 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
             channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
             T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
             max_pool: str = "lateral", T_target: int = 4, seed: int = 0, batch_size: int = 256,
-            bias_correction: bool = False):
+            bias_correction: bool = False, burst: int = 1):
     """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
     converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
     if v_init_fraction is None:
         v_init_fraction = 0.5 if method in ("mse", "qcfs") else 0.0
-    _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target)
+    _check_options(method, q, reset, encoding, T_calib, scale, v_init_fraction, max_pool, T_target, burst)
     ann, nodes, batches = _prepare(gm, calib, method, batch_size)
     signed = batches is not None and any(bool((b < 0).any()) for b in batches)
     opts = {"reset": reset, "v_init_fraction": v_init_fraction, "encoding": encoding, "seed": seed,
-            "signed": signed, "max_pool": max_pool}
+            "signed": signed, "max_pool": max_pool, "burst": burst}
     if method == "qcfs":
         scales = {n: ann.get_submodule(n.target).threshold.detach().abs().reshape(()) * scale for n in nodes}
     elif method == "spiking":
         scales = _spiking_scales(ann, nodes, batches, channel_wise, T_calib, scale, opts)
     else:
         scales = {n: s * scale for n, s in
-                  _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target).items()}
+                  _ann_scales(ann, nodes, batches, method, q, channel_wise, T_target * burst).items()}
     cal.check_scales(scales)
     builder = Builder(ann, scales, opts)
     snn = builder.build()
     if bias_correction:
         if batches is None:
             raise InputError("threshold_balance: bias_correction=True needs calibration data")
-        correct_biases(snn, ann, nodes, scales, builder.neurons, batches, T_target)
+        correct_biases(snn, ann, nodes, scales, builder.neurons, batches, T_target, burst)
     return snn, {n.name: s for n, s in scales.items()}
 
 
@@ -185,7 +192,7 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
                       channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
                       T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
                       max_pool: str = "lateral", T_target: int = 4, seed: int = 0,
-                      batch_size: int = 256, bias_correction: bool = False) -> fx.GraphModule:
+                      batch_size: int = 256, bias_correction: bool = False, burst: int = 1) -> fx.GraphModule:
     """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
 
     ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
@@ -195,4 +202,4 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
     return balance(gm, calib, method=method, q=q, channel_wise=channel_wise, reset=reset,
                    encoding=encoding, T_calib=T_calib, scale=scale, v_init_fraction=v_init_fraction,
                    max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size,
-                   bias_correction=bias_correction)[0]
+                   bias_correction=bias_correction, burst=burst)[0]

@@ -8,6 +8,12 @@ converted and run for T steps on (a subset of) the calibration inputs, and score
 its prediction agrees with the ANN's own prediction on the same inputs (no labels needed), ties
 broken by the smaller mean squared error of the logits. Scores are reported, so the choice can be
 checked and reproduced with ``method=`` and the reported options.
+
+Burst candidates (``snnc.ops.BurstIF``: up to ``BURST`` spikes per step, Li & Zeng 2022) represent
+T * BURST levels in T steps, which is what deep nets (a ResNet-18) need at T <= 8. Their spikes are
+small counts rather than 0/1, so they are tried only when no binary candidate agrees with the ANN
+on at least ``BURST_BELOW`` % of the calibration inputs, and win only by more than
+``BURST_MARGIN`` points of agreement; ``burst=1`` forbids them, ``burst=k`` fixes k.
 """
 from __future__ import annotations
 
@@ -20,6 +26,10 @@ SCORE_SAMPLES = 256   # calibration inputs each candidate runs on (the first one
 BIAS_CORRECTION_MAX_T = 16   # above it the rate-code bias is small and the correction's T-step runs per
                              # layer cost the most: such candidates are not tried unless asked for
 
+BURST = 4            # spikes per step of the burst candidates
+BURST_BELOW = 99.0   # agreement (%) under which the burst candidates are tried
+BURST_MARGIN = 1.0   # points of agreement a burst candidate must gain over the best binary one
+
 # name -> threshold_balance options (T_target is set to the T scored at)
 CANDIDATES = {
     "percentile": dict(method="percentile"),
@@ -29,6 +39,12 @@ CANDIDATES = {
     "mse-cw": dict(method="mse", channel_wise=True),
     "mse-bc": dict(method="mse", bias_correction=True),
     "mse-cw-bc": dict(method="mse", channel_wise=True, bias_correction=True),
+}
+BURST_CANDIDATES = {
+    f"mse-burst{BURST}": dict(method="mse", burst=BURST),
+    f"mse-cw-burst{BURST}": dict(method="mse", channel_wise=True, burst=BURST),
+    f"percentile-cw-half-burst{BURST}": dict(method="percentile", channel_wise=True, v_init_fraction=0.5,
+                                             burst=BURST),
 }
 
 
@@ -40,10 +56,10 @@ def _all_qcfs(graph) -> bool:
                               for n in acts)
 
 
-def _candidates(options: dict, T: int) -> dict:
+def _candidates(options: dict, T: int, table=None) -> dict:
     """The candidates with the user's options applied; duplicates (same options) dropped."""
     out, seen = {}, set()
-    for name, opts in CANDIDATES.items():
+    for name, opts in (CANDIDATES if table is None else table).items():
         if opts.get("bias_correction") and T > BIAS_CORRECTION_MAX_T and "bias_correction" not in options:
             continue
         merged = {**opts, **options}
@@ -76,17 +92,27 @@ def choose(folded, calib, T: int, options: dict):
         raise SnncError("snnc.convert: choosing a recipe (method=None) needs calibration data; pass calib or "
                         "method=...")
     x = torch.cat(calib)[:SCORE_SAMPLES]
-    ann = folded
-    scores, best = {}, None
-    for name, opts in tqdm(_candidates(options, T).items(), desc=f"choosing a recipe for T={T}", disable=None,
-                           leave=False):
-        opts = {**opts, "T_target": options.get("T_target", T)}
-        snn = threshold_balance(folded, calib, **opts)
-        agree, mse = _score(snn, ann, x, T)
-        scores[name] = {"agreement": round(agree, 2), "mse": round(mse, 5)}
-        if best is None or (agree, -mse) > (best[0], -best[1]):
-            best = (agree, mse, name, opts, snn)
+    scores = {}
+    best = _best(folded, calib, x, T, options, _candidates(options, T), scores)
+    if best[0] < BURST_BELOW and "burst" not in options:
+        burst = _best(folded, calib, x, T, options, _candidates(options, T, BURST_CANDIDATES), scores)
+        if burst is not None and burst[0] > best[0] + BURST_MARGIN:
+            best = burst
     _, _, name, opts, snn = best
     report = {"method": name, "options": opts, "chosen_by": f"agreement with the ANN on {len(x)} "
               f"calibration inputs at T={T}", "T": T, "scores": scores}
     return snn, report
+
+
+def _best(folded, calib, x, T, options, candidates, scores):
+    """``(agreement, mse, name, options, snn)`` of the best of ``candidates`` (scores filled in)."""
+    from snnc.passes import threshold_balance
+    best = None
+    for name, opts in tqdm(candidates.items(), desc=f"choosing a recipe for T={T}", disable=None, leave=False):
+        opts = {**opts, "T_target": options.get("T_target", T)}
+        snn = threshold_balance(folded, calib, **opts)
+        agree, mse = _score(snn, folded, x, T)
+        scores[name] = {"agreement": round(agree, 2), "mse": round(mse, 5)}
+        if best is None or (agree, -mse) > (best[0], -best[1]):
+            best = (agree, mse, name, opts, snn)
+    return best

@@ -80,7 +80,7 @@ def _refuse_overwrite(path, overwrite, *more):
 
 # --convert options -> snnc.convert keyword arguments (None: not given, snnc.convert's default)
 _CONVERT_OPTIONS = ("method", "q", "channel_wise", "bias_correction", "max_pool", "reset", "encoding", "scale",
-                    "v_init_fraction", "T_calib", "T_target")
+                    "v_init_fraction", "T_calib", "T_target", "burst")
 
 
 def _conversion_options(args) -> dict:
@@ -346,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, help="multiply every balanced scale (e.g. 0.7, Rathi 2020)")
     s.add_argument("--v-init-fraction", type=float,
                    help="membranes start at this fraction of the threshold (default 0.5 for mse/qcfs, else 0)")
+    s.add_argument("--burst", type=_positive_int,
+                   help="up to this many spikes per neuron and step (burst spikes, Li 2022; 1 = binary spikes "
+                        "only; default: the default recipe may use 4 where binary spikes fall short)")
     s.add_argument("--T-calib", type=_positive_int, help="steps per calibration run of --method spiking (default 32)")
     s.add_argument("--T-target", type=_positive_int, help="the T the scales are tuned / the recipe is chosen for "
                                                 "(default --T)")

@@ -6,7 +6,10 @@
 
 With no ``method``, the recipe is chosen by measurement (``_recipe_search.py``): each candidate recipe is
 converted and run for T steps on the calibration inputs, and the one whose SNN agrees best with the
-ANN's own predictions there wins (no labels needed). Methods (``passes/threshold_balance.py`` has
+ANN's own predictions there wins (no labels needed); where no recipe with 0/1 spikes agrees on
+99% of those inputs (deep nets at T <= 8), burst-spike recipes (``burst=4``: up to 4 spikes per
+step, ``snnc.ops.BurstIF``) are tried too and kept if they agree better (``burst=1`` forbids them).
+Methods (``passes/threshold_balance.py`` has
 the details and papers): ``"max"``, ``"percentile"`` (q=99.9), ``"mse"`` (low latency: scales
 tuned for the T given, with half-threshold start), ``"spiking"`` (Rathi 2020 layer-by-layer
 balancing), ``"qcfs"`` (an ANN trained with ``snnc.ops.QCFS`` activations, Bu 2022, e.g. by
@@ -36,7 +39,7 @@ def convert(model, calib=None, T: int | None = None, method: str | None = None, 
     best for ``T`` (or ``T_target``, default 32, when T is None) on the calibration data; the
     result's ``snnc_conversion`` attribute says which and why. ``method`` and ``options`` go to
     ``threshold_balance`` (``q``, ``channel_wise``, ``reset``, ``encoding``, ``scale``,
-    ``v_init_fraction``, ``T_calib``, ``max_pool``, ``bias_correction`` ...); with
+    ``v_init_fraction``, ``T_calib``, ``max_pool``, ``bias_correction``, ``burst`` ...); with
     ``method=None`` the options given fix those choices for every candidate. For ``method="mse"``
     the scales are tuned for ``T`` unless ``T_target`` is given.
     """

@@ -53,7 +53,10 @@ class NeuronScan:
     or ``"buffer"``: the kernel then takes a threshold buffer of ``threshold_size`` values and
     reads it at ``(i // threshold_inner) % threshold_size`` for flat neuron index ``i`` (per
     channel: ``threshold_size = C``, ``threshold_inner = H*W``; any broadcast pattern: the whole
-    sample, ``threshold_inner = 1``).
+    sample, ``threshold_inner = 1``). ``v_init="buffer"`` (only with a threshold buffer): the
+    start membrane is per neuron too, read from the same buffer after the thresholds, at
+    ``threshold_size + (i // threshold_inner) % threshold_size`` (the buffer then holds
+    ``2 * threshold_size`` values: one parameter, so every caller passes one buffer as before).
     """
 
     charge: ChargeFn
@@ -62,9 +65,11 @@ class NeuronScan:
     reset: str = "subtract"        # "subtract" (Rueckauer 2017), "zero" (hard reset to v_reset) or
                                    # "subtract_after_leak" (snntorch: V = H, the next charge subtracts)
     v_reset: float | int = 0
-    v_init: float | int = 0
+    v_init: float | int | str = 0
     threshold_size: int = 1
     threshold_inner: int = 1
+    max_spikes: int = 1            # > 1: burst spikes, clamp(floor(H / v_th), 0, max_spikes) per step
+                                   # (snnc.ops.BurstIF; reset="subtract" only)
 
 
 def pick_lanes(n: int, widest: int = 16) -> int:
@@ -86,13 +91,28 @@ def _rule(p: NeuronScan, dtype: str):
             return th[(i // p.threshold_inner) % p.threshold_size]
         return T.Cast(dtype, p.v_th)
 
+    def init(i, th=None):
+        if p.v_init == "buffer":   # channel-wise conversion's half-threshold start (one value per channel)
+            return th[p.threshold_size + (i // p.threshold_inner) % p.threshold_size]
+        return T.Cast(dtype, p.v_init)
+
     def fired(h, i, th):
         return h >= threshold(i, th) if p.compare == ">=" else h > threshold(i, th)
 
+    def count(h, i, th):
+        # BurstIF.fire: floor(H / v_th) (">=") or ceil(H / v_th) - 1 (">"), clamped to [0, max_spikes]
+        r = h / threshold(i, th)
+        k = T.floor(r) if p.compare == ">=" else T.ceil(r) - one
+        return T.max(T.min(k, T.Cast(dtype, p.max_spikes)), zero)
+
     def fire(h, i, th=None):
+        if p.max_spikes > 1:
+            return count(h, i, th)
         return T.Select(fired(h, i, th), one, zero)
 
     def reset(h, i, th=None):
+        if p.max_spikes > 1:   # the same rounded ops as Neuron.reset_membrane: H - v_th * S
+            return h - threshold(i, th) * count(h, i, th)
         # s is 0 or 1, so H - v_th*S and H*(1-S) + v_reset*S are these selects, bit for bit
         if p.reset == "subtract":
             return T.Select(fired(h, i, th), h - threshold(i, th), h)
@@ -106,6 +126,7 @@ def _rule(p: NeuronScan, dtype: str):
             h = p.charge(v, x)
             return T.Select(fired(v, i, th), h - threshold(i, th), h)
         return p.charge(v, x)
+    charge.init = init
     return charge, fire, reset
 
 
@@ -120,6 +141,10 @@ def neuron_scan_kernel(T_steps: int, M: int | None, dtype: str, p: NeuronScan, *
     """
     if p.compare not in (">=", ">") or p.reset not in ("subtract", "zero", "subtract_after_leak"):
         raise ValueError(f"neuron_scan_kernel: compare={p.compare!r} reset={p.reset!r} not supported")
+    if p.max_spikes > 1 and p.reset != "subtract":
+        raise ValueError(f"neuron_scan_kernel: max_spikes={p.max_spikes} needs reset='subtract'")
+    if p.v_init == "buffer" and p.v_th != "buffer":
+        raise ValueError("neuron_scan_kernel: v_init='buffer' needs v_th='buffer' (they share one buffer)")
     if device == "gpu":
         return _scan_gpu(T_steps, M, dtype, p)
     lanes = lanes or (pick_lanes(M) if M is not None else 1)
@@ -155,9 +180,9 @@ def _scan_cpu(Tn, M_static, dtype, p, lanes):
 
 def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
     M = _size(M_static)
-    init = T.Cast(dtype, p.v_init)
     charge, fire, reset = _rule(p, dtype)
-    C = p.threshold_size
+    init = charge.init
+    C = _buffer_size(p)
 
     @T.prim_func(s_tir=True)
     def neuron_scan(x: T.handle, th: T.handle, s: T.handle):
@@ -168,7 +193,8 @@ def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
         with T.sblock("root"):
             for io in T.parallel(M // lanes):
                 for ii in T.vectorized(lanes):
-                    S[0, io * lanes + ii] = charge(init, X[0, io * lanes + ii], io * lanes + ii, VTH)
+                    S[0, io * lanes + ii] = charge(init(io * lanes + ii, VTH), X[0, io * lanes + ii],
+                                                   io * lanes + ii, VTH)
                 for t in T.unroll(1, Tn):
                     for ii in T.vectorized(lanes):
                         S[t, io * lanes + ii] = charge(reset(S[t - 1, io * lanes + ii], io * lanes + ii, VTH),
@@ -183,9 +209,9 @@ def _scan_cpu_th(Tn, M_static, dtype, p, lanes):
 def _scan_gpu(Tn, M_static, dtype, p, threads=256):
     """One thread per neuron; H and V in registers (``local`` scalars); S written once per step."""
     M = _size(M_static)
-    init = T.Cast(dtype, p.v_init)
+    init = T.Cast(dtype, p.v_init) if p.v_init != "buffer" else None
     charge, fire, reset = _rule(p, dtype)
-    C = max(1, p.threshold_size)
+    C = max(1, _buffer_size(p))
     with_th = p.v_th == "buffer"
 
     @T.prim_func(s_tir=True)
@@ -203,7 +229,7 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                         V = T.alloc_buffer((1,), dtype, scope="local")
                         H = T.alloc_buffer((1,), dtype, scope="local")
                         if bx * threads + tx < M:
-                            V[0] = init
+                            V[0] = charge.init(bx * threads + tx, VTH)
                             for t in T.serial(Tn):  # nvcc unrolls it; one launch for all T
                                 H[0] = charge(V[0], X[t, bx * threads + tx], bx * threads + tx, VTH)
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx, VTH)
@@ -231,6 +257,11 @@ def _scan_gpu(Tn, M_static, dtype, p, threads=256):
                                 S[t, bx * threads + tx] = fire(H[0], bx * threads + tx)
                                 V[0] = reset(H[0], bx * threads + tx)
     return neuron_scan_scalar_th
+
+
+def _buffer_size(p: NeuronScan) -> int:
+    """Values in the threshold buffer: the thresholds, then the start membranes if per neuron."""
+    return p.threshold_size * (2 if p.v_init == "buffer" else 1)
 
 
 def _size(M):

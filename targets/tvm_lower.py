@@ -146,13 +146,23 @@ def threshold_layout(v_th, sample_shape):
 
 def neuron_scan(neuron, sample_shape, dtype="float32"):
     """``(NeuronScan, threshold values or None)`` for an snnc neuron on samples of ``sample_shape``."""
-    if isinstance(neuron.v_init, torch.Tensor):
-        raise UnsupportedOp(f"{type(neuron).op_name} with a per-channel v_init (channel-wise conversion with "
-                            "v_init_fraction > 0 on a residual net) has no TVM lowering; run it on the torch "
-                            "or onnx target, or convert with v_init_fraction=0")
+    v_init = neuron.v_init
+    if isinstance(v_init, torch.Tensor):
+        # a per-channel start membrane (channel-wise conversion with half-threshold start): it rides
+        # in the threshold buffer, so both are laid out alike (the threshold expanded if scalar)
+        full = [torch.broadcast_to(torch.as_tensor(t, dtype=torch.float32).detach(), tuple(sample_shape))
+                for t in (neuron.v_th, v_init)]
+        th_layout, init_layout = (threshold_layout(t, sample_shape) for t in full)
+        if th_layout[1:] != init_layout[1:]:   # laid out differently: one value per neuron of a sample, both
+            th_layout, init_layout = ((t.reshape(-1).contiguous(), t.numel(), 1) for t in full)
+        values, size, inner = th_layout
+        return NeuronScan(charge_rule(neuron, dtype), v_th="buffer", threshold_size=size, threshold_inner=inner,
+                          compare=neuron.compare, reset=neuron.reset_mode, v_reset=neuron.v_reset,
+                          v_init="buffer", max_spikes=getattr(neuron, "max_spikes", 1)), \
+            torch.cat([values, init_layout[0]])
     layout = threshold_layout(neuron.v_th, sample_shape)
     common = dict(compare=neuron.compare, reset=neuron.reset_mode, v_reset=neuron.v_reset,
-                  v_init=neuron.v_init)
+                  v_init=v_init, max_spikes=getattr(neuron, "max_spikes", 1))
     if layout is None:
         return NeuronScan(charge_rule(neuron, dtype), v_th=float(neuron.v_th), **common), None
     values, size, inner = layout

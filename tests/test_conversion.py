@@ -188,6 +188,12 @@ def test_cli_compile_convert_takes_every_conversion_option(tmp_path, capsys):
                         "64", "--T", "2", "--no-bias-correction", "-o", tmp_path / "b.pt")
     assert rc == 0, err
     assert "chosen for T=2" in out and "agreement with the ANN" in out
+    rc, out, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--convert", "--calib", "digits",
+                        "--calib-samples", "64", "--T", "2", "--method", "mse", "--burst", "3", "-o", tmp_path / "e.pt")
+    assert rc == 0, err
+    want = snnc.convert(ann, calib, T=2, method="mse", burst=3)
+    assert torch.equal(snnc.load(tmp_path / "e.pt")(x), snnc.run(want, x))
+    assert "snn.burst_if" in snnc.dump(want) and "max_spikes=3" in snnc.dump(want)
     rc, _, err = _cli(capsys, "compile", tmp_path / "ann.pt", "--trust-model-file", "--input-shape", "1,1,8,8", "--channel-wise",
                       "-o", tmp_path / "c.pt")
     assert rc == 1 and "--channel-wise: conversion options need --convert" in err

@@ -5,6 +5,7 @@ from .coding import DirectEncoder, MergeTime, PoissonEncoder, Readout, SplitTime
 from .dsr import DSRIF, DSRLIF
 from .integer import IntAdd, IntConv2d, IntIF, IntLIF, IntLinear, IntMaxPool2d, IntReadout, IntSumPool2d
 from .alif import ALIF
+from .burst import BurstIF
 from .cuba import CurrentLI, CurrentLIF
 from .delay import Delay
 from .feedback import Feedback
