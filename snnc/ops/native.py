@@ -102,12 +102,18 @@ def _ptr_or_null(t):
     return None if t is None else t.data_ptr()
 
 
-def scan_forward(lib, x, p, half_state=False):
+def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
-    ``p``: the neuron constants (see neuron_scan)."""
+    ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
+    ``x`` (each element is read before it is written) and returned as a new tensor on its memory."""
+    overwrite_input = overwrite_input and x.is_contiguous()
     x = x.contiguous()
     T, M = x.shape[0], x[0].numel()
-    s, s8 = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
+    if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
+        s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
+    else:
+        s = torch.empty_like(x)
+    s8 = torch.empty(x.shape, dtype=torch.uint8)
     z = torch.empty(x.shape, dtype=torch.float16 if half_state else torch.float32)
     zf, zh = (None, z) if half_state else (z, None)
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),

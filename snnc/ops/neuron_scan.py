@@ -152,14 +152,15 @@ def _half(z):
     return z.clamp(-65504.0, 65504.0).to(torch.float16)
 
 
-def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32):
+def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32, overwrite_input=False):
     """``(spikes, spikes_u8, z, plan)``, ``z`` in ``state_dtype``: the native kernel when it
-    applies (``plan`` not None), else torch."""
+    applies (``plan`` not None), else torch. ``overwrite_input``: the native kernel may write
+    the spikes over ``x_seq`` (the caller owns it and nothing reads it afterwards)."""
     plan = _native_plan(neuron, x_seq, surrogate)
     half = state_dtype == torch.float16
     if plan is not None:
         from .native import scan_forward as native_forward
-        spikes, s8, z = native_forward(plan[0], x_seq, plan[1], half_state=half)
+        spikes, s8, z = native_forward(plan[0], x_seq, plan[1], half_state=half, overwrite_input=overwrite_input)
         return spikes, s8, z, plan
     spikes, z = _torch_forward(x_seq, neuron)
     return spikes, spikes.to(torch.uint8), (_half(z) if half else z), None
@@ -168,7 +169,8 @@ def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32):
 class _NeuronScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq, neuron, surrogate):
-        spikes, s8, z, plan = scan_forward(x_seq, neuron, surrogate, spike_store.state_dtype())
+        spikes, s8, z, plan = scan_forward(x_seq, neuron, surrogate, spike_store.state_dtype(),
+                                           spike_store.may_overwrite_input(neuron))
         ctx.neuron, ctx.surrogate, ctx.plan = neuron, surrogate, plan
         ctx.save_for_backward(z, s8)   # the input current x_seq is not kept
         spike_store.register(spikes, s8)

@@ -12,6 +12,11 @@ has consumed them. Per neuron and step this keeps 1 byte instead of 4.
 at ±65504) instead of float32: 2 bytes instead of 4, at a relative error of at most 2^-11 in
 ``z`` (the surrogate ``g(z)`` then moves by at most ~2^-10 relatively for atan/sigmoid; spikes and
 the forward are unchanged, the reset's S comes from the exact uint8 spikes).
+
+Under ``compact_spikes(gm)`` a neuron whose input current is a convolution's or linear layer's
+output used by nothing else (read from the fx graph at each call) writes its float32 spikes over
+that input current: the current is needed by the scan only (neither layer keeps its output for
+backward), so the layer's output, spikes and z never coexist in three buffers.
 """
 from __future__ import annotations
 
@@ -79,18 +84,58 @@ def _stack():
     return _local.pushed
 
 
+def _single_use_producers(gm):
+    """The neurons of ``gm`` whose input is, through time.split views only, the output of a
+    Conv/Linear module called once and read by nothing else."""
+    from torch import fx, nn
+
+    from .coding import SplitTime
+    from .neurons import Neuron
+    if not isinstance(gm, fx.GraphModule):
+        return frozenset()
+    mods = dict(gm.named_modules())
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    def module(node, kinds):
+        return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
+                and calls[node.target] == 1 and isinstance(mods.get(node.target), kinds))
+    donors = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or calls[n.target] != 1 or not isinstance(mods.get(n.target), Neuron) or len(n.args) != 1:
+            continue
+        src = n.args[0]
+        while module(src, SplitTime):
+            src = src.args[0]
+        if module(src, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and type(mods[src.target]).forward in (
+                nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward):
+            donors.add(mods[n.target])
+    return frozenset(donors)
+
+
+def may_overwrite_input(neuron) -> bool:
+    """Whether ``neuron``'s input current is its own to overwrite in the current graph call."""
+    return neuron in getattr(_local, "donors", ())
+
+
 def _enter(module, args):
     try:
         torch._C._autograd._push_saved_tensors_default_hooks(_pack, _unpack)
-        _stack().append(True)
+        pushed = True
     except RuntimeError:   # hooks disabled here (e.g. inside torch.compile tracing): plain saving
-        _stack().append(False)
+        pushed = False
+    _stack().append((pushed, getattr(_local, "donors", frozenset())))
+    _local.donors = _single_use_producers(module) if pushed else frozenset()
 
 
 def _exit(module, args, output):
     stack = _stack()
-    if stack and stack.pop():
-        torch._C._autograd._pop_saved_tensors_default_hooks()
+    if stack:
+        pushed, _local.donors = stack.pop()
+        if pushed:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
 
 
 def compact_spikes(module):
