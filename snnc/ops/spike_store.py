@@ -34,7 +34,7 @@ _STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 class _Packed:
     """A saved spike tensor in its uint8 form (what autograd holds until backward)."""
 
-    __slots__ = ("u8",)
+    __slots__ = ("u8", "__weakref__")
 
     def __init__(self, u8):
         self.u8 = u8
@@ -55,15 +55,21 @@ def register(spikes, spikes_u8):
     _live[key] = (ref, spikes_u8, spikes._version)
 
 
-def _pack(t):
-    if _live and t.dtype is torch.float32 and t.device.type == "cpu" and t.numel():
+def lookup(t):
+    """The uint8 view equal to ``t`` when ``t`` is (a view of) a registered spike tensor, else None."""
+    if _live and isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.device.type == "cpu" and t.numel():
         storage = t.untyped_storage()
         entry = _live.get(storage.data_ptr())
         # same storage, still alive, not written in place since the scan produced it
         if (entry is not None and entry[0]() is not None and t._version == entry[2]
                 and storage.nbytes() == 4 * entry[1].numel()):
-            return _Packed(entry[1].as_strided(t.size(), t.stride(), t.storage_offset()))
-    return t
+            return entry[1].as_strided(t.size(), t.stride(), t.storage_offset())
+    return None
+
+
+def _pack(t):
+    u8 = lookup(t)
+    return t if u8 is None else _Packed(u8)
 
 
 def _unpack(p):
@@ -139,11 +145,18 @@ def _exit(module, args, output):
 
 
 def compact_spikes(module):
-    """Make every call of ``module`` run under ``spike_storage()`` (forward hooks; idempotent).
-    Returns ``module``."""
+    """Make every call of ``module`` run under ``spike_storage()``, and its Conv/Linear layers
+    fed by spikes compute their weight gradient from uint8 (``spike_layers``); forward hooks,
+    idempotent. Returns ``module``."""
+    from torch import nn
+
+    from .spike_layers import spike_input_hook
     if not getattr(module, "_snnc_compact_spikes", False):
         module.register_forward_pre_hook(_enter)
         module.register_forward_hook(_exit, always_call=True)
+        for m in module.modules():   # the weight gradient of layers fed by spikes reads uint8
+            if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+                m.register_forward_hook(spike_input_hook)
         module._snnc_compact_spikes = True
     return module
 
