@@ -9,13 +9,8 @@ from snnc.ops import LIF, DirectEncoder, Readout, TDBatchNorm
 from snnc.passes import fold_tdbn, unroll_timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids thread-pool sync costs on a shared CPU (20x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread avoids thread-pool sync costs on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOLDEN_BEFORE = """\
 graph(%0: f32[2,3,2,4,4]@seq) T=2 {

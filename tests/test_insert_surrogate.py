@@ -15,13 +15,8 @@ from snnc.passes import insert_surrogate, unroll_timesteps
 from snnc.zoo import digits_snn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids thread-pool sync costs on a shared CPU (20x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread avoids thread-pool sync costs on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOLDEN = """\
 graph(%0: f32[2,4]) T=3 {

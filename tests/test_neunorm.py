@@ -9,13 +9,8 @@ from snnc.ops import LIF, DirectEncoder, NeuNorm, Readout
 from snnc.passes import insert_surrogate, unroll_timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids thread-pool sync costs on a shared CPU (20x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread avoids thread-pool sync costs on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hand_computed_auxiliary_neuron():

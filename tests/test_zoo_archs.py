@@ -10,13 +10,8 @@ from snnc.passes import fold_tdbn, insert_surrogate, unroll_timesteps
 from snnc.zoo import cifarnet, preact_resnet18, resnet19, vgg11, vgg16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids thread-pool sync costs on a shared CPU (20x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread avoids thread-pool sync costs on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = {
     "cifarnet": (lambda: cifarnet(width=1 / 32, image_size=8), 8, ["snn.voting", "snn.lif"]),
