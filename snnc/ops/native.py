@@ -127,7 +127,8 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     """dL/dX from the saved ``z`` (float32 or float16) and uint8 spikes; ``grad_s`` may be a
     broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once."""
     scalar = all(st == 0 for st in grad_s.stride())
-    grad_s = grad_s.reshape(-1)[:1].contiguous() if scalar else grad_s.contiguous()
+    # the one value of a broadcast grad_s, without materialising it (reshape(-1) would copy)
+    grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous() if scalar else grad_s.contiguous()
     T, M = z.shape[0], z[0].numel()
     gx = torch.empty(z.shape, dtype=torch.float32)
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)

@@ -151,13 +151,13 @@ def compact_spikes(module):
     from torch import nn
 
     from .spike_layers import spike_input_hook
-    if not getattr(module, "_snnc_compact_spikes", False):
+    # look at the hooks themselves: a copy of a module may or may not carry them
+    if _enter not in module._forward_pre_hooks.values():
         module.register_forward_pre_hook(_enter)
         module.register_forward_hook(_exit, always_call=True)
-        for m in module.modules():   # the weight gradient of layers fed by spikes reads uint8
-            if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
-                m.register_forward_hook(spike_input_hook)
-        module._snnc_compact_spikes = True
+    for m in module.modules():   # the weight gradient of layers fed by spikes reads uint8
+        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) and spike_input_hook not in m._forward_hooks.values():
+            m.register_forward_hook(spike_input_hook)
     return module
 
 
