@@ -5,8 +5,8 @@ in backward is the largest transient of a training step (the layer's input, grad
 grad_input at once). The 0/1 spikes are exact in uint8 (``spike_store``), so the backward here
 converts them to float32 in chunks of rows (``CHUNK_BYTES`` of float32 at a time) and
 accumulates ``dW`` over the chunks in float32: the same products, summed in a different order
-(within float32 rounding of the unchunked sum; tested against float64). ``grad_input`` needs only
-the weights and the input's shape.
+(within float32 rounding of the unchunked sum; tested against float64). ``grad_input`` is
+computed chunk by chunk in the same calls (rows are independent: exact).
 
 ``spike_store.compact_spikes`` installs ``spike_input_hook`` on a graph's Conv/Linear modules:
 when a call's input is a registered spike tensor and autograd is on, the output (computed by the
@@ -46,17 +46,19 @@ class _SpikeInput(torch.autograd.Function):
         if isinstance(m, _CONVS):
             stride, padding, dilation, groups = _conv_args(m)
             zeros = [0] * len(stride)
-            if need_in:
-                placeholder = grad_out.new_empty(1).expand(ctx.in_shape)   # only its shape is read
-                gi = torch.ops.aten.convolution_backward(grad_out, placeholder, weight, None, stride, padding,
-                                                         dilation, False, zeros, groups, [True, False, False])[0]
-            if need_w:
-                gw = torch.zeros_like(weight)
-                rows = max(1, CHUNK_BYTES // (4 * max(1, s8[0].numel())))
-                for lo in range(0, s8.shape[0], rows):
-                    gw += torch.ops.aten.convolution_backward(
-                        grad_out[lo:lo + rows], s8[lo:lo + rows].to(torch.float32), weight, None, stride,
-                        padding, dilation, False, zeros, groups, [False, True, False])[1]
+            # row chunks for both gradients: oneDNN's layout copies of grad_out / grad_input are
+            # then chunk-sized too, not the size of the whole layer
+            rows = max(1, CHUNK_BYTES // (4 * max(1, s8[0].numel())))
+            gi = grad_out.new_empty(ctx.in_shape) if need_in else None
+            gw = torch.zeros_like(weight) if need_w else None
+            for lo in range(0, s8.shape[0], rows):
+                part = torch.ops.aten.convolution_backward(
+                    grad_out[lo:lo + rows], s8[lo:lo + rows].to(torch.float32), weight, None, stride,
+                    padding, dilation, False, zeros, groups, [need_in, need_w, False])
+                if need_in:
+                    gi[lo:lo + rows] = part[0]
+                if need_w:
+                    gw += part[1]
             if need_b:
                 gb = grad_out.sum(dim=[0] + list(range(2, grad_out.dim())))
         else:
