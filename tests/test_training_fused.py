@@ -310,3 +310,29 @@ class _no_hooks:
     def __exit__(self, *exc):
         self.g._forward_pre_hooks.update(self.saved[0])
         self.g._forward_hooks.update(self.saved[1])
+
+
+def test_spike_input_conv_backward_with_stride_groups_dilation_and_same_padding(monkeypatch):
+    from snnc.ops import spike_layers
+    monkeypatch.setattr(spike_layers, "CHUNK_BYTES", 4096)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), LIF(tau=2.0),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2), LIF(tau=2.0),
+                        nn.Conv2d(8, 4, 3, padding="same"), LIF(tau=2.0))
+    with torch.no_grad():
+        for m in net[2::2]:
+            m.weight.mul_(3.0)
+    g = insert_surrogate(unroll_timesteps(snnc.trace(net, torch.zeros(3, 2, 9, 9)), T=4), kind="triangle")
+    x = torch.rand(4, 3, 2, 9, 9) * 3
+    out = g(x)
+    (out * torch.rand(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    ours = [p.grad.clone() for p in g.parameters()]
+    g.zero_grad(set_to_none=True)
+    with _no_hooks(g):
+        for m in g.modules():
+            m._forward_hooks.clear() if isinstance(m, nn.Conv2d) else None
+        out2 = g(x)
+        (out2 * torch.rand(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    assert torch.equal(out, out2) and all(float(p.abs().sum()) > 0 for p in ours)
+    for a, p in zip(ours, g.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)

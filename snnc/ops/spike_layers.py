@@ -10,7 +10,7 @@ computed chunk by chunk in the same calls (rows are independent: exact).
 
 ``spike_store.compact_spikes`` installs ``spike_input_hook`` on a graph's Conv/Linear modules:
 when a call's input is a registered spike tensor and autograd is on, the output (computed by the
-module as usual, bit-identical) is re-attached to ``_SpikeInputLayer``, whose saved state is the
+module as usual, bit-identical) is re-attached to ``_SpikeInput``, whose saved state is the
 uint8 spikes and the weight; the module's own autograd node, and what it saved, are dropped.
 """
 from __future__ import annotations
@@ -81,7 +81,8 @@ def spike_input_hook(module, args, output):
     if not (torch.is_grad_enabled() and len(args) == 1 and isinstance(output, torch.Tensor)
             and output.requires_grad and output.dtype == torch.float32):
         return None
-    if type(module) not in (*_CONVS, nn.Linear) or getattr(module, "padding_mode", "zeros") != "zeros":
+    if (type(module) not in (*_CONVS, nn.Linear) or getattr(module, "padding_mode", "zeros") != "zeros"
+            or isinstance(getattr(module, "padding", None), str)):   # padding="same": torch's own path
         return None
     s8 = lookup(args[0])
     if s8 is None or module.weight.dtype != torch.float32:
