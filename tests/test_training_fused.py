@@ -336,3 +336,15 @@ def test_spike_input_conv_backward_with_stride_groups_dilation_and_same_padding(
     assert torch.equal(out, out2) and all(float(p.abs().sum()) > 0 for p in ours)
     for a, p in zip(ours, g.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_retrain_saved_state_float16_trains_and_bad_values_are_named():
+    from snnc.errors import SnncError
+    g = _conv_net()
+    torch.manual_seed(0)
+    xs, ys = torch.rand(24, 2, 6, 6) * 3, torch.randint(0, 5, (24,))
+    batches = [(xs[i:i + 8], ys[i:i + 8]) for i in range(0, 24, 8)]
+    with pytest.raises(SnncError, match="saved_state must be 'float32' or 'float16', got 'bf16'"):
+        snnc.retrain(g, batches, saved_state="bf16", progress=False)
+    hist = snnc.retrain(g, batches, epochs=3, lr=1e-2, saved_state="float16", progress=False)
+    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]
