@@ -1,5 +1,9 @@
 """Integer target bench: digits accuracy of the float SNN vs its int8 and int4 integer IR (same T),
-weight memory, synaptic operations (SOPs) per inference, and tvm:int vs the integer reference.
+weight memory, synaptic operations (SOPs) per inference, and tvm:int's speed: its VNNI build (int8
+conv/linear on ``vpdpbusd``, where this CPU has AVX-512 VNNI) and its portable build, both checked
+bit-exact against the integer reference, timed against the float SNN in torch eager, torch.compile
+and onnxruntime and against the integer reference, in interleaved rounds (medians), with the
+firing rate of every neuron layer.
 
 Two float SNNs: a converted CNN (digits_cnn -> fold_bn -> threshold_balance, T steps) and a
 directly trained one (digits_snn, atan surrogate, retrain, T=4). One JSON line per result; the
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 # bench/tvm.py would shadow the tvm package for scripts run from this folder
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -29,9 +35,8 @@ from torch import fx, nn  # noqa: E402
 import snnc  # noqa: E402
 from snnc.data import digits  # noqa: E402
 from snnc.demo import accuracy, train_ann  # noqa: E402
-from snnc.ops import IntConv2d, IntLinear  # noqa: E402
+from snnc.ops import IF, LIF, IntConv2d, IntIF, IntLinear  # noqa: E402
 from snnc.passes import fold_bn, insert_surrogate, quantize_integer, threshold_balance, unroll_timesteps  # noqa: E402
-from snnc.report import median_seconds  # noqa: E402
 from snnc.passes.quantize_integer import quantize_input  # noqa: E402
 from snnc.zoo import digits_cnn, digits_snn  # noqa: E402
 
@@ -74,6 +79,55 @@ def sops_per_inference(gm, x) -> float:
         _Count(gm).run(x)
     snnc.reset(gm)
     return events / len(x)
+
+
+def firing_rates(gm, x) -> list:
+    """Mean spike rate of every neuron layer (float IF/LIF or integer IF/LIF), in graph order."""
+    rates = []
+
+    class _Rec(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if isinstance(self.module.get_submodule(target), (IF, LIF, IntIF)):
+                rates.append(round(out.float().mean().item(), 4))
+            return out
+    snnc.reset(gm)
+    with torch.no_grad():
+        _Rec(gm).run(x)
+    snnc.reset(gm)
+    return rates
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds per callable, calls interleaved round-robin (load changes hit all alike)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def float_peers(g, x) -> dict:
+    """The float SNN run by torch eager, torch.compile and onnxruntime (those that work here)."""
+    peers = {"float_torch_eager": lambda: snnc.run(g, x)}
+    try:
+        eager = snnc.compile(g, target="torch")
+        compiled = torch.compile(eager.gm if hasattr(eager, "gm") else g)
+        with torch.no_grad():
+            compiled(x)
+        peers["float_torch_compile"] = lambda: compiled(x)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        print(json.dumps({"bench": "integer", "peer": "float_torch_compile", "skipped": f"{type(e).__name__}: {e}"[:200]}))
+    try:
+        onnx = snnc.compile(g, target="onnx")
+        peers["float_onnxruntime"] = lambda: onnx(x)
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"bench": "integer", "peer": "float_onnxruntime", "skipped": f"{type(e).__name__}: {e}"[:200]}))
+    return peers
 
 
 def ann_macs(ann, x) -> float:
@@ -126,15 +180,33 @@ def bench_model(name, ann, g, data, repeats, emit):
               "sops_per_inference": sops, "sops_ratio_vs_float_snn": sops / float_sops,
               "state_bits": q.snnc_integer["state_bits"], "leak": q.snnc_integer["leak"]})
         if bits == 8:
-            m = snnc.compile(q, target="tvm:int")
-            ref = snnc.run(q, xq)
-            same = (m(xq) == ref).all(-1).float().mean().item() * 100
-            t_tvm = median_seconds(lambda: m(xq), repeats, warmup=False)
-            t_ref = median_seconds(lambda: snnc.run(q, xq), repeats, warmup=False)
-            t_float = median_seconds(lambda: snnc.run(g, x), repeats, warmup=False)
-            emit({**base, "precision": "int8", "target": "tvm:int (llvm)", "bit_exact_samples_percent": same,
-                  "seconds_test_set": t_tvm, "speedup_vs_integer_reference": t_ref / t_tvm,
-                  "speedup_vs_float_snn_torch": t_float / t_tvm})
+            bench_speed(base, g, q, x, xq, repeats, emit)
+
+
+def bench_speed(base, g, q, x, xq, repeats, emit):
+    """tvm:int (VNNI and portable builds) against the float SNN's peers and the integer reference."""
+    ref = snnc.run(q, xq)
+    emit({**base, "firing_rates_float": firing_rates(g, x), "firing_rates_int8": firing_rates(q, xq)})
+    builds = {}
+    for isa in ("auto", "portable"):
+        t0 = time.perf_counter()
+        m = snnc.compile(q, target="tvm:int", isa=isa)
+        name = f"tvm_int_{m.meta['int8_isa']}"
+        builds[name] = m
+        same = (m(xq) == ref).all(-1).float().mean().item() * 100
+        emit({**base, "precision": "int8", "impl": name, "compile_s": round(time.perf_counter() - t0, 2),
+              "bit_exact_samples_percent": same})
+    fns = {k: (lambda m=m: m(xq)) for k, m in builds.items()}
+    fns.update(float_peers(g, x))
+    fns["int8_torch_reference"] = lambda: snnc.run(q, xq)
+    with torch.no_grad():
+        t = interleaved(fns, repeats)
+    for k, v in t.items():
+        row = {**base, "impl": k, "ms_test_set": round(v * 1e3, 2), "N": len(x)}
+        for peer in ("float_torch_eager", "float_torch_compile", "float_onnxruntime", "int8_torch_reference"):
+            if peer in t and k.startswith("tvm_int"):
+                row[f"speedup_vs_{peer}"] = round(t[peer] / v, 3)
+        emit(row)
 
 
 def main(argv=None):
@@ -147,7 +219,7 @@ def main(argv=None):
 
     def emit(row):
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    repeats = 1 if args.quick else 3
+    repeats = 3 if args.quick else 7
     ann, g = converted_snn(data, T=8 if args.quick else 16, epochs=3 if args.quick else 15)
     bench_model("converted_digits_cnn", ann, g, data, repeats, emit)
     _, g = trained_snn(data, T=4, epochs=1 if args.quick else 4)

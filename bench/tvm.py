@@ -8,10 +8,14 @@ torch eager measured in the same run (interleaved rounds, medians).
   same LIF arithmetic), snnc ``onnx`` (onnxruntime), spikingjelly 2.0 multi-step
   (``LIFNode(step_mode="m")``, shared weights), snnc ``tvm:llvm`` in process (hybrid: torch
   convs + TVM neuron kernels) and the exported library (``export`` -> ``snnc.load``: the Relax VM,
-  TVM's own convs, no torch inside; one library, symbolic batch, serves every N). Checks: the
-  library's max difference / spike agreement against eager, and per-layer firing rates (weights
-  scaled so every layer fires);
-* where the library's time goes (one instrumented VM call: per-kernel ms);
+  TVM's own convs, no torch inside; one library, symbolic batch, serves every N) in three builds,
+  to show what each step buys: ``spike_convs="auto"`` (the shipped default: convs on spikes in
+  int8 on AMX tiles / VNNI, whichever the host has), ``"vnni"`` and ``"fp32"`` (the fp32
+  direct-conv schedule). Checks: each library's max difference / spike agreement against eager,
+  and per-layer firing rates (weights scaled so every layer fires);
+* where each library's time goes (one instrumented VM call: per-kernel ms), and at N=1 the
+  per-call overhead: the snnc module call vs a bare VM call on pre-made TVM tensors vs the sum of
+  the kernels;
 * ResNet-19 (T=4, direct input, 32x32, tdBN folded) at N = 1 and 16 (--quick: width 1/4, N=1);
 * compile time of the library (cold, cached) and, with ``--tune``, MetaSchedule tuning of the
   bench net's convs (wall budget ``--tune-minutes``) and the tuned library's time.
@@ -35,6 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import snnc  # noqa: E402
+from snnc.errors import SnncError  # noqa: E402
 from snnc.ops import LIF  # noqa: E402
 from snnc.passes import fold_tdbn, unroll_timesteps  # noqa: E402
 from snnc.zoo import bench_net, resnet19  # noqa: E402
@@ -124,7 +129,7 @@ def exported(m, d, name):
     return snnc.load(m.export(Path(d) / f"{name}.so"))
 
 
-def bench_net_at(n, rounds, d, library, check_firing=True):
+def bench_net_at(n, rounds, d, libraries, check_firing=True):
     net = scaled_bench_net()
     x = torch.rand(4, n, 3, 32, 32) * 2
     g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
@@ -151,10 +156,11 @@ def bench_net_at(n, rounds, d, library, check_firing=True):
         emit(bench="bench_net", N=n, check="spikingjelly_vs_eager_spike_agreement", value=float((sj(x) == ref).float().mean()))
     hybrid = snnc.compile(g, target="tvm:llvm")
     fns["snnc_tvm_llvm_in_process"] = lambda: hybrid(x)
-    fns["snnc_tvm_llvm_library"] = lambda: library(x)
-    out = library(x)
-    emit(bench="bench_net", N=n, check="library_vs_eager", max_abs_diff=float((out - ref).abs().max()),
-         spike_agreement=float((out == ref).float().mean()))
+    for name, library in libraries.items():
+        fns[name] = lambda library=library: library(x)
+        out = library(x)
+        emit(bench="bench_net", N=n, check="library_vs_eager", impl=name, spike_convs=library.meta.get("spike_convs"),
+             max_abs_diff=float((out - ref).abs().max()), spike_agreement=float((out == ref).float().mean()))
     if check_firing:
         with torch.no_grad():
             emit(bench="bench_net", N=n, check="firing_rates_per_layer", rates=firing_rates(net, x))
@@ -167,8 +173,10 @@ def bench_net_at(n, rounds, d, library, check_firing=True):
     return g, x
 
 
-def library_profile(library, x, name):
-    """Per-kernel time of one VM call (instrumented), to see where the library's time goes."""
+def library_profile(library, x, name, calls=5):
+    """Per-kernel time of instrumented VM calls (median over ``calls``), to see where the
+    library's time goes; returns the median total. The instrument callback itself costs a few
+    microseconds per kernel."""
     import tvm
     from tvm import relax
     vm = relax.VirtualMachine(library.relax_lib.module, tvm.cpu(0))
@@ -183,11 +191,34 @@ def library_profile(library, x, name):
     arg = tvm.runtime.tensor(x.numpy())
     vm["main"](arg)
     vm.set_instrument(instrument)
-    vm["main"](arg)
-    total = sum(spent.values())
-    for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+    per_call = collections.defaultdict(list)
+    for _ in range(calls):
+        spent.clear()
+        vm["main"](arg)
+        for k, v in spent.items():
+            per_call[k].append(v)
+    med = {k: statistics.median(v) for k, v in per_call.items()}
+    total = sum(med.values())
+    for k, v in sorted(med.items(), key=lambda kv: -kv[1]):
         if v * 1e3 >= 0.05:
-            emit(bench="library_profile", net=name, kernel=k, ms=round(v * 1e3, 2), share=round(v / total, 3))
+            emit(bench="library_profile", net=name, N=x.shape[1], kernel=k, ms=round(v * 1e3, 2),
+                 share=round(v / total, 3))
+    return total
+
+
+def library_overhead(library, x, rounds):
+    """Per-call cost at small N: the snnc module call (torch -> DLPack -> VM -> torch), one bare
+    VM call on a pre-made TVM tensor, and the sum of the kernels it runs (instrumented)."""
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(library.relax_lib.module, tvm.cpu(0))
+    arg = tvm.runtime.tensor(x.numpy())
+    t = race({"module_call": lambda: library(x), "bare_vm_call": lambda: vm["main"](arg)}, rounds)
+    kernels = library_profile(library, x, "overhead")
+    emit(bench="library_overhead", N=x.shape[1], module_call_ms=round(t["module_call"] * 1e3, 3),
+         bare_vm_call_ms=round(t["bare_vm_call"] * 1e3, 3), kernels_ms=round(kernels * 1e3, 3),
+         vm_overhead_ms=round((t["bare_vm_call"] - kernels) * 1e3, 3),
+         conversion_ms=round((t["module_call"] - t["bare_vm_call"]) * 1e3, 3))
 
 
 def bench_resnet19(quick, rounds, d):
@@ -272,13 +303,24 @@ def main(argv=None):
     emit(bench="setup", torch_threads=torch.get_num_threads(), host=host_isa(), load_avg=os.getloadavg())
     sizes = (1, 4) if args.quick else (1, 16, 64)
     with tempfile.TemporaryDirectory() as d:
-        # ONE exported library, built once at N=1 with a symbolic batch, serves every N below
+        # ONE exported library per build, compiled once at N=1 with a symbolic batch, serves every N
         g1 = unroll_timesteps(snnc.trace(scaled_bench_net(), torch.zeros(1, 3, 32, 32)), T=4)
-        library = exported(snnc.compile(g1, target="tvm:llvm", mode="relax"), d, "bench_net")
-        emit(bench="bench_net", library_batch=library.meta.get("library_batch"))
+        libraries = {}
+        for suffix, sc in (("", "auto"), ("_vnni", "vnni"), ("_fp32", "fp32")):
+            try:
+                lib = exported(snnc.compile(g1, target="tvm:llvm", mode="relax", spike_convs=sc), d, f"bench_net{sc}")
+            except SnncError as e:  # no VNNI on this host
+                emit(bench="bench_net", impl=f"snnc_tvm_llvm_library{suffix}", skipped=str(e))
+                continue
+            libraries[f"snnc_tvm_llvm_library{suffix}"] = lib
+            emit(bench="bench_net", impl=f"snnc_tvm_llvm_library{suffix}", library_batch=lib.meta.get("library_batch"),
+                 spike_convs=lib.meta.get("spike_convs"))
         for n in sizes:
-            g, x = bench_net_at(n, rounds, d, library)
-        library_profile(library, x, "bench_net")
+            g, x = bench_net_at(n, rounds, d, libraries)
+            if n == 1:
+                library_overhead(libraries["snnc_tvm_llvm_library"], x, rounds * 3)
+        for name, lib in libraries.items():
+            library_profile(lib, x, name)
         bench_compile(g)
         if not args.no_resnet:
             bench_resnet19(args.quick, rounds, d)

@@ -14,9 +14,11 @@ Two ways to run, one artefact:
     the fused neuron kernels on the same buffers (``tvm_hybrid.py``); each Conv2d runs in torch
     (oneDNN) or as the hand-scheduled TVM kernel, whichever was faster in a race at compile time
     (``convs="auto"``; the choice is cached with the library; ``"torch"`` / ``"tvm"`` force it).
-    ``spike_int8=True`` lets convs / linears whose input is 0/1 spikes also race the int8 spike
-    kernels (``spike_conv.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of
-    fp32, not bit-exact); ``convs="int8"`` forces them wherever the input is spikes.
+    Convs / linears whose input is 0/1 spikes also race the int8 spike kernels (``spike_conv.py``,
+    ``spike_block.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of fp32, not
+    bit-exact) by default where the CPU has AMX-INT8 / VNNI (``spike_int8=None``: detected at
+    compile time, recorded in ``meta["spike_int8"]``); ``spike_int8=False`` opts out (fp32
+    everywhere, bit-exact), ``convs="int8"`` forces them wherever the input is spikes.
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
 Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each
@@ -25,7 +27,12 @@ cannot serve two calls at once); the executable is shared.
 Options: ``mcpu`` ("host" = the detected CPU, the default; None = portable x86-64; or an LLVM
 CPU name), ``num_cores``, ``arch`` (cuda, default
 sm_80), ``T`` (unroll a per-step graph first), ``dump_dir`` (write the Relax module and, for
-cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``).
+cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``), ``spike_convs``
+("auto" = the host's best int8 kernel for convs on spikes in the Relax library, "amx", "vnni",
+"avx512bw", or "fp32" to keep every conv fp32; ``tvm_spike_conv.py``, recorded in
+``meta["spike_convs"]``; default: "auto" for ``mode="relax"``, and for a hybrid module what the
+module itself does: "auto" where its spike convs run int8 (the default on AMX/VNNI hosts), else
+"fp32").
 
 Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
 ``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
@@ -58,8 +65,9 @@ from snnc.ir import annotate, graph_spec, info
 from . import tvm_build as tb
 from .spike_conv import int8_isa
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
-                         run_hybrid)
+                         run_hybrid, spike_report)
 from .tvm_lower import check_supported, to_relax
+from .tvm_spike_conv import AMX_MATTR, amx_permission, check_loadable, spike_kernels
 
 MODES = ("auto", "hybrid", "relax")
 BATCH_KINDS = ("any", "static")  # the exported library: symbolic batch, or the traced one
@@ -124,6 +132,8 @@ class TVMModule(CompiledModule):
         dev = self._device()
         vm = self._vms.get(threading.get_ident())
         if vm is None:
+            if self.meta.get("spike_convs") == "amx" and not amx_permission():  # tile state: once per process
+                raise SnncError("this library's AMX kernels need the AMX tile permission, which the kernel refused")
             with self._vm_lock:  # the lazy library build and VM creation happen once per thread
                 vm = self._vms[threading.get_ident()] = relax.VirtualMachine(self.relax_lib.module, dev)
         run = lambda *xs: _to_torch(vm["main"](*[_to_tvm(x, dev) for x in xs]))  # noqa: E731
@@ -283,7 +293,7 @@ def _cpu_mode(g, mode):
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True, spike_int8=False):
+            tune_minutes=None, progress=True, spike_int8=None, spike_convs=None):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -304,18 +314,29 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if target != "tvm:cuda":
         mode = _cpu_mode(g, mode)
     spec = graph_spec(g)
-    meta = {"output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
+    if spike_int8 not in (None, True, False):
+        raise SnncError(f"{target}: spike_int8={spike_int8!r}; expected None (auto), True or False")
+    if spike_int8 is None:  # default: on where the CPU has int8 matrix instructions, for convs="auto"
+        spike_int8 = device == "cpu" and convs == "auto" and int8_isa() is not None
+    spike_int8 = bool(spike_int8 or convs == "int8") and device == "cpu" and int8_isa() is not None
+    if spike_convs is None:  # a hybrid module's export computes what the module computes
+        spike_convs = "auto" if mode == "relax" or spike_int8 or convs == "int8" else "fp32"
+    spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
+    if spike_isa == "amx":
+        tdict = {**tdict, "mattr": list(AMX_MATTR)}
+    meta = {"spike_convs": spike_isa, "output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
     if tuning:
         from .tvm_tune import tuned_relax
         get_relax = lambda: (tuned_relax(g, tdict, trials=trials, database=database, minutes=tune_minutes,  # noqa: E731
-                                         progress=progress, cache=cache), "static")
+                                         progress=progress, cache=cache, spike_isa=spike_isa), "static")
     else:
-        get_relax = lambda: _relax_library(g, tdict, device, batch, cache)  # noqa: E731
+        get_relax = lambda: _relax_library(g, tdict, device, batch, cache, spike_isa)  # noqa: E731
     if dump_dir is not None:
-        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch))
+        _dump(dump_dir, target, to_relax(g, device, batch="static" if tuning else batch,
+                                         spike_convs=spike_isa))
     if mode == "relax":
         lib, meta["library_batch"] = get_relax()
         if getattr(lib, "tuning", None):
@@ -324,8 +345,9 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             atomic_write(Path(dump_dir) / "tvm_cuda.cu", lambda tmp: Path(tmp).write_text(cuda_source(lib.module)),
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
-    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8 or convs == "int8")
-    key = tb.graph_key(g, tdict, "hybrid")
+    meta["spike_int8"], meta["int8_isa"] = spike_int8, int8_isa() if device == "cpu" else None
+    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8)
+    key = tb.graph_key(g, tdict, "hybrid", hg.kernel_key)
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
     if convs == "auto":
@@ -334,24 +356,31 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     else:
         choices = {m.name: convs for m in raced_layers(hg)}
     meta["hybrid_convs"] = apply_conv_choices(hg, choices)
+    if spike_int8:
+        meta["spike_layers"] = spike_report(hg)
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 
-def _relax_library(g, tdict, device, batch, cache):
+def _relax_library(g, tdict, device, batch, cache, spike_isa="fp32"):
     """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
-    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one."""
+    graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one.
+    ``spike_isa``: the int8 kernels of spike-input convs (``tvm_spike_conv``), or "fp32"."""
     exported = _exported_sources(g)
+    sc = () if spike_isa == "fp32" else (spike_isa,)  # fp32 keys stay what they were
     if batch == "any" and not _exported_ops(g):  # exported forwards have the traced (static) shapes
-        key = tb.graph_key(g, tdict, "relax", "any", exported)
+        key = tb.graph_key(g, tdict, "relax", "any", exported, *sc)
         try:
-            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any"), tdict), cache)[0], "any"
+            return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, batch="any", spike_convs=spike_isa),
+                                                         tdict), cache)[0], "any"
         except Exception:  # noqa: BLE001 - TVM raises many kinds; the static build below is the answer
             pass
-    key = tb.graph_key(g, tdict, "relax", exported)
-    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device), tdict), cache)[0], "static"
+    key = tb.graph_key(g, tdict, "relax", exported, *sc)
+    return tb.cached(key, lambda: tb.build_relax(to_relax(g, device, spike_convs=spike_isa), tdict),
+                     cache)[0], "static"
 
 
 def load(path, meta):
+    check_loadable(meta, path)
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as e:

@@ -16,16 +16,20 @@ no state between calls (the membrane lives in a scan's local registers).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from snnc.ir import info
 from snnc.ops import registry
+from snnc.ops.coding import MergeTime, SplitTime
 
+from .spike_block import SpikeBlock, block_scan_kernel
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import multi_state, neuron_scan, state_kernel
@@ -161,7 +165,8 @@ def _race(call, spikes, runs):
         with torch.no_grad():
             call(x)
             best[choice] = min(_seconds(lambda: call(x)) for _ in range(runs))
-    getattr(call, "buffers", {}).clear()
+    if isinstance(call, TVMKernelCall):  # (nn.Module.buffers is a method elsewhere)
+        call.buffers.clear()
     call.choice = "torch"
     return min(best, key=best.get)
 
@@ -189,7 +194,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
     spike_int8 = spike_int8 and device == "cpu" and int8_isa() is not None
     g = copy.deepcopy(gm)
     g.snnc_spec = gm.snnc_spec
-    kernels = {}
+    kernels, rules = {}, {}
     calls = [n.target for n in g.graph.nodes if n.op == "call_module"]
     # decided on the graph before its neurons become kernel calls
     binary = {n.name for n in g.graph.nodes if spike_int8 and n.op == "call_module" and binary_input(g, n)}
@@ -214,6 +219,8 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
                                  dict(device=device, lanes=pick_lanes(math.prod(sample))))
             th = None if th is None else aligned(th)
             g.add_submodule(node.target, TVMKernelCall("scan", name, th, reuse_output=once))
+            if th is None and not multi_state(mod):
+                rules[node.name] = (rule, shape, dtype)
         elif type(mod) is nn.Conv2d and device == "cpu" and info(node.args[0]) is not None:
             in_shape = info(node.args[0]).shape
             name = f"conv_{len(kernels)}"
@@ -232,13 +239,53 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
             kernels[name] = (readout_kernel, (shape[0], None, dtype),
                              dict(device=device, lanes=pick_lanes(math.prod(shape[2:]))))
             g.add_submodule(node.target, TVMKernelCall("readout", name, reuse_output=once))
+    if spike_int8:
+        _fuse_blocks(g, kernels, rules, binary, calls)
     g.recompile()
+    # the built library depends on which kernels exist (blocks add some) and on their builders
+    g.kernel_key = (sorted(k for k, v in kernels.items() if v is not None),
+                    hashlib.sha256(Path(__file__).with_name("spike_block.py").read_bytes()).hexdigest()[:16])
 
     def make_kernels():
         built = {name: k[0](*k[1], **k[2]) for name, k in kernels.items() if k is not None}
         # conv2d_kernel returns (func, has_bias) or None (not schedulable: torch keeps it)
         return {name: (f[0] if isinstance(f, tuple) else f) for name, f in built.items() if f is not None}
     return g, make_kernels
+
+
+def _fuse_blocks(g, kernels, rules, binary, calls):
+    """Replace each ``merge_time -> conv -> split_time -> neuron`` chain (nothing else reading the
+    middle values, a scalar-threshold single-state neuron) by one ``SpikeBlock`` (spike_block.py)
+    named as its conv, so races and cached choices keep their keys."""
+    for node in list(g.graph.nodes):
+        if node.name not in rules:
+            continue
+        split = node.args[0]
+        conv = split.args[0] if isinstance(split, fx.Node) and split.args else None
+        merge = conv.args[0] if isinstance(conv, fx.Node) and conv.args else None
+        if not (isinstance(merge, fx.Node) and merge.op == conv.op == split.op == "call_module"
+                and isinstance(g.get_submodule(split.target), SplitTime)
+                and isinstance(g.get_submodule(merge.target), MergeTime)
+                and isinstance(g.get_submodule(conv.target), TVMConvCall)
+                and all(len(n.users) == 1 for n in (merge, conv, split))):
+            continue
+        call, rule, (shape, dtype) = g.get_submodule(conv.target), rules[node.name][0], rules[node.name][1:]
+        if dtype != "float32" or call.out_shape[0] % 16:
+            continue
+        scan = g.get_submodule(node.target).name
+        names = {"f32": scan, "u8x2": scan + "_u8x2"}
+        kernels[scan] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "float32", 1), {})
+        kernels[names["u8x2"]] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "uint8", 2), {})
+        kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs
+        block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, names, conv.name in binary,
+                           reuse_output=calls.count(node.target) == 1)
+        g.add_submodule(node.target, block)
+        node.args = (merge.args[0],) + tuple(node.args[1:])
+        for n in (split, conv, merge):
+            g.graph.erase_node(n)
+            if calls.count(n.target) == 1:  # a module called only here
+                g.delete_submodule(n.target)
+    g.graph.lint()
 
 
 def _spike_layer(cls, binary, mod, *args):
@@ -252,7 +299,7 @@ def _spike_layer(cls, binary, mod, *args):
 
 
 def raced_layers(g: fx.GraphModule) -> list:
-    return [m for m in g.modules() if isinstance(m, (TVMConvCall, SpikeLinearCall))]
+    return [m for m in g.modules() if isinstance(m, (TVMConvCall, SpikeLinearCall, SpikeBlock))]
 
 
 def race_convs(g: fx.GraphModule) -> dict:
@@ -267,13 +314,45 @@ def apply_conv_choices(g: fx.GraphModule, choices: dict) -> dict:
     for m in raced_layers(g):
         choice = choices.get(m.name, "torch")
         m.choice = choice if choice in m.options() else "torch"
+    _set_spike_formats(g)
     return {m.name: m.choice for m in raced_layers(g)}
+
+
+def _set_spike_formats(g: fx.GraphModule) -> None:
+    """A block writes stacked uint8 spikes where every reader is an int8 block, fp32 otherwise."""
+    for node in g.graph.nodes:
+        if node.op == "call_module" and isinstance(g.get_submodule(node.target), SpikeBlock):
+            readers = [u for u in node.users if u.op == "call_module"]
+            int8 = len(readers) == len(node.users) and all(
+                isinstance(g.get_submodule(u.target), SpikeBlock) and g.get_submodule(u.target).choice == "int8"
+                for u in readers)
+            block = g.get_submodule(node.target)
+            block.out_format = "u8x2" if int8 else "f32"
+            # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
+            block.fresh_output = any(u.op == "output" for u in node.users)
+
+
+def spike_report(g: fx.GraphModule) -> dict:
+    """Per layer that could take the int8 spike kernels: the runner in effect, the weight digits
+    and the largest stated error bound (|y - y_exact| per output, any 0/1 input), the spike
+    format it writes (blocks)."""
+    report = {}
+    for m in raced_layers(g):
+        spike = m if isinstance(m, SpikeBlock) else getattr(m, "spike", None)
+        if spike is None or getattr(spike, "packed", None) is None:
+            continue
+        row = {"runner": m.choice, "digits": 2 if m.choice == "int8" else "fp32",
+               "error_bound": float(spike.error_bound.max()) if m.choice == "int8" else 0.0}
+        if isinstance(m, SpikeBlock):
+            row["writes"] = m.out_format
+        report[m.name] = row
+    return report
 
 
 def bind_kernels(g: fx.GraphModule, lib) -> None:
     """Point every kernel call of the hybrid graph at its function in ``lib``."""
     for m in g.modules():
-        if isinstance(m, TVMKernelCall):
+        if isinstance(m, (TVMKernelCall, SpikeBlock)):
             m.bind(lib)
 
 
@@ -283,7 +362,7 @@ def run_hybrid(g: fx.GraphModule, inputs):
     with torch.no_grad():
         out = g(*inputs)
     me = threading.get_ident()
-    owned = {b.data_ptr() for m in g.modules() if isinstance(m, TVMKernelCall)
+    owned = {b.data_ptr() for m in g.modules() if isinstance(m, (TVMKernelCall, SpikeBlock))
              for (tid, *_), b in list(m.buffers.items()) if tid == me}
     return fx.node.map_aggregate(
         out, lambda t: t.clone() if isinstance(t, torch.Tensor) and t.data_ptr() in owned else t)

@@ -14,10 +14,18 @@ the same as ``snnc.passes.quantize_integer.quantize_input``); any batch size.
 A float unrolled graph is quantized first: ``snnc.compile(g, "tvm:int", weight_bits=8,
 state_bits=24, leak="shift", ...)`` passes the options to ``quantize_integer``.
 
-``export(path)`` writes one tar: ``manifest.json`` (plan, codegen, integer metadata),
+Instruction set: with ``codegen="llvm"`` on a CPU with AVX-512 VNNI (``isa="auto"``, the default)
+conv / linear layers whose input fits a byte run as int8 x uint8 -> int32 ``vpdpbusd`` kernels
+(``tvm_int_vnni.py``) built for the host CPU; ``isa="portable"`` forces the plain integer loops
+(any x86-64, and the only choice for ``codegen="c"``). ``m.meta["int8_isa"]`` says which ran.
+
+``export(path)`` writes one tar: ``manifest.json`` (plan, codegen, ISA, integer metadata),
 ``params/<name>.npy`` (int8 weights, int32 biases and per-channel constants),
 ``kernels.so`` (the built library), ``kernels.tir.py`` (the TIR module as TVMScript) and, for ``codegen="c"``,
-``kernels.c``. ``snnc.load(path)`` needs neither the Python model nor a compiler.
+``kernels.c``. A VNNI module also writes the portable build under ``portable/`` (its manifest,
+library and TIR; the parameters are shared), and ``snnc.load`` picks the VNNI library only when
+the loading CPU has VNNI, so an artefact moved to an older CPU still runs (bit-identical).
+``snnc.load(path)`` needs neither the Python model nor a compiler.
 """
 from __future__ import annotations
 
@@ -34,16 +42,24 @@ from snnc.compiled import CompiledModule, output_meaning
 from snnc.errors import FileFormatError, SnncError
 from snnc.ir import graph_spec
 
-from .tvm_build import build_kernels
+from .tvm_build import build_kernels, host_isa
+from .tvm_int_vnni import ISA_FLAG, int8_isa
 from .tvm_int_lower import lower, shape_at
 
 CODEGENS = ("llvm", "c")
 
 
-def _build(mod, codegen: str, workdir: str):
+ISAS = ("auto", "portable", ISA_FLAG)
+
+
+def _build(mod, codegen: str, workdir: str, isa: str | None = None):
     """Build the kernels (``tvm_build.build_kernels``, shared with the float targets) and write
-    ``kernels.so`` (and ``kernels.c``, the source it was compiled from) into ``workdir``."""
-    ex = build_kernels({str(gv.name_hint): f for gv, f in mod.functions.items()}, {"kind": codegen})
+    ``kernels.so`` (and ``kernels.c``, the source it was compiled from) into ``workdir``. VNNI
+    kernels need the host CPU's features enabled in LLVM (``mcpu``)."""
+    target = {"kind": codegen}
+    if isa:
+        target["mcpu"] = host_isa()["cpu"]
+    ex = build_kernels({str(gv.name_hint): f for gv, f in mod.functions.items()}, target)
     c_source = ex.mod.inspect_source() if codegen == "c" else None
     if c_source is not None:
         with open(os.path.join(workdir, "kernels.c"), "w") as f:
@@ -52,18 +68,55 @@ def _build(mod, codegen: str, workdir: str):
     return c_source
 
 
+def _variant(gm, codegen: str, isa: str | None) -> dict:
+    """Lower and build ``gm`` for one instruction set: plan, params, library bytes, sources."""
+    mod, plan, params = lower(gm, codegen, isa)
+    with tempfile.TemporaryDirectory() as d:
+        c_source = _build(mod, codegen, d, isa)
+        with open(os.path.join(d, "kernels.so"), "rb") as f:
+            library = f.read()
+    params = {k: v.detach().clone().contiguous() for k, v in params.items()}
+    return {"plan": plan, "params": params, "library": library, "tir": mod.script(), "c": c_source}
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous at a 64-byte boundary: TIR buffers default to ``data_alignment=64``, so the
+    VNNI kernels use aligned 64-byte vector loads, and tvm-ffi passes a torch pointer unchecked. An
+    ``np.load``-ed parameter or a batch slice like ``x[3:]`` can start mid-line (SIGSEGV)."""
+    x = x.contiguous()
+    if x.data_ptr() % 64:
+        x = x.clone(memory_format=torch.contiguous_format)
+        if x.data_ptr() % 64:  # tiny tensors may come from a small-object pool
+            buf = torch.empty(x.numel() * x.element_size() + 64, dtype=torch.uint8)
+            off = (-buf.data_ptr()) % 64
+            x = buf[off:off + x.numel() * x.element_size()].view(x.dtype).reshape(x.shape).copy_(x)
+    return x
+
+
+def _load_library(library_bytes):
+    import tvm
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernels.so")
+        with open(path, "wb") as f:
+            f.write(library_bytes)
+        return tvm.runtime.load_module(path)
+
+
 class IntModule(CompiledModule):
-    def __init__(self, spec, plan, params, library_bytes, tir_source, c_source, codegen, meta):
+    def __init__(self, spec, variant: dict, codegen, meta, portable=None):
+        """``variant``: what runs here (``_variant``); ``portable``: the portable variant of a
+        VNNI build, or a function making it (exported beside it so any CPU can load the file)."""
         super().__init__("tvm:int", spec, meta)
-        import tvm
-        self.plan, self.params, self.codegen = plan, params, codegen
-        self.tir_source, self.c_source, self._library = tir_source, c_source, library_bytes
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "kernels.so")
-            with open(path, "wb") as f:
-                f.write(library_bytes)
-            self.lib = tvm.runtime.load_module(path)
-        self.kernels = {st["kernel"]: self.lib[st["kernel"]] for st in plan["steps"] if st["op"] == "kernel"}
+        self.plan, self.codegen = variant["plan"], codegen
+        self.params = {k: _aligned(v) for k, v in variant["params"].items()}
+        self.tir_source, self.c_source, self._library = variant["tir"], variant["c"], variant["library"]
+        self._portable = portable
+        self.lib = _load_library(self._library)
+        self.kernels = {st["kernel"]: self.lib[st["kernel"]] for st in self.plan["steps"] if st["op"] == "kernel"}
+
+    @property
+    def isa(self) -> str:
+        return self.plan.get("isa", "portable")
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Float input -> the int8 input this module takes (``quantize_integer.quantize_input``)."""
@@ -79,7 +132,7 @@ class IntModule(CompiledModule):
 
     def forward(self, *inputs):
         n = inputs[0].shape[1 if self.plan["layout"] == "seq" else 0]
-        env = {name: x.contiguous() for name, x in zip(self.plan["inputs"], inputs)}
+        env = {name: _aligned(x) for name, x in zip(self.plan["inputs"], inputs)}
         for st in self.plan["steps"]:
             if st["op"] == "view":
                 env[st["out"]] = env[st["src"]].reshape(shape_at(st["out_shape"], n))
@@ -97,12 +150,21 @@ class IntModule(CompiledModule):
 
     def _write(self, path):
         manifest = {"format": "snnc-tvm-int", "version": 1, "codegen": self.codegen, "plan": self.plan,
-                    "params": sorted(self.params)}
-        files = {"manifest.json": json.dumps(manifest, indent=1).encode(), "kernels.so": self._library,
-                 "kernels.tir.py": self.tir_source.encode()}
+                    "isa": self.isa, "params": sorted(self.params)}
+        files = {"kernels.so": self._library, "kernels.tir.py": self.tir_source.encode()}
+        params = dict(self.params)
+        if self._portable is not None:
+            if callable(self._portable):
+                self._portable = self._portable()
+            port = self._portable
+            params.update(port["params"])
+            manifest["portable"] = {"plan": port["plan"], "params": sorted(port["params"])}
+            files.update({"portable/kernels.so": port["library"], "portable/kernels.tir.py": port["tir"].encode()})
+        manifest["params"] = sorted(params)
+        files["manifest.json"] = json.dumps(manifest, indent=1).encode()
         if self.c_source is not None:
             files["kernels.c"] = self.c_source.encode()
-        for name, t in self.params.items():
+        for name, t in params.items():
             buf = io.BytesIO()
             np.save(buf, t.numpy(), allow_pickle=False)
             files[f"params/{name}.npy"] = buf.getvalue()
@@ -113,11 +175,19 @@ class IntModule(CompiledModule):
                 tar.addfile(ti, io.BytesIO(data))
 
 
-def compile(gm, target="tvm:int", codegen: str = "llvm", weight_bits: int | None = None, **quantize_options):
+def compile(gm, target="tvm:int", codegen: str = "llvm", weight_bits: int | None = None, isa: str = "auto",
+            **quantize_options):
     """Compile integer IR ``gm``; a float (unrolled) graph is first quantized with
-    ``quantize_integer(gm, weight_bits=weight_bits or 8, **quantize_options)``."""
+    ``quantize_integer(gm, weight_bits=weight_bits or 8, **quantize_options)``. ``isa``: "auto"
+    (VNNI kernels where this CPU has them, llvm codegen), "portable", or "avx512_vnni" (an error
+    on a CPU without it)."""
     if codegen not in CODEGENS:
         raise SnncError(f"tvm:int: codegen={codegen!r}: expected one of {CODEGENS}")
+    if isa not in ISAS:
+        raise SnncError(f"tvm:int: isa={isa!r}: expected one of {ISAS}")
+    if isa == ISA_FLAG and (codegen != "llvm" or int8_isa() is None):
+        raise SnncError(f"tvm:int: isa={isa!r} needs codegen='llvm' on a CPU with {ISA_FLAG} "
+                        f"(this one has: {', '.join(host_isa()['features']) or 'none of the AVX-512 features'})")
     integer = getattr(gm, "snnc_integer", None)
     if integer is None:
         from snnc.passes.quantize_integer import quantize_integer
@@ -125,15 +195,12 @@ def compile(gm, target="tvm:int", codegen: str = "llvm", weight_bits: int | None
     elif quantize_options or weight_bits not in (None, integer["weight_bits"]):
         raise SnncError(f"tvm:int: the graph is already integer IR ({integer['weight_bits']}-bit weights); "
                         f"quantize options {sorted(quantize_options) or ['weight_bits']} do not apply")
-    mod, plan, params = lower(gm, codegen)
-    source = mod.script()
-    with tempfile.TemporaryDirectory() as d:
-        c_source = _build(mod, codegen, d)
-        with open(os.path.join(d, "kernels.so"), "rb") as f:
-            library = f.read()
-    meta = {"output": output_meaning(gm), "codegen": codegen, "integer": dict(gm.snnc_integer)}
-    params = {k: v.detach().clone().contiguous() for k, v in params.items()}
-    return IntModule(graph_spec(gm), plan, params, library, source, c_source, codegen, meta)
+    chosen = int8_isa() if isa == "auto" and codegen == "llvm" else (None if isa == "portable" else isa)
+    variant = _variant(gm, codegen, chosen)
+    meta = {"output": output_meaning(gm), "codegen": codegen, "integer": dict(gm.snnc_integer),
+            "int8_isa": variant["plan"]["isa"]}
+    portable = (lambda: _variant(gm, codegen, None)) if variant["plan"]["isa"] != "portable" else None
+    return IntModule(graph_spec(gm), variant, codegen, meta, portable)
 
 
 def load(path, meta):
@@ -143,12 +210,30 @@ def load(path, meta):
         manifest = json.loads(files["manifest.json"])
         params = {name: torch.from_numpy(np.load(io.BytesIO(files[f"params/{name}.npy"]), allow_pickle=False))
                   for name in manifest["params"]}
-        library, tir = files["kernels.so"], files["kernels.tir.py"].decode()
-    except (tarfile.TarError, KeyError, ValueError, json.JSONDecodeError, EOFError, OSError) as e:
+        variant = {"plan": manifest["plan"], "library": files["kernels.so"], "tir": files["kernels.tir.py"].decode()}
+        portable = None
+        if "portable" in manifest:
+            portable = {"plan": manifest["portable"]["plan"], "library": files["portable/kernels.so"],
+                        "tir": files["portable/kernels.tir.py"].decode(), "c": None,
+                        "params": {k: params[k] for k in manifest["portable"]["params"]}}
+    except (tarfile.TarError, KeyError, ValueError, json.JSONDecodeError, EOFError, OSError, TypeError) as e:
         raise FileFormatError(f"{path} is not a readable tvm:int artefact (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from None
     if manifest.get("format") != "snnc-tvm-int":
         raise FileFormatError(f"{path}: manifest.json is not a tvm:int manifest")
-    c_source = files["kernels.c"].decode() if "kernels.c" in files else None
-    return IntModule(CompiledModule.spec_from_meta(meta), manifest["plan"], params, library, tir, c_source,
-                     manifest["codegen"], meta)
+    isa = variant["plan"].get("isa", "portable")
+    if isa != "portable" and int8_isa() != isa:  # run-time ISA check: this CPU lacks VNNI
+        if portable is None:
+            raise FileFormatError(f"{path} was built for {isa}, which this CPU lacks, and holds no portable build")
+        variant, portable = portable, None
+        meta = {**meta, "int8_isa": "portable"}
+    try:
+        variant["params"] = {k: params[k] for k in _plan_params(variant["plan"])}
+    except (KeyError, TypeError) as e:
+        raise FileFormatError(f"{path}: the plan names a parameter the file does not hold ({e})") from None
+    variant["c"] = files["kernels.c"].decode() if "kernels.c" in files else None
+    return IntModule(CompiledModule.spec_from_meta(meta), variant, manifest["codegen"], meta, portable)
+
+
+def _plan_params(plan) -> set:
+    return {p for st in plan["steps"] if st["op"] == "kernel" for p in st["params"]}

@@ -303,9 +303,10 @@ def _convert_batch_norm(imp, node):
 
 # --- the importer --------------------------------------------------------------------------------
 
-def _importer(device, gm=None):
+def _importer(device, gm=None, spike_convs="fp32"):
     """TVM's torch importer with snnc's converters for the graph's ops whose ``tvm`` hook is one
-    (ops whose hook is ``FORWARD`` keep the frontend's own converter)."""
+    (ops whose hook is ``FORWARD`` keep the frontend's own converter); ``spike_convs`` other than
+    "fp32": convs on spikes become int8 kernels of that ISA (``tvm_spike_conv``)."""
     imp = TorchFXImporter()
     imp.snnc_device = device
     if gm is not None:
@@ -322,6 +323,8 @@ def _importer(device, gm=None):
                 if h is not None and h != registry.FORWARD:
                     convs[n.target if n.op == "call_method" else n.target.__name__] = registry.resolve(h)
         imp.update_convert_map({cls: (lambda node, conv=conv: conv(imp, node)) for cls, conv in convs.items()})
+        from .tvm_spike_conv import install
+        install(imp, gm, spike_convs)
     return imp
 
 
@@ -345,12 +348,14 @@ def check_supported(gm: fx.GraphModule, imp=None) -> None:
                                     f"targets compile multi-step graphs (run unroll_timesteps first)")
 
 
-def to_relax(gm: fx.GraphModule, device: str = "cpu", batch: str = "static") -> tvm.IRModule:
+def to_relax(gm: fx.GraphModule, device: str = "cpu", batch: str = "static",
+             spike_convs: str = "fp32") -> tvm.IRModule:
     """The Relax ``IRModule`` of an annotated multi-step graph (``device``: "cpu" or "gpu").
     ``batch="any"``: the batch dimension of every input is the symbolic ``n`` (one library
-    for every batch size); ``"static"``: the traced batch."""
+    for every batch size); ``"static"``: the traced batch. ``spike_convs``: "fp32", or the int8
+    kernel ISA ("vnni", "avx512bw") for convs whose input is spikes (``tvm_spike_conv``)."""
     check_supported(gm)
-    imp = _importer(device, gm)
+    imp = _importer(device, gm, spike_convs)
     spec = gm.snnc_spec
     input_info = [(tuple(shape), dtype) for shape, dtype in spec["inputs"]]
     if batch == "any":

@@ -51,7 +51,12 @@ TUNED_OPS = ("conv2d", "matmul", "dense")
 
 
 def _tunable(task) -> bool:
-    return any(op in task.task_name for op in TUNED_OPS)
+    return _tunable_name(task.task_name)
+
+
+def _tunable_name(name: str) -> bool:
+    """conv / dense functions, except the hand-written int8 spike kernels (``spike_conv2d_*``)."""
+    return any(op in name for op in TUNED_OPS) and not name.startswith("spike_")
 
 
 def _records(db, task) -> int:
@@ -122,7 +127,7 @@ def _pick(legal, db, target) -> dict:
     with target:
         for gv, func in list(legal.functions.items()):
             name = gv.name_hint
-            if not isinstance(func, tvm.tirx.PrimFunc) or not any(op in name for op in TUNED_OPS):
+            if not isinstance(func, tvm.tirx.PrimFunc) or not _tunable_name(name):
                 continue
             workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             sch = db.query_schedule(workload, target, name)
@@ -150,8 +155,11 @@ def _digest(work_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, progress=True, cache=True):
-    """The tuned Relax library of graph ``g`` (``tb.Built``), tuning what the database lacks."""
+def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, progress=True, cache=True,
+                spike_isa="fp32"):
+    """The tuned Relax library of graph ``g`` (``tb.Built``), tuning what the database lacks.
+    ``spike_isa`` other than "fp32": convs on spikes are the int8 kernels of ``tvm_spike_conv``
+    (hand-written TIR, not tunable), so only the remaining fp32 convs / dense layers are tasks."""
     from .tvm_lower import to_relax
     trials = DEFAULT_TRIALS if trials is None else trials
     minutes = DEFAULT_MINUTES if minutes is None else minutes
@@ -161,14 +169,17 @@ def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, pro
         raise SnncError(f"tvm:llvm: tune_minutes={minutes!r}; expected a positive number of minutes")
     if tdict.get("kind") != "llvm":
         raise SnncError("tuning is for the tvm:llvm target")
-    key = tb.graph_key(g, tdict, "relax", "tuned")
+    key = tb.graph_key(g, tdict, "relax", "tuned", *(() if spike_isa == "fp32" else (spike_isa,)))
     work_dir = Path(database) if database is not None else tb.cache_dir() / "tune" / key
     if work_dir.exists() and not work_dir.is_dir():
         raise SnncError(f"database={str(work_dir)!r} is a file; the tuning database is a folder")
     work_dir.mkdir(parents=True, exist_ok=True)
+    done = _complete(work_dir, key, trials, cache)
+    if done is not None:  # nothing left to tune: the library of this database, no task extraction
+        return done
     target = tb.make_target(tdict)
     with target:
-        legal = relax.get_pipeline("zero")(to_relax(g, "cpu", batch="static"))
+        legal = relax.get_pipeline("zero")(to_relax(g, "cpu", batch="static", spike_convs=spike_isa))
     tasks = [t for t in ms.relax_integration.extract_tasks(legal, target) if _tunable(t)]
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
     todo = [t for t in tasks if _records(db, t) < trials]
@@ -207,7 +218,56 @@ def tuned_relax(g, tdict: dict, *, trials=None, database=None, minutes=None, pro
     else:
         tb.cached_json(f"{lib_key}.choices", lambda: choices, cache)
     built.tuning = {**stats, "kernels": choices}
+    _mark_complete(work_dir, key, trials, stats, lib_key)
     return built
+
+
+class _Miss(Exception):
+    pass
+
+
+def _raise_miss():
+    raise _Miss()
+
+
+def _complete(work_dir: Path, key: str, trials: int, cache: bool):
+    """The cached library of a database already tuned to ``trials`` per task for graph ``key``
+    (``snnc_complete.json``, written after each run, names the database digest it was built
+    from), or None. Task extraction and the database load cost seconds; this check does not."""
+    import json
+    try:
+        mark = json.loads((work_dir / "snnc_complete.json").read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not cache or mark.get("trials", 0) < trials or mark.get("lib_key") != f"{key}-{_digest(work_dir)}":
+        return None
+    try:
+        built, _ = tb.cached(mark["lib_key"], _raise_miss, cache)
+    except _Miss:
+        return None
+    built.tuning = {**mark.get("stats", {}), "tuned_now": 0, "reused": True,
+                    "kernels": tb.cached_json(f"{mark['lib_key']}.choices", lambda: {}, cache)}
+    return built
+
+
+def _mark_complete(work_dir: Path, key: str, trials: int, stats: dict, lib_key: str) -> None:
+    import json
+
+    from snnc.fileio import atomic_write
+    if stats.get("stopped_by_budget"):
+        return  # unfinished: the next compile resumes tuning
+    path = work_dir / "snnc_complete.json"
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        marks = {}
+    if not isinstance(marks, dict):
+        marks = {}
+    marks[key] = {"trials": trials, "lib_key": lib_key, "stats": {k: v for k, v in stats.items() if k != "tuned_now"}}
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(marks)), overwrite=True)
+    except OSError:
+        pass
 
 
 def _tune(budget, **kwargs):

@@ -114,7 +114,7 @@ def test_hybrid_int8_convs_agree_with_the_reference_spike_for_spike():
     assert set(auto.meta["hybrid_convs"].values()) <= {"torch", "tvm", "int8"}
     assert auto.meta["hybrid_convs"]["conv_0"] != "int8"
     assert (auto(x) == ref).float().mean().item() >= 0.999
-    exact = snnc.compile(g, target="tvm:llvm", convs="torch", cache=False)  # default: no int8 anywhere
+    exact = snnc.compile(g, target="tvm:llvm", convs="torch", cache=False)  # forced fp32: no int8 anywhere
     assert torch.equal(exact(x), ref)
 
 

@@ -199,3 +199,139 @@ def test_trained_digits_bit_exact_and_accurate_llvm_and_c():
         assert torch.equal(y, ref), cg
         acc = (y.argmax(-1) == d.y_test).float().mean().item() * 100
         assert float_acc > 90 and abs(acc - float_acc) <= 1.0, (cg, acc, float_acc)
+
+
+# --- int8 VNNI kernels (tvm_int_vnni.py) ------------------------------------------------------
+
+from snnc.targets.tvm_int_vnni import int8_isa  # noqa: E402
+
+needs_vnni = pytest.mark.skipif(int8_isa() is None, reason="this CPU has no AVX-512 VNNI")
+
+
+def _vnni_kernels(m):
+    return [st["kernel"] for st in m.plan["steps"] if st["op"] == "kernel" and "_weight_vnni" in " ".join(st["params"])]
+
+
+@pytest.fixture(scope="module")
+def converted_cnn():
+    """A converted digits CNN (conv-IF x2, sum pool, linear-IF, linear, readout) whose every
+    neuron layer fires, compiled with the VNNI kernels and with the portable ones."""
+    d, _, q = _digits_int_graph(width=8, T=6, epochs=0)
+    xq = quantize_input(q, d.x_test[:64])
+    return q, xq
+
+
+def _firing_rates(q, xq):
+    from torch import fx
+    rates = []
+
+    class _Rec(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if isinstance(self.module.get_submodule(target), IntIF):
+                rates.append(out.float().mean().item())
+            return out
+    snnc.reset(q)
+    with torch.no_grad():
+        _Rec(q).run(xq)
+    snnc.reset(q)
+    return rates
+
+
+@needs_vnni
+def test_vnni_kernels_bit_exact_on_a_converted_cnn_with_every_layer_firing(converted_cnn):
+    q, xq = converted_cnn
+    rates = _firing_rates(q, xq)
+    assert len(rates) == 3 and all(0.005 < r < 0.9 for r in rates), rates
+    ref = snnc.run(q, xq)
+    m = snnc.compile(q, target="tvm:int")
+    assert m.meta["int8_isa"] == "avx512_vnni" and m.isa == "avx512_vnni"
+    assert len(_vnni_kernels(m)) == 4            # both convs (signed input, spikes) and both linears
+    assert torch.equal(m(xq), ref)
+    assert torch.equal(m(xq[3:10]), snnc.run(q, xq[3:10]))   # another batch, an unaligned slice
+
+
+def test_forced_portable_isa_is_bit_exact_and_uses_no_vnni(converted_cnn):
+    q, xq = converted_cnn
+    m = snnc.compile(q, target="tvm:int", isa="portable")
+    assert m.meta["int8_isa"] == "portable" and not _vnni_kernels(m) and "vpdpbusd" not in m.tir_source
+    assert torch.equal(m(xq), snnc.run(q, xq))
+    with pytest.raises(snnc.SnncError, match="isa='avx2'"):
+        snnc.compile(q, target="tvm:int", isa="avx2")
+    with pytest.raises(snnc.SnncError, match="needs codegen='llvm'"):
+        snnc.compile(q, target="tvm:int", isa="avx512_vnni", codegen="c")
+
+
+@needs_vnni
+def test_export_load_at_another_batch_and_fallback_on_a_cpu_without_vnni(converted_cnn, tmp_path, monkeypatch):
+    q, xq = converted_cnn
+    m = snnc.compile(q, target="tvm:int")
+    path = m.export(tmp_path / "digits.snnc")
+    x2 = xq[:5]
+    ref = snnc.run(q, x2)
+    m2 = snnc.load(path)
+    assert m2.meta["int8_isa"] == "avx512_vnni" and _vnni_kernels(m2) and torch.equal(m2(x2), ref)
+    from snnc.targets import tvm_int
+    monkeypatch.setattr(tvm_int, "int8_isa", lambda: None)     # the file moved to a CPU without VNNI
+    m3 = snnc.load(path)
+    assert m3.meta["int8_isa"] == "portable" and not _vnni_kernels(m3)
+    assert torch.equal(m3(x2), ref) and torch.equal(m3(xq), snnc.run(q, xq))
+
+
+@needs_vnni
+def test_vnni_module_called_from_threads(converted_cnn):
+    from concurrent.futures import ThreadPoolExecutor
+    q, xq = converted_cnn
+    m = snnc.compile(q, target="tvm:int")
+    parts = [xq[i::4] for i in range(4)]
+    refs = [snnc.run(q, p) for p in parts]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda p: m(p), parts * 3))
+    assert all(torch.equal(o, refs[i % 4]) for i, o in enumerate(outs))
+
+
+@needs_vnni
+@pytest.mark.parametrize("C,O,H,W,k,s,p", [(5, 20, 7, 9, 3, 2, 1), (3, 16, 6, 5, 1, 1, 0), (8, 33, 11, 13, 5, 1, 2)])
+def test_vnni_conv_edges_full_int8_range(C, O, H, W, k, s, p):
+    """Odd channel counts (padding to 4 / 16), strides, prime widths, weights and inputs over the
+    whole int8 range (-128 included): the offset-128 path must give the exact int32 sums."""
+    from snnc.ops import IntConv2d, IntLinear
+    torch.manual_seed(C * O)
+    conv = IntConv2d(torch.randint(-127, 128, (O, C, k, k)), torch.randint(-10 ** 6, 10 ** 6, (O,)), s, p)
+    lin = IntLinear(torch.randint(-127, 128, (19, C * H * W)), None)
+    for mod, shape in ((conv, (2, C, H, W)), (nn.Sequential(nn.Flatten(), lin), (2, C, H, W))):
+        g = snnc.trace(nn.Sequential(mod) if isinstance(mod, IntConv2d) else mod, torch.zeros(shape, dtype=torch.int8))
+        g.snnc_integer = {"weight_bits": 8}
+        x = torch.randint(-128, 128, (11, C, H, W), dtype=torch.int8)
+        x[0] = -128
+        x[1] = 127
+        m = snnc.compile(g, target="tvm:int")
+        assert _vnni_kernels(m) and torch.equal(m(x), snnc.run(g, x))
+
+
+def test_charge_dtype_is_int32_only_where_nothing_can_wrap():
+    from snnc.ops import IntLIF
+    from snnc.targets.tvm_int_lower import _charge_dtype
+    n = IntIF(v_th=100, state_bits=24)
+    assert _charge_dtype(n, 10 ** 6) == "int32" and _charge_dtype(n, None) == "int64"
+    assert _charge_dtype(n, 2 ** 31 - 2 ** 23) == "int64"
+    fixed = IntLIF(v_th=100, leak="fixed", decay_q=3000, frac_bits=12, state_bits=24)
+    assert _charge_dtype(fixed, 10) == "int64"        # 2**24 * 3000 overflows int32
+    assert _charge_dtype(IntLIF(v_th=100, leak="fixed", decay_q=3000, frac_bits=12, state_bits=16), 10) == "int32"
+
+
+@needs_vnni
+@pytest.mark.parametrize("leak,per_channel", [("shift", False), ("fixed", True)])
+def test_fused_conv_lif_over_time_bit_exact(leak, per_channel):
+    """A spikingjelly-style multi-step conv SNN fed a different frame each step: both convs run on
+    all T*N frames and carry their LIF layer (leak, zero reset, strict compare) in the kernel."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(2, 20, 3, padding=1), LIF(tau=2.0, v_th=0.3),
+                        nn.Conv2d(20, 8, 3, stride=2), LIF(tau=4.0, v_th=0.2, reset="zero", compare=">"))
+    g = unroll_timesteps(snnc.trace(net, torch.zeros(1, 2, 9, 9)), T=6)
+    q = quantize_integer(g, leak=leak, per_channel=per_channel)
+    xq = quantize_input(q, torch.rand(6, 5, 2, 9, 9) * 2 - 0.5)
+    ref = snnc.run(q, xq)
+    m = snnc.compile(q, target="tvm:int")
+    assert sum(st["kernel"].endswith("_fused") for st in m.plan["steps"] if st["op"] == "kernel") == 2
+    assert 0.01 < ref.float().mean() < 0.9 and torch.equal(m(xq), ref)

@@ -226,15 +226,22 @@ def test_tuning_database_is_written_reused_and_the_library_stays_exact(tmp_path,
     x = torch.randn(2, 2, 2, 8, 8) * 2
     g = unroll_timesteps(snnc.trace(net, x[0]), T=2)
     db = tmp_path / "db"
-    m = snnc.compile(g, target="tvm:llvm", mode="relax", trials=2, database=db, progress=False)
+    # spike_convs="fp32": both convs are MetaSchedule tasks (int8 spike convs are hand-written TIR)
+    m = snnc.compile(g, target="tvm:llvm", mode="relax", trials=2, database=db, progress=False, spike_convs="fp32")
     tuning = m.meta["tuning"]
     assert tuning["tasks"] == 2 and tuning["tuned_now"] == 2
     assert (db / "database_tuning_record.json").stat().st_size > 0
     _agree(m(x), snnc.compile(g, target="torch")(x))
     from snnc.targets import tvm_build
     tvm_build._MEMORY_CACHE.clear()  # as in a new process
-    again = snnc.compile(g, target="tvm:llvm", mode="relax", trials=2, database=db, progress=False)
+    again = snnc.compile(g, target="tvm:llvm", mode="relax", trials=2, database=db, progress=False,
+                         spike_convs="fp32")
     assert again.meta["tuning"]["tuned_now"] == 0  # nothing left to tune: database + cached library
+    assert again.meta["tuning"]["reused"] and again.meta["tuning"]["tasks"] == 2  # no task extraction
+    tvm_build._MEMORY_CACHE.clear()
+    more = snnc.compile(g, target="tvm:llvm", mode="relax", trials=3, database=db, progress=False,
+                        spike_convs="fp32", tune_minutes=0.05)
+    assert "reused" not in more.meta["tuning"]  # more trials asked: the database is tuned further
     x3 = torch.randn(2, 3, 2, 8, 8) * 2  # a batch of 3 on a library tuned (static) for 2: chunks
     _agree(again(x3), snnc.compile(g, target="torch")(x3))
 
@@ -269,7 +276,8 @@ def test_a_complete_database_is_applied_without_tuning(tmp_path, monkeypatch):
         db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, db.commit_workload(t.dispatched[0]), [1e-3], target,
             ms.arg_info.ArgInfo.from_prim_func(t.dispatched[0]["main"])))
-    m = snnc.compile(g, target="tvm:llvm", mode="relax", trials=1, database=tmp_path / "db", progress=False)
+    m = snnc.compile(g, target="tvm:llvm", mode="relax", trials=1, database=tmp_path / "db", progress=False,
+                     spike_convs="fp32")
     tuning = m.meta["tuning"]
     assert tuning["tasks"] == 1 and tuning["tuned_now"] == 0 and len(tuning["kernels"]) == 1  # one shared kernel
     assert all(k["use"] in ("tuned", "hand") and k["tuned_ms"] > 0 for k in tuning["kernels"].values())

@@ -1,0 +1,218 @@
+"""Fused spike blocks for the ``tvm:llvm`` hybrid: Conv2d + neuron scan as one call, with the
+spikes between blocks kept as uint8 in channels_last memory, in the layout the int8 kernel reads.
+
+Why (measured on the bench net, AMX host): the int8 conv itself is ~1/5 of an int8 layer's time;
+the rest was memory traffic around it: an fp32 spike tensor written by the neuron, a
+float->uint8 channels_last conversion before the conv, a conv output with one channel group per
+weight digit and a pass summing the digits. A block instead
+
+* reads uint8 spikes in "stacked digit" form: channels ``[254*s, s]`` (``2*C_in`` channels), so
+  one u8 x s8 oneDNN conv with weights ``[q0 | q1]`` accumulates ``sum_k s_k*(254*q0_k + q1_k)``
+  exactly in int32 and scales once by ``max|w_c| / (127*254)``: the two-digit weight of
+  ``spike_conv.split_int8`` (same bound, ``SpikeConv2d.error_bound``) with C_out fp32 outputs
+  instead of 2*C_out and no digit sum (254*1 fits uint8; int32 holds k*254*127*2);
+* runs the conv on the whole T*N batch (or tiles of it for very large batches: whole time steps,
+  or slices of one step's batch; ``SpikeBlock.tiles``), the neuron kernel after it, with the
+  membrane in a buffer that persists across tiles;
+* writes the spikes straight into the next block's input format (stacked uint8, or fp32 where
+  something else reads them, e.g. the graph output).
+
+The conv of a block runs fp32 (oneDNN, channels_last) or int8 by the same per-layer race as the
+other convs (``choice``: "torch" / "int8"); int8 only where the input is proven 0/1.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from torch import nn
+from tvm.script import tirx as T
+
+from .spike_conv import split_int8
+from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
+
+# fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch
+# hands the cores from torch's OpenMP pool to TVM's, and the pool that just finished spin-waits
+# on them; on the bench net (2 threads) 4 MiB tiles measured 2.2x the CPU time of whole-T calls,
+# 16 MiB 1.2x, while the cache gain of small tiles showed only with one thread.
+TILE_BYTES = 256 << 20
+HI = 254  # the high digit's input multiplier: 254*1 fits uint8, and q1 spans [-127, 127] of s/254
+
+
+def block_scan_kernel(C: int, dtype: str, p: NeuronScan, out_dtype: str, copies: int):
+    """PrimFunc ``(Y[G, R, C], V[R, C], S[G, R, copies*C], first)``: one group of G time steps of
+    a neuron layer over conv outputs Y (channels_last: R = N*H*W rows of C channels), membrane V
+    carried between groups (``first`` = 1: start from v_init), spikes S; with ``copies=2`` each
+    spike is written as ``[254*s | s]`` (the stacked-digit input of the next int8 block).
+    Same charge / fire / reset expressions as ``tvm_kernels.neuron_scan_kernel`` (bit for bit)."""
+    if p.v_th == "buffer":
+        raise ValueError("block_scan_kernel: scalar thresholds only")
+    lanes = pick_lanes(C)
+    charge, fire, reset = _rule(p, dtype)
+    init = T.Cast(dtype, p.v_init)
+    G, R = _size(None), T.Var("R", "int64")
+    D = copies
+
+    def spike(h, k):
+        s = T.Cast(out_dtype, fire(h, 0))
+        return T.Select(k == 0, s * T.Cast(out_dtype, HI), s) if D == 2 else s
+
+    @T.prim_func(s_tir=True)
+    def block_scan(y: T.handle, v: T.handle, s: T.handle, first: T.int32):
+        T.func_attr({"tir.noalias": True})
+        Y = T.match_buffer(y, (G, R, C), dtype)
+        V = T.match_buffer(v, (R, C), dtype)
+        S = T.match_buffer(s, (G, R, D * C), out_dtype)
+        with T.sblock("root"):
+            for r in T.parallel(R):
+                for co in T.serial(C // lanes):
+                    for ci in T.vectorized(lanes):
+                        V[r, co * lanes + ci] = charge(T.Select(first == 1, init, reset(V[r, co * lanes + ci], 0)),
+                                                       Y[0, r, co * lanes + ci], 0)
+                    for k in T.unroll(D):
+                        for ci in T.vectorized(lanes):
+                            S[0, r, k * C + co * lanes + ci] = spike(V[r, co * lanes + ci], k)
+                    for t in T.serial(1, G):
+                        for ci in T.vectorized(lanes):
+                            V[r, co * lanes + ci] = charge(reset(V[r, co * lanes + ci], 0),
+                                                           Y[t, r, co * lanes + ci], 0)
+                        for k in T.unroll(D):
+                            for ci in T.vectorized(lanes):
+                                S[t, r, k * C + co * lanes + ci] = spike(V[r, co * lanes + ci], k)
+    return block_scan
+
+
+def stacked_int8(w: torch.Tensor):
+    """``(digits [O, 2*I, ...] int8, scale [O] fp32, step [O] fp32)``: w[c] ~ scale[c] *
+    (254*digits[c, :I] + digits[c, I:]) with every weight within ``step[c] / 2`` (= scale / 2) of
+    its exact value: Q = round(w / s), s = max|w_c| / (127*254), written in base 254."""
+    r = w.detach().double()
+    view = (-1,) + (1,) * (w.dim() - 1)
+    top = HI * 127
+    s = (r.abs().flatten(1).amax(1) / top).float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero channel: any scale, digits 0
+    q = torch.round(r / s.double().view(view)).clamp(-top, top)
+    hi = torch.round(q / HI)
+    lo = q - HI * hi  # in [-127, 127]: |q - 254*round(q/254)| <= 127
+    return torch.cat([hi, lo], 1).to(torch.int8), s, s
+
+
+def stack_spikes(x: torch.Tensor) -> torch.Tensor:
+    """fp32 0/1 spikes ``[..., C, H, W]`` -> uint8 ``[..., 2C, H, W]`` channels_last ``[254*x | x]``:
+    the input of an int8 block whose producer is not a block."""
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:])
+    out = torch.empty(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=torch.uint8,
+                      memory_format=torch.channels_last)
+    out[:, x.shape[1]:] = x
+    torch.mul(out[:, x.shape[1]:], HI, out=out[:, :x.shape[1]])
+    return out.reshape(*lead, *out.shape[1:]) if lead else out
+
+
+class SpikeBlock(nn.Module):
+    """``neuron(conv(x))`` over ``[T, N, C, H, W]``: conv per group of time steps (fp32 oneDNN or
+    the stacked int8 kernel, ``choice``), then the neuron kernel on that group; output spikes in
+    ``out_format`` ("f32": fp32 ``[T, N, C', H', W']`` in channels_last memory; "u8x2": uint8
+    ``[T, N, 2C', H', W']``, the stacked input of the next int8 block). See the module doc."""
+
+    def __init__(self, conv: nn.Conv2d, in_shape, steps: int, name: str, kernels: dict, binary: bool,
+                 reuse_output=True):
+        super().__init__()
+        self.steps = steps
+        self.conv, self.name, self.kernels = conv, name, kernels  # kernels: format -> kernel name
+        self.in_shape, self.binary, self.reuse_output = tuple(in_shape), binary, reuse_output
+        self.choice, self.out_format, self.fns, self.buffers = "torch", "f32", {}, {}
+        self.fresh_output = False
+        self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
+        self.weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        self.bias = None if conv.bias is None else conv.bias.detach().float()
+        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        self.packed = None
+        if binary:
+            digits, self.scale, step = stacked_int8(conv.weight)
+            self.zero_points = torch.zeros(self.scale.numel(), dtype=torch.int64)
+            self.register_buffer("error_bound", conv.weight[0].numel() * step / 2, persistent=False)
+            n, c, h, w = self.in_shape
+            self.packed = torch.ops.onednn.qconv_prepack(digits, self.scale, 1.0, 0, *self.geometry, [n, 2 * c, h, w])
+
+    def bind(self, lib):
+        self.fns = {fmt: lib[name] for fmt, name in self.kernels.items()}
+
+    def options(self) -> list:
+        return ["torch"] + (["int8"] if self.packed is not None else [])
+
+    def _out(self, key, shape, dtype):
+        if not self.reuse_output or (key == "s" and self.fresh_output):
+            return torch.empty(shape, dtype=dtype)
+        key = (threading.get_ident(), key, tuple(shape), dtype)  # per thread, as TVMKernelCall
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty(shape, dtype=dtype)
+        return buf
+
+    def _conv(self, x):
+        if self.choice == "int8":
+            stride, padding, dilation, groups = self.geometry
+            return torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, self.packed, self.scale, self.zero_points, self.bias,
+                                                      stride, padding, dilation, groups, 1.0, 0, torch.float32,
+                                                      "none", [], "")
+        return nn.functional.conv2d(x, self.weight, self.bias, *self.geometry)
+
+    def forward(self, x):
+        steps, n = x.shape[:2]
+        cin = self.in_shape[1]
+        if self.choice == "int8":
+            x = x if x.dtype == torch.uint8 else stack_spikes(x)
+        elif x.dtype == torch.uint8:  # stacked spikes reaching an fp32 conv: the low copy is 0/1
+            x = x[:, :, cin:].float()
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        c, h, w = self.out_shape
+        copies, dtype = (2, torch.uint8) if self.out_format == "u8x2" else (1, torch.float32)
+        spikes = self._out("s", (steps, n * h * w, copies * c), dtype)
+        membrane = self._out("v", (n * h * w, c), torch.float32)
+        fn = self.fns[self.out_format]
+        group, rows = self.tiles(steps, n)
+        hw = h * w
+        with torch.no_grad():
+            for t0 in range(0, steps, group):
+                g = min(group, steps - t0)
+                for n0 in range(0, n, rows):  # rows < n only with g == 1: a slice of one step's batch
+                    k = min(rows, n - n0)
+                    y = self._conv(x[t0 * n + n0:(t0 + g) * n if k == n else t0 * n + n0 + k])
+                    fn(y.permute(0, 2, 3, 1).reshape(g, k * hw, c), membrane[n0 * hw:(n0 + k) * hw],
+                       spikes[t0:t0 + g, n0 * hw:(n0 + k) * hw], int(t0 == 0))
+        return spikes.view(steps, n, h, w, copies * c).permute(0, 1, 4, 2, 3)
+
+    def tiles(self, steps, n):
+        """``(time steps, samples)`` per conv call: the fp32 conv output of one call is at most
+        ``TILE_BYTES`` (bounds the temporary; see its comment for the measured size), whole time
+        steps when one fits, else a slice of one step's batch. Slices must start 64-byte aligned
+        (TVM's buffers): otherwise one call does everything."""
+        c, h, w = self.out_shape
+        per_sample = h * w * c * 4
+        if (h * w * c) % 64:
+            return steps, n
+        if n * per_sample <= TILE_BYTES:
+            return max(1, min(steps, TILE_BYTES // (n * per_sample))), n
+        return 1, max(1, TILE_BYTES // per_sample)
+
+    def race(self, runs=2) -> str:
+        """Time the block with each conv runner on spike-like input; the fastest one runs."""
+        spikes = (torch.rand(self.in_shape) < 0.2).float()
+        x = spikes.reshape(self.steps, -1, *self.in_shape[1:])
+        best = {}
+        for choice in self.options():
+            self.choice = choice
+            xin = stack_spikes(x) if choice == "int8" else (x if self.binary else torch.rand_like(x))
+            self(xin)
+            best[choice] = min(_seconds(lambda: self(xin)) for _ in range(runs))
+        self.buffers.clear()
+        self.choice = "torch"
+        return min(best, key=best.get)
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
