@@ -8,6 +8,8 @@ Peers, each written the way its own documentation does it, same Linear weights a
 (``torch.randn(T, 16, n)``), LIF with decay 0.5 (tau=2) and each library's default surrogate:
   snnc          nn.Sequential(nn.Linear, snnc LIF(tau=2)) traced, unroll_timesteps(T),
                 insert_surrogate("atan"): one Linear over T*B rows + the fused native LIF scan
+                (spikes written over the Linear's output, backward keeps z fp32 + uint8 spikes,
+                the broadcast dL/dS of sum() read once)
   spikingjelly  layer.Linear + neuron.LIFNode(tau=2, decay_input=False, v_reset=None,
                 step_mode="m") (snnc's LIF: H = 0.5 V + X, subtract reset; its torch code on CPU)
   snntorch      nn.Linear + snn.Leaky(beta=0.5) stepped over T in Python (its tutorial loop)

@@ -8,7 +8,9 @@ Prints one JSON line per result:
   * tdbn: a deep plain conv LIF net (10 conv layers) with tdBN vs without normalisation, same
     epochs and seed (Zheng 2021's claim: tdBN trains where no-norm stalls);
   * memory: peak memory (and time) of one training step of the bench net at T=8 and T=32 for
-    snnc, spikingjelly and torch.compile of a plain multi-step loop, each in a fresh process;
+    snnc (spikes saved as uint8, membrane float32: exact), snnc with the membrane saved as
+    float16 (``scan_state``), spikingjelly and torch.compile of a plain multi-step loop, each in a
+    fresh process;
   * speed: forward+backward time of one training step of the bench net (3 conv+LIF layers
     3->64->128->128, 32x32, T=4, N=16) for snnc's unrolled graph (native fused scan, and its
     torch-only fallback), spikingjelly 2.0 multi-step (step_mode='m', its CPU LIF op) and a naive
@@ -213,9 +215,15 @@ def _training_step(impl, T, N):
     torch.manual_seed(0)
     net = bench_net()
     convs = [m for m in net if isinstance(m, nn.Conv2d)]
-    if impl == "snnc":
+    if impl in ("snnc", "snnc_float16_state"):
+        from snnc.training import scan_state
         g = insert_surrogate(unroll_timesteps(snnc.trace(net, torch.zeros(N, 3, 32, 32)), T=T), kind="atan").train()
-        return (lambda x: g(x)), g.parameters
+        dtype = "float16" if impl == "snnc_float16_state" else "float32"
+
+        def run_snnc(x):
+            with scan_state(dtype):
+                return g(x)
+        return run_snnc, g.parameters
     if impl == "spikingjelly":
         from spikingjelly.activation_based import functional
         sj = _spikingjelly_net(convs)
@@ -262,7 +270,7 @@ def bench_memory(quick, N=16):
     N = 4 if quick else N
     for T in (8, 32):
         rows = {}
-        for impl in ("snnc", "spikingjelly", "plain_loop_torch_compile"):
+        for impl in ("snnc", "snnc_float16_state", "spikingjelly", "plain_loop_torch_compile"):
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
             cmd = [sys.executable, __file__, "--memory-child", impl, str(T), str(N)]
             try:

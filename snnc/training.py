@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, SnncError
 from .ir import graph_spec, info
 from .ops import Neuron
+from .ops.spike_store import compact_spikes, scan_state, spike_storage  # noqa: F401 (public)
 
 
 def _check_trainable(gm):
@@ -112,7 +113,7 @@ def reuse_freed_memory() -> bool:
 
 def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, lr: float = 1e-3,
             val_loader=None, device=None, grad_clip: float | None = None, progress=None,
-            reuse_memory: bool = True) -> list[dict]:
+            reuse_memory: bool = True, saved_state: str = "float32") -> list[dict]:
     """Train ``gm`` in place for ``epochs`` passes over ``loader`` (batches ``(x, y)``).
 
     ``optimizer``: None (Adam with ``lr``), an optimiser, or a factory ``f(params, lr=lr)``.
@@ -121,10 +122,15 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     ``train_acc`` (percent, on the training batches as seen), ``val_acc`` (with ``val_loader``),
     ``seconds``. With ``device`` the graph and batches are moved there. The graph is left in
     eval mode. ``reuse_memory``: call ``reuse_freed_memory`` first (CPU page faults per step).
+    ``saved_state``: the dtype the fused neuron scan keeps its membrane in for backward,
+    ``"float32"`` (exact) or ``"float16"`` (half the bytes; see ``snnc.ops.spike_store``).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
     spec = _check_trainable(gm)
+    if saved_state not in ("float32", "float16"):
+        raise SnncError(f"retrain: saved_state must be 'float32' or 'float16', got {saved_state!r}")
+    compact_spikes(gm)
     if reuse_memory:
         reuse_freed_memory()
     if device is not None:
@@ -141,7 +147,8 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
         for x, y in bar:
             x, y = (x.to(device), y.to(device)) if device else (x, y)
             opt.zero_grad(set_to_none=True)
-            out = gm(prepare_input(spec, x))
+            with scan_state(saved_state):
+                out = gm(prepare_input(spec, x))
             out = out.mean(0) if seq_out else out
             value = loss_fn(out, y)
             value.backward()

@@ -32,8 +32,8 @@ _lock = threading.Lock()
 _state = {"lib": None, "tried": False, "pool": None, "error": None}
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_FORWARD_ARGS = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _f32, _int, _f32, _f32, _int, _f32, _f32, _int]
-_BACKWARD_ARGS = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _f32, _f32, _int, _f32, _int, _int, _f32]
+_FORWARD_ARGS = [_ptr] * 5 + [_i64] * 4 + [_f32, _f32, _int, _f32, _f32, _int, _f32, _f32, _int]
+_BACKWARD_ARGS = [_ptr] * 4 + [_int, _ptr] + [_i64] * 4 + [_f32, _f32, _f32, _int, _f32, _int, _f32]
 
 
 def _cache_dir() -> Path:
@@ -98,23 +98,41 @@ def _parallel(fn, M):
         f.result()
 
 
-def scan_forward(lib, x, p):
-    """``x [T, ...]`` float32 -> ``(spikes, z)``; ``p``: the neuron constants (see neuron_scan)."""
+def _ptr_or_null(t):
+    return None if t is None else t.data_ptr()
+
+
+def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
+    """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
+    ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
+    ``x`` (each element is read before it is written) and returned as a new tensor on its memory."""
+    overwrite_input = overwrite_input and x.is_contiguous()
     x = x.contiguous()
     T, M = x.shape[0], x[0].numel()
-    s, z = torch.empty_like(x), torch.empty_like(x)
+    if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
+        s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
+    else:
+        s = torch.empty_like(x)
+    s8 = torch.empty(x.shape, dtype=torch.uint8)
+    z = torch.empty(x.shape, dtype=torch.float16 if half_state else torch.float32)
+    zf, zh = (None, z) if half_state else (z, None)
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
             p["v_reset"], p["v_init"], int(p["strict"]))
-    _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), s.data_ptr(), z.data_ptr(), T, M, lo, hi, *args), M)
-    return s, z
+    _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), s.data_ptr(), s8.data_ptr(), _ptr_or_null(zf),
+                                                   _ptr_or_null(zh), T, M, lo, hi, *args), M)
+    return s, s8, z
 
 
-def scan_backward(lib, z, grad_s, p, kind, param):
-    grad_s = grad_s.contiguous()
+def scan_backward(lib, z, s8, grad_s, p, kind, param):
+    """dL/dX from the saved ``z`` (float32 or float16) and uint8 spikes; ``grad_s`` may be a
+    broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once."""
+    scalar = all(st == 0 for st in grad_s.stride())
+    # the one value of a broadcast grad_s, without materialising it (reshape(-1) would copy)
+    grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous() if scalar else grad_s.contiguous()
     T, M = z.shape[0], z[0].numel()
-    gx = torch.empty_like(z)
-    args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], int(p["strict"]),
-            SURROGATE_IDS[kind], param)
-    _parallel(lambda lo, hi: lib.snnc_scan_backward(z.data_ptr(), grad_s.data_ptr(), gx.data_ptr(), T, M, lo, hi,
-                                                    *args), M)
+    gx = torch.empty(z.shape, dtype=torch.float32)
+    zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
+    args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
+    _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
+                                                    int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M)
     return gx

@@ -3,7 +3,9 @@
 The step loop of ``Neuron.multi_step`` records ~7 autograd nodes per step and saves their
 inputs; on CPU that bookkeeping, not the arithmetic, dominates a neuron layer's training step.
 ``neuron_scan`` runs the same forward (bit-identical spikes: same float ops in the same order)
-without autograd, stores only ``z[t] = H[t] - v_th`` (one tensor ``[T, N, ...]``), and computes
+without autograd, stores only ``z[t] = H[t] - v_th`` (float32, or float16 under
+``spike_store.scan_state``) and the spikes as uint8 (which ``spike_store`` also hands to the next
+layer's saved input), and computes
 backpropagation through time by hand (Wu 2019 STBP, eqs. 4-7, for the update below):
 
     H[t] = decay * V[t-1] + gain * X[t] (+ leak terms without gradient)
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import registry
+from . import registry, spike_store
 
 
 def step_loop(neuron, x_seq):
@@ -115,28 +117,28 @@ def _torch_forward(x_seq, neuron):
     return out, z_seq
 
 
-def steps_since_last_spike(z, strict, never):
-    """``Δt[t] = t - (time of the last spike before t)`` from the saved ``z`` (STDB, Rathi 2020)."""
-    fired = (z > 0) if strict else (z >= 0)
-    last = torch.full_like(z[0], never)
-    dts = torch.empty_like(z)
-    for t in range(z.shape[0]):
+def steps_since_last_spike(fired, never, dtype=torch.float32):
+    """``Δt[t] = t - (time of the last spike before t)`` from the saved spikes (STDB, Rathi 2020)."""
+    fired = fired.bool()
+    last = torch.full(fired.shape[1:], never, dtype=dtype)
+    dts = torch.empty(fired.shape, dtype=dtype)
+    for t in range(fired.shape[0]):
         torch.sub(t, last, out=dts[t])   # t - last, as the step loop computes it
         last = torch.where(fired[t], float(t), last)
     return dts
 
 
-def _torch_backward(z, grad_s, neuron, surrogate):
+def _torch_backward(z, s8, grad_s, neuron, surrogate):
     decay, gain = linear_charge(neuron)
+    z, fired = (z.float() if z.dtype == torch.float16 else z), s8.bool()
     v_th = neuron.v_th.detach() if isinstance(neuron.v_th, torch.Tensor) else neuron.v_th
     dt = None
     if getattr(surrogate, "needs_spike_times", False):
-        dt = steps_since_last_spike(z, neuron.compare == ">", surrogate.never_spiked)
+        dt = steps_since_last_spike(fired, surrogate.never_spiked, z.dtype)
     g = surrogate.derivative(z, v_th, dt)
     if neuron.reset_mode == "subtract":
         b = (1.0 - v_th * g).mul_(decay)
     else:
-        fired = (z > 0) if neuron.compare == ">" else (z >= 0)
         b = (neuron.v_reset - (z + v_th)) * g
         b = b.add_((~fired).to(z.dtype)).mul_(decay)
     grad_h = grad_s * g
@@ -145,34 +147,44 @@ def _torch_backward(z, grad_s, neuron, surrogate):
     return grad_h.mul_(gain) if gain != 1.0 else grad_h
 
 
-def scan_forward(x_seq, neuron, surrogate):
-    """``(spikes, z, plan)``: the native kernel when it applies (``plan`` not None), else torch."""
+def _half(z):
+    # saturate, then round to nearest even: what the C kernel's (half) conversion does
+    return z.clamp(-65504.0, 65504.0).to(torch.float16)
+
+
+def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32, overwrite_input=False):
+    """``(spikes, spikes_u8, z, plan)``, ``z`` in ``state_dtype``: the native kernel when it
+    applies (``plan`` not None), else torch. ``overwrite_input``: the native kernel may write
+    the spikes over ``x_seq`` (the caller owns it and nothing reads it afterwards)."""
     plan = _native_plan(neuron, x_seq, surrogate)
+    half = state_dtype == torch.float16
     if plan is not None:
         from .native import scan_forward as native_forward
-        spikes, z = native_forward(plan[0], x_seq, plan[1])
-        return spikes, z, plan
+        spikes, s8, z = native_forward(plan[0], x_seq, plan[1], half_state=half, overwrite_input=overwrite_input)
+        return spikes, s8, z, plan
     spikes, z = _torch_forward(x_seq, neuron)
-    return spikes, z, None
+    return spikes, spikes.to(torch.uint8), (_half(z) if half else z), None
 
 
 class _NeuronScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq, neuron, surrogate):
-        spikes, z, plan = scan_forward(x_seq, neuron, surrogate)
+        spikes, s8, z, plan = scan_forward(x_seq, neuron, surrogate, spike_store.state_dtype(),
+                                           spike_store.may_overwrite_input(neuron))
         ctx.neuron, ctx.surrogate, ctx.plan = neuron, surrogate, plan
-        ctx.save_for_backward(z)
+        ctx.save_for_backward(z, s8)   # the input current x_seq is not kept
+        spike_store.register(spikes, s8)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_s):
-        (z,) = ctx.saved_tensors
+        z, s8 = ctx.saved_tensors
         if ctx.plan is not None:
             from .native import scan_backward
             lib, p = ctx.plan
             param = next(iter(ctx.surrogate.params.values()))
-            return scan_backward(lib, z, grad_s, p, ctx.surrogate.kind, param), None, None
-        return _torch_backward(z, grad_s, ctx.neuron, ctx.surrogate), None, None
+            return scan_backward(lib, z, s8, grad_s, p, ctx.surrogate.kind, param), None, None
+        return _torch_backward(z, s8, grad_s, ctx.neuron, ctx.surrogate), None, None
 
 
 def neuron_scan(neuron, x_seq, surrogate):
@@ -181,5 +193,5 @@ def neuron_scan(neuron, x_seq, surrogate):
         return step_loop(neuron, x_seq)
     if not (torch.is_grad_enabled() and x_seq.requires_grad):
         with torch.no_grad():
-            return scan_forward(x_seq, neuron, surrogate)[0]
+            return scan_forward(x_seq, neuron, surrogate)[0]   # (the uint8 copy is dropped at once)
     return _NeuronScan.apply(x_seq, neuron, surrogate)

@@ -5,9 +5,13 @@
  *     H = (v_leak != 0 ? v_leak + decay*(V - v_leak) : decay*V) + (decay_input ? gain*X : X)
  *     z = H - v_th;  S = strict ? z > 0 : z >= 0
  *     V = S ? (zero_reset ? v_reset : z) : H        (== H - v_th*S  /  H*(1-S) + v_reset*S)
- * stores S and z.  Backward (BPTT, see neuron_scan.py):
+ * writes S as float (the layer's output) and as uint8 (what backward keeps: 1 byte, exact), and
+ * z as float32 (zf) or as IEEE half (zh, saturated to +-65504: the low-memory mode).
+ * Backward (BPTT, see neuron_scan.py):
  *     gH[t] = gS[t]*g(z[t]) + b[t]*gH[t+1],   gX[t] = gain*gH[t]
  *     b[t]  = decay*(1 - v_th*g)  |  decay*((1-S) + (v_reset - H)*g)
+ * S comes from the uint8 spikes, not from z (a half z may round a tiny positive z to 0).
+ * gs_scalar: dL/dS is one value broadcast over [T, M] (``out.sum().backward()``), read once.
  * Layout: x, s, z, gs, gx are dense [T, M]; a call handles neurons [lo, hi) (the Python side
  * splits M across threads; ctypes releases the GIL), in blocks that walk the T steps with the
  * block's membrane in a small buffer, so the inner loop over neurons vectorises.
@@ -16,26 +20,38 @@
 #include <stdint.h>
 
 #define BLOCK 512
+#define HALF_MAX 65504.0f
+
+typedef _Float16 half;
 
 enum { SG_RECTANGULAR = 0, SG_SIGMOID = 1, SG_ATAN = 2, SG_TRIANGLE = 3 };
 
-void snnc_scan_forward(const float *x, float *s, float *z, int64_t T, int64_t M, int64_t from,
-                       int64_t to, float decay, float gain, int decay_input, float v_leak,
-                       float v_th, int zero_reset, float v_reset, float v_init, int strict) {
+void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *zh, int64_t T,
+                       int64_t M, int64_t from, int64_t to, float decay, float gain,
+                       int decay_input, float v_leak, float v_th, int zero_reset, float v_reset,
+                       float v_init, int strict) {
     for (int64_t lo = from; lo < to; lo += BLOCK) {
         float v[BLOCK];
         int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
         for (int64_t i = 0; i < n; ++i) v[i] = v_init;
         for (int64_t t = 0; t < T; ++t) {
-            const float *xt = x + t * M + lo;
-            float *st = s + t * M + lo, *zt = z + t * M + lo;
+            const int64_t off = t * M + lo;
+            const float *xt = x + off;
+            float *st = s + off;
+            uint8_t *s8t = s8 + off;
             for (int64_t i = 0; i < n; ++i) {
                 float h = (v_leak != 0.0f) ? v_leak + decay * (v[i] - v_leak) : decay * v[i];
                 h = h + (decay_input ? gain * xt[i] : xt[i]);
                 float zz = h - v_th;
                 int fired = strict ? (zz > 0.0f) : (zz >= 0.0f);
-                zt[i] = zz;
+                if (zf) {
+                    zf[off + i] = zz;
+                } else {
+                    float c = zz > HALF_MAX ? HALF_MAX : (zz < -HALF_MAX ? -HALF_MAX : zz);
+                    zh[off + i] = (half)c;
+                }
                 st[i] = fired ? 1.0f : 0.0f;
+                s8t[i] = (uint8_t)fired;
                 v[i] = fired ? (zero_reset ? v_reset : zz) : h;
             }
         }
@@ -51,27 +67,29 @@ static inline float surrogate(int kind, float zz, float p, float v_th) {
     }
 }
 
-void snnc_scan_backward(const float *z, const float *gs, float *gx, int64_t T, int64_t M,
-                        int64_t from, int64_t to, float decay, float gain, float v_th,
-                        int zero_reset, float v_reset, int strict, int kind, float param) {
+void snnc_scan_backward(const float *zf, const half *zh, const uint8_t *s8, const float *gs,
+                        int gs_scalar, float *gx, int64_t T, int64_t M, int64_t from, int64_t to,
+                        float decay, float gain, float v_th, int zero_reset, float v_reset,
+                        int kind, float param) {
     for (int64_t lo = from; lo < to; lo += BLOCK) {
         float carry[BLOCK];   /* gH[t+1] */
         int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
         for (int64_t i = 0; i < n; ++i) carry[i] = 0.0f;
         for (int64_t t = T - 1; t >= 0; --t) {
-            const float *zt = z + t * M + lo, *gst = gs + t * M + lo;
-            float *gxt = gx + t * M + lo;
+            const int64_t off = t * M + lo;
+            const uint8_t *s8t = s8 + off;
+            float *gxt = gx + off;
             for (int64_t i = 0; i < n; ++i) {
-                float zz = zt[i];
+                float zz = zf ? zf[off + i] : (float)zh[off + i];
+                float gsi = gs_scalar ? gs[0] : gs[off + i];
                 float g = surrogate(kind, zz, param, v_th);
                 float b;
                 if (zero_reset) {
-                    int fired = strict ? (zz > 0.0f) : (zz >= 0.0f);
-                    b = decay * ((fired ? 0.0f : 1.0f) + (v_reset - (zz + v_th)) * g);
+                    b = decay * ((s8t[i] ? 0.0f : 1.0f) + (v_reset - (zz + v_th)) * g);
                 } else {
                     b = decay * (1.0f - v_th * g);
                 }
-                float gh = gst[i] * g + b * carry[i];
+                float gh = gsi * g + b * carry[i];
                 gxt[i] = gain * gh;
                 carry[i] = gh;
             }

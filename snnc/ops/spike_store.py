@@ -1,0 +1,180 @@
+"""Spikes saved for backward as uint8, and the precision of the scan's saved membrane.
+
+A 0/1 spike tensor is exact in one byte. The fused scan (``snnc.ops.neuron_scan``) writes every
+spike train twice: as float32 (the layer's output, what the next convolution or linear reads) and
+as uint8 (kept by the scan's own backward). The next layer saves its float32 input for its weight
+gradient ``dW = Σ grad_out ⊗ spikes``; under ``spike_storage()`` that saved input is the uint8
+copy instead (a view with the same geometry), converted back to float32 only when the backward
+reads it — so ``dW`` is bit-identical, and the float32 spikes are freed as soon as the forward
+has consumed them. Per neuron and step this keeps 1 byte instead of 4.
+
+``scan_state("float16")`` additionally keeps the scan's ``z = H - v_th`` in IEEE half (saturated
+at ±65504) instead of float32: 2 bytes instead of 4, at a relative error of at most 2^-11 in
+``z`` (the surrogate ``g(z)`` then moves by at most ~2^-10 relatively for atan/sigmoid; spikes and
+the forward are unchanged, the reset's S comes from the exact uint8 spikes).
+
+Under ``compact_spikes(gm)`` a neuron whose input current is a convolution's or linear layer's
+output used by nothing else (read from the fx graph at each call) writes its float32 spikes over
+that input current: the current is needed by the scan only (neither layer keeps its output for
+backward), so the layer's output, spikes and z never coexist in three buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+
+import torch
+
+_live: dict = {}           # storage data_ptr -> (weakref to the float spikes, uint8 spikes, version)
+_local = threading.local()  # per thread: the saved-z dtype, the stack of pushed hooks
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class _Packed:
+    """A saved spike tensor in its uint8 form (what autograd holds until backward)."""
+
+    __slots__ = ("u8", "__weakref__")
+
+    def __init__(self, u8):
+        self.u8 = u8
+
+
+def _drop(key, ref):
+    entry = _live.get(key)
+    if entry is not None and entry[0] is ref:
+        del _live[key]
+
+
+def register(spikes, spikes_u8):
+    """Record that ``spikes`` (float32 0/1) has the exact copy ``spikes_u8`` (same shape, dense)."""
+    if spikes.numel() == 0:
+        return
+    key = spikes.untyped_storage().data_ptr()
+    ref = weakref.ref(spikes, lambda r, key=key: _drop(key, r))
+    _live[key] = (ref, spikes_u8, spikes._version)
+
+
+def lookup(t):
+    """The uint8 view equal to ``t`` when ``t`` is (a view of) a registered spike tensor, else None."""
+    if _live and isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.device.type == "cpu" and t.numel():
+        storage = t.untyped_storage()
+        entry = _live.get(storage.data_ptr())
+        # same storage, still alive, not written in place since the scan produced it
+        if (entry is not None and entry[0]() is not None and t._version == entry[2]
+                and storage.nbytes() == 4 * entry[1].numel()):
+            return entry[1].as_strided(t.size(), t.stride(), t.storage_offset())
+    return None
+
+
+def _pack(t):
+    u8 = lookup(t)
+    return t if u8 is None else _Packed(u8)
+
+
+def _unpack(p):
+    return p.u8.to(torch.float32) if type(p) is _Packed else p
+
+
+@contextlib.contextmanager
+def spike_storage():
+    """Within this block, tensors saved for backward that are spike outputs of the fused scan are
+    kept as uint8 (exact; see the module docstring)."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
+
+
+def _stack():
+    if not hasattr(_local, "pushed"):
+        _local.pushed = []
+    return _local.pushed
+
+
+def _single_use_producers(gm):
+    """The neurons of ``gm`` whose input is, through time.split views only, the output of a
+    Conv/Linear module called once and read by nothing else."""
+    from torch import fx, nn
+
+    from .coding import SplitTime
+    from .neurons import Neuron
+    if not isinstance(gm, fx.GraphModule):
+        return frozenset()
+    mods = dict(gm.named_modules())
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    def module(node, kinds):
+        return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
+                and calls[node.target] == 1 and isinstance(mods.get(node.target), kinds))
+    donors = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or calls[n.target] != 1 or not isinstance(mods.get(n.target), Neuron) or len(n.args) != 1:
+            continue
+        src = n.args[0]
+        while module(src, SplitTime):
+            src = src.args[0]
+        if module(src, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and type(mods[src.target]).forward in (
+                nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward):
+            donors.add(mods[n.target])
+    return frozenset(donors)
+
+
+def may_overwrite_input(neuron) -> bool:
+    """Whether ``neuron``'s input current is its own to overwrite in the current graph call."""
+    return neuron in getattr(_local, "donors", ())
+
+
+def _enter(module, args):
+    try:
+        torch._C._autograd._push_saved_tensors_default_hooks(_pack, _unpack)
+        pushed = True
+    except RuntimeError:   # hooks disabled here (e.g. inside torch.compile tracing): plain saving
+        pushed = False
+    _stack().append((pushed, getattr(_local, "donors", frozenset())))
+    _local.donors = _single_use_producers(module) if pushed else frozenset()
+
+
+def _exit(module, args, output):
+    stack = _stack()
+    if stack:
+        pushed, _local.donors = stack.pop()
+        if pushed:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def compact_spikes(module):
+    """Make every call of ``module`` run under ``spike_storage()``, and its Conv/Linear layers
+    fed by spikes compute their weight gradient from uint8 (``spike_layers``); forward hooks,
+    idempotent. Returns ``module``."""
+    from torch import nn
+
+    from .spike_layers import spike_input_hook
+    # look at the hooks themselves: a copy of a module may or may not carry them
+    if _enter not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_enter)
+        module.register_forward_hook(_exit, always_call=True)
+    for m in module.modules():   # the weight gradient of layers fed by spikes reads uint8
+        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) and spike_input_hook not in m._forward_hooks.values():
+            m.register_forward_hook(spike_input_hook)
+    return module
+
+
+def state_dtype():
+    """The dtype the fused scan saves ``z`` in on this thread (float32 unless ``scan_state``)."""
+    return getattr(_local, "state", torch.float32)
+
+
+@contextlib.contextmanager
+def scan_state(dtype: str = "float16"):
+    """Within this block (this thread), the fused scan keeps ``z`` for backward in ``dtype``
+    (``"float16"``: half the bytes, bounded error; ``"float32"``: exact)."""
+    if dtype not in _STATE_DTYPES:
+        raise ValueError(f"scan_state: dtype must be one of {sorted(_STATE_DTYPES)}, got {dtype!r}")
+    old = state_dtype()
+    _local.state = _STATE_DTYPES[dtype]
+    try:
+        yield
+    finally:
+        _local.state = old
