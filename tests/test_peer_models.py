@@ -3,6 +3,8 @@ style, traced by ``snnc.trace`` without edits, compiled to torch / onnx / tvm:ll
 with the framework's own run: spikes agree on >= 99.9% of entries, other outputs (membranes,
 readouts, voting scores) within 1e-4. What snnc cannot represent yet must be refused with an
 ``UnsupportedOp`` naming the module and the reason (``REFUSED``), never a wrong number.
+On tvm:llvm both builds run: the fp32 one (``spike_int8=False``) is held to the above, the
+default one (int8 spike kernels where the host has them, not bit-exact) to the spike agreement.
 
 ``SNNC_PEER_TABLE=rows.jsonl pytest tests/test_peer_models.py`` records each measurement and
 ``python tests/test_peer_models.py rows.jsonl`` prints the README's model x target table.
@@ -30,7 +32,7 @@ PACKAGES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "no
 REFUSED: dict[tuple[str, str], str] = {}
 
 
-def compile_case(name, target):
+def compile_case(name, target, **options):
     """``(compiled module, input, framework reference)`` for one case."""
     c = CASES[name]
     model, x = c.build(), c.inputs()
@@ -38,12 +40,12 @@ def compile_case(name, target):
     g = snnc.trace(model, x[0] if c.per_step else x)
     if c.per_step:
         g = snnc.passes.unroll_timesteps(g, T=x.shape[0])
-    return snnc.compile(g, target), x, ref
+    return snnc.compile(g, target, **options), x, ref
 
 
-def measure(name, target) -> dict:
+def measure(name, target, **options) -> dict:
     """Spike agreement (min over spike outputs) and max abs error (over the other outputs)."""
-    m, x, ref = compile_case(name, target)
+    m, x, ref = compile_case(name, target, **options)
     out = m(x)
     theirs, ours = leaves(ref), leaves(out)
     assert len(theirs) == len(ours), f"{name}: {len(ours)} outputs, the framework gives {len(theirs)}"
@@ -78,7 +80,9 @@ def test_peer_model_matches_its_framework(name, target):
         with pytest.raises(UnsupportedOp, match=refused):
             measure(name, target)
         return
-    r = measure(name, target)
+    # tvm:llvm: the fp32 build is the exact one; the default build's int8 spike kernels (AMX/VNNI
+    # hosts) are within a stated bound per conv, checked on spike agreement below
+    r = measure(name, target, **({"spike_int8": False} if target == "tvm:llvm" else {}))
     if os.environ.get("SNNC_PEER_TABLE"):  # the README table is made from these measurements
         import json
         with open(os.environ["SNNC_PEER_TABLE"], "a") as f:
@@ -86,6 +90,9 @@ def test_peer_model_matches_its_framework(name, target):
     assert r["activity"] > 0, f"{name}: the framework's outputs are all zero; the case tests nothing"
     assert r["agreement"] >= 0.999, f"{name} on {target}: spike agreement {r['agreement']:.4%}"
     assert r["max_abs_err"] <= 1e-4, f"{name} on {target}: max abs error {r['max_abs_err']:.2e}"
+    if target == "tvm:llvm":
+        default = measure(name, target)
+        assert default["agreement"] >= 0.999, f"{name} on {target} (int8 spike kernels): {default['agreement']:.4%}"
 
 
 def table(path) -> str:
