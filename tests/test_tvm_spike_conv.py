@@ -6,6 +6,8 @@ within the stated bound, the library must agree with the reference on spikes, su
 load at another batch size and several threads, and fall back to the fp32 schedule (identical
 to the fp32 build) on a host without the instructions.
 """
+import os
+import sys
 import threading
 
 import pytest
@@ -16,12 +18,14 @@ from torch import nn
 
 import snnc
 from snnc.errors import SnncError
-from snnc.ops import LIF
 from snnc.passes import unroll_timesteps
 from snnc.targets import tvm_build as tb
 from snnc.targets import tvm_spike_conv as sc
 from snnc.targets.tvm import _prepare
 from snnc.targets.tvm_lower import to_relax
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_tvm_library import _conv_lif_net  # noqa: E402  (the bench net's pattern, every layer firing)
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -34,15 +38,7 @@ BEST = "amx" if HAS_AMX else (HOST_ISAS or ["fp32"])[0]
 
 
 def _net(channels=(3, 32, 32, 48), seed=0):
-    """3x3 conv + LIF layers (the bench net's pattern); weights scaled so every layer fires."""
-    torch.manual_seed(seed)
-    layers = []
-    for cin, cout in zip(channels[:-1], channels[1:]):
-        conv = nn.Conv2d(cin, cout, 3, padding=1)
-        with torch.no_grad():
-            conv.weight.mul_(3.0)
-        layers += [conv, LIF(tau=2.0)]
-    return nn.Sequential(*layers).eval()
+    return _conv_lif_net(channels, seed)
 
 
 @pytest.fixture(scope="module")
