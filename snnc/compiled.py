@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import warnings
 import weakref
 from pathlib import Path

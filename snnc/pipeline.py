@@ -11,7 +11,6 @@ import importlib
 import pickle
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import fx, nn

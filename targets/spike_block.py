@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from tvm.script import tirx as T
 
-from .spike_conv import split_int8
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
 # fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch

@@ -133,7 +133,7 @@ def emit_conv2d(b, node, mod, offset: int):
         return _emit_conv_neuron(b, node, mod, fusable, packed, P_sym, keys)
 
     JW = _tile(Wo)
-    acc = f"acc[T.ramp(jj * 16, 1, 16)]"
+    acc = "acc[T.ramp(jj * 16, 1, 16)]"
     data = f"P[bo // {OB}, c, i * {s} + u, (jb * {JW} + jj) * {s} + v]"
     conv = _header(name, [("P", ("m", C4, Hp, Wp), "int32"), ("Wt", (OB, K, K, C4, 64), "int8"),
                           ("Bs", (OB * 16,), "int32"), ("Y", ("m", O, Ho, Wo), "int32")])
@@ -265,7 +265,7 @@ def emit_linear(b, node, mod, offset: int):
 
     R = _MAX_TILE
     acc = "acc[T.ramp(rr * 16, 1, 16)]"
-    weights = f"Wt[ob, c, T.ramp(0, 1, 64)]"
+    weights = "Wt[ob, c, T.ramp(0, 1, 64)]"
 
     def tile(rows_expr, n, indent):
         pad = " " * indent

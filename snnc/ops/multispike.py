@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .neurons import StateNeuron
-from .registry import FORWARD, register_op, seq_when_multi_step
+from .registry import FORWARD, register_op
 
 SPIKES = ("multi", "single")
 RESETS = ("subtract", "zero")
