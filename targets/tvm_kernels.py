@@ -311,6 +311,20 @@ def readout_kernel(T_steps: int, M: int | None, dtype: str, *, device: str = "cp
     return readout
 
 
+def state_of(ST, j, K):
+    """Neuron j's K state variables, read from a ``(K, ...)`` local state buffer."""
+    return [ST[k, j] for k in range(K)]
+
+
+def select_k(k, values):
+    """The k-th of ``values`` (TIR expressions) for a loop variable k: one nested select, so a
+    scan over any number of state variables needs no per-neuron code."""
+    out = values[-1]
+    for idx in range(len(values) - 2, -1, -1):
+        out = T.Select(k == idx, values[idx], out)
+    return out
+
+
 def state_scan_kernel(T_steps: int, M: int | None, dtype: str, update, init, *,
                       device: str = "cpu", lanes: int | None = None):
     """PrimFunc ``(X[T, M], S[T, M])``: the fused scan of a neuron with several state variables.
@@ -323,24 +337,14 @@ def state_scan_kernel(T_steps: int, M: int | None, dtype: str, update, init, *,
     K = len(init)
     init = [T.Cast(dtype, v) for v in init]
 
-    def _state(ST, j):
-        return [ST[k, j] for k in range(K)]
-
     def spike(x, ST, j):
-        return update(x, _state(ST, j))[0]
+        return update(x, state_of(ST, j, K))[0]
 
     def new_state(x, ST, j, k):
-        values = update(x, _state(ST, j))[1]
-        out = values[K - 1]
-        for idx in range(K - 2, -1, -1):
-            out = T.Select(k == idx, values[idx], out)
-        return out
+        return select_k(k, update(x, state_of(ST, j, K))[1])
 
     def initial(k):
-        out = init[K - 1]
-        for idx in range(K - 2, -1, -1):
-            out = T.Select(k == idx, init[idx], out)
-        return out
+        return select_k(k, init)
 
     if device == "gpu":
         return _state_scan_gpu(T_steps, M, dtype, K, spike, new_state, initial)

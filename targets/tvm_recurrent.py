@@ -20,7 +20,7 @@ from tvm.script import tirx as T
 
 from snnc.errors import UnsupportedOp
 
-from .tvm_kernels import _size
+from .tvm_kernels import _size, select_k, state_of
 from .tvm_lower import _Constants, _dims, _prod, _reshape, _seq_shape, _TIRMath, multi_state, opaque, recurrent_scan
 
 
@@ -45,24 +45,14 @@ def recurrent_scan_kernel(T_steps: int, M: int | None, F: int, dtype: str, updat
     zero = T.Cast(dtype, 0)
     Mv = _size(M)
 
-    def _state(ST, f):
-        return [ST[k, f] for k in range(K)]
-
     def spike(x, rec, ST, f):
-        return update(x, rec, _state(ST, f))[0]
+        return update(x, rec, state_of(ST, f, K))[0]
 
     def new_state(x, rec, ST, f, k):
-        values = update(x, rec, _state(ST, f))[1]
-        out = values[K - 1]
-        for idx in range(K - 2, -1, -1):
-            out = T.Select(k == idx, values[idx], out)
-        return out
+        return select_k(k, update(x, rec, state_of(ST, f, K))[1])
 
     def initial(k):
-        out = init[K - 1]
-        for idx in range(K - 2, -1, -1):
-            out = T.Select(k == idx, init[idx], out)
-        return out
+        return select_k(k, init)
 
     if path == "elementwise":
         @T.prim_func(s_tir=True)

@@ -1,27 +1,18 @@
 """Channel-wise conversion's per-channel start membrane (v_init = v_init_fraction * v_th per
 channel, on the IF after an identity skip) lowered to TVM: the hybrid and relax builds agree with
 the torch reference; the fused scan kernel reads the start membranes from the threshold buffer."""
+import os
+import sys
+
 import pytest
 import torch
-from torch import nn
 
 import snnc
 from snnc.ops import IF
 from snnc.passes import threshold_balance, unroll_timesteps
 
-
-class Block(nn.Module):
-    """stem conv-ReLU, then relu(conv(relu(conv(a))) + a) (identity skip), linear."""
-
-    def __init__(self, c=3):
-        super().__init__()
-        self.stem, self.c1, self.c2 = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-        self.fc = nn.Linear(c * 16, 4)
-
-    def forward(self, x):
-        a = torch.relu(self.stem(x))
-        b = torch.relu(self.c2(torch.relu(self.c1(a))) + a)
-        return self.fc(b.flatten(1))
+sys.path.insert(0, os.path.dirname(__file__))
+from test_threshold_balance import Block  # noqa: E402  (conv net with an identity skip)
 
 
 def _snn(T=6):

@@ -2,6 +2,8 @@
 spikes between int8 layers; the default of ``tvm:llvm`` on an AMX / VNNI CPU. Checked against
 float64 within the stated bound, against the fp32 reference spike for spike (every layer fires),
 from several threads, without the int8 ISA, and through export / load at another batch size."""
+import os
+import sys
 import threading
 
 import pytest
@@ -14,7 +16,9 @@ from snnc.passes import unroll_timesteps
 from snnc.targets import tvm as tvm_target
 from snnc.targets.spike_block import HI, SpikeBlock, stack_spikes, stacked_int8
 from snnc.targets.spike_conv import int8_isa
-from snnc.zoo import bench_net
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_spike_kernels import _firing_bench_net  # noqa: E402  (bench net, weights scaled so every layer fires)
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -65,15 +69,6 @@ def test_block_int8_conv_is_within_its_stated_bound_of_float64(conv, shape):
     assert err.max() < 1e-3
 
 
-def _firing_net(channels=(3, 16, 32, 32), gain=4.0):
-    torch.manual_seed(0)
-    net = bench_net(channels)
-    with torch.no_grad():
-        for conv in net[0::2]:
-            conv.weight *= gain
-    return net.eval()
-
-
 def _layer_spikes(g, x):
     out = []
     hooks = [m.register_forward_hook(lambda m, i, o: out.append(o.clone())) for m in g.modules() if isinstance(m, LIF)]
@@ -85,7 +80,7 @@ def _layer_spikes(g, x):
 
 @pytest.fixture(scope="module")
 def firing():
-    net = _firing_net()
+    net = _firing_bench_net()
     x = torch.rand(4, 3, 3, 16, 16) * 2
     g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
     return g, x
