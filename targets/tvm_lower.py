@@ -69,10 +69,16 @@ def update_rule(neuron, dtype="float32"):
     """``update(x, state) -> (spike, new_state)`` on TIR expressions for a multi-state neuron:
     its own ``update`` method, evaluated on TIR values."""
     view, math_ = _Constants(neuron), _TIRMath(dtype)
+    return plain_arithmetic(neuron, lambda x, state: type(neuron).update(view, x, tuple(state), math_))
 
-    def rule(x, state):
+
+def plain_arithmetic(neuron, step):
+    """``step`` (a neuron update on TIR values) as a rule returning ``(spike, [new state])``; an
+    update that is not plain arithmetic (Python branching on a value, a torch-only call) becomes an
+    ``UnsupportedOp`` naming the neuron."""
+    def rule(*args):
         try:
-            s, new = type(neuron).update(view, x, tuple(state), math_)
+            s, new = step(*args)
         except UnsupportedOp:
             raise
         except Exception as e:

@@ -18,10 +18,10 @@ import torch
 from tvm import relax
 from tvm.script import tirx as T
 
-from snnc.errors import UnsupportedOp
 
 from .tvm_kernels import _size, select_k, state_of
-from .tvm_lower import _Constants, _dims, _prod, _reshape, _seq_shape, _TIRMath, multi_state, opaque, recurrent_scan
+from .tvm_lower import (_Constants, _dims, _prod, _reshape, _seq_shape, _TIRMath, multi_state, opaque,
+                        plain_arithmetic, recurrent_scan)
 
 
 def recurrent_scan_kernel(T_steps: int, M: int | None, F: int, dtype: str, update, init, path: str):
@@ -163,17 +163,7 @@ def recurrent_rule(mod, dtype="float32"):
         else:
             init, single = [float(neuron.v_init)], _single_state_update(neuron)
             step = lambda x, rec, st: single(view, x + rec, tuple(st), math_)  # noqa: E731
-
-    def rule(x, rec, state):
-        try:
-            s, new = step(x, rec, state)
-        except UnsupportedOp:
-            raise
-        except Exception as e:
-            raise UnsupportedOp(f"{type(neuron).__name__}.update is not plain arithmetic, so it has no TVM "
-                                f"lowering ({type(e).__name__}: {e})") from None
-        return s, list(new)
-    return rule, init, scan["path"]
+    return plain_arithmetic(neuron, step), init, scan["path"]
 
 
 def recurrent_kernel(mod, shape, dtype, symbolic=True):
