@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -27,6 +26,7 @@ from torch import nn  # noqa: E402
 import snnc  # noqa: E402
 from snnc.ops import LIF  # noqa: E402
 from snnc.passes import insert_surrogate, unroll_timesteps  # noqa: E402
+from snnc.report import interleaved_seconds  # noqa: E402
 from snnc.zoo import bench_net, resnet19  # noqa: E402
 
 START = time.perf_counter()
@@ -39,21 +39,6 @@ def emit(**row):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def race(fns: dict, rounds: int, device) -> dict:
-    """Median seconds per callable; rounds interleaved, each call synchronised."""
-    for fn in fns.values():
-        fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def section(name, budget):
@@ -119,7 +104,7 @@ def check_tvm_cuda(device, quick):
     out = m(x)
     emit(bench="gpu", case="tvm_cuda_check", spike_agreement=float((out == ref).float().mean()),
          firing_rate=round(float(ref.mean()), 3))
-    t = race({"tvm_cuda_incl_copies": lambda: m(x)}, 5, device)
+    t = interleaved_seconds({"tvm_cuda_incl_copies": lambda: m(x)}, 5, sync=lambda: sync(device))
     emit(bench="gpu", case="tvm_cuda_bench_net", N=N, ms=round(t["tvm_cuda_incl_copies"] * 1e3, 2))
 
 
@@ -155,7 +140,7 @@ def bench_inference(device, quick, name, net, x, rounds, T=4):
     else:
         fns["snnc_graph_torch_compile"] = torch.compile(lambda: g(x))
     with torch.no_grad():
-        t = race(fns, rounds, device)
+        t = interleaved_seconds(fns, rounds, sync=lambda: sync(device))
     base = t.get("plain_loop_torch_compile") or t.get("snnc_graph_torch_compile")
     for k, v in t.items():
         emit(bench="gpu", case=name, impl=k, input=list(x.shape), T=T, ms=round(v * 1e3, 2),
@@ -202,7 +187,7 @@ def bench_open_neuromorphic(device, quick, rounds):
         return go
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = race({k: step(*v) for k, v in fns.items()}, rounds, device)
+    t = interleaved_seconds({k: step(*v) for k, v in fns.items()}, rounds, sync=lambda: sync(device))
     fastest = min(v for k, v in t.items() if k != "snnc") if len(t) > 1 else None
     for k, v in t.items():
         emit(bench="gpu", case="open_neuromorphic", impl=k, n=n, T=T, batch=B, fwd_bwd_ms=round(v * 1e3, 2),

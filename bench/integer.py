@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -35,9 +34,10 @@ from torch import fx, nn  # noqa: E402
 import snnc  # noqa: E402
 from snnc.data import digits  # noqa: E402
 from snnc.demo import accuracy, train_ann  # noqa: E402
-from snnc.ops import IF, LIF, IntConv2d, IntIF, IntLinear  # noqa: E402
+from snnc.ops import IntConv2d, IntLinear  # noqa: E402
 from snnc.passes import fold_bn, insert_surrogate, quantize_integer, threshold_balance, unroll_timesteps  # noqa: E402
 from snnc.passes.quantize_integer import quantize_input  # noqa: E402
+from snnc.report import firing_rates, interleaved_seconds  # noqa: E402
 from snnc.zoo import digits_cnn, digits_snn  # noqa: E402
 
 
@@ -79,36 +79,6 @@ def sops_per_inference(gm, x) -> float:
         _Count(gm).run(x)
     snnc.reset(gm)
     return events / len(x)
-
-
-def firing_rates(gm, x) -> list:
-    """Mean spike rate of every neuron layer (float IF/LIF or integer IF/LIF), in graph order."""
-    rates = []
-
-    class _Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            out = super().call_module(target, args, kwargs)
-            if isinstance(self.module.get_submodule(target), (IF, LIF, IntIF)):
-                rates.append(round(out.float().mean().item(), 4))
-            return out
-    snnc.reset(gm)
-    with torch.no_grad():
-        _Rec(gm).run(x)
-    snnc.reset(gm)
-    return rates
-
-
-def interleaved(fns: dict, rounds: int) -> dict:
-    """Median seconds per callable, calls interleaved round-robin (load changes hit all alike)."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def float_peers(g, x) -> dict:
@@ -186,7 +156,8 @@ def bench_model(name, ann, g, data, repeats, emit):
 def bench_speed(base, g, q, x, xq, repeats, emit):
     """tvm:int (VNNI and portable builds) against the float SNN's peers and the integer reference."""
     ref = snnc.run(q, xq)
-    emit({**base, "firing_rates_float": firing_rates(g, x), "firing_rates_int8": firing_rates(q, xq)})
+    rounded = lambda rates: [round(r, 4) for r in rates]  # noqa: E731
+    emit({**base, "firing_rates_float": rounded(firing_rates(g, x)), "firing_rates_int8": rounded(firing_rates(q, xq))})
     builds = {}
     for isa in ("auto", "portable"):
         t0 = time.perf_counter()
@@ -200,7 +171,7 @@ def bench_speed(base, g, q, x, xq, repeats, emit):
     fns.update(float_peers(g, x))
     fns["int8_torch_reference"] = lambda: snnc.run(q, xq)
     with torch.no_grad():
-        t = interleaved(fns, repeats)
+        t = interleaved_seconds(fns, repeats)
     for k, v in t.items():
         row = {**base, "impl": k, "ms_test_set": round(v * 1e3, 2), "N": len(x)}
         for peer in ("float_torch_eager", "float_torch_compile", "float_onnxruntime", "int8_torch_reference"):

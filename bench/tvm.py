@@ -42,24 +42,12 @@ import snnc  # noqa: E402
 from snnc.errors import SnncError  # noqa: E402
 from snnc.ops import LIF  # noqa: E402
 from snnc.passes import fold_tdbn, unroll_timesteps  # noqa: E402
+from snnc.report import interleaved_seconds  # noqa: E402
 from snnc.zoo import bench_net, resnet19  # noqa: E402
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
-
-
-def race(fns: dict, rounds: int) -> dict:
-    """Median seconds per callable; calls interleaved round-robin so load changes hit all alike."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def scaled_bench_net(seed=0):
@@ -165,7 +153,7 @@ def bench_net_at(n, rounds, d, libraries, check_firing=True):
         with torch.no_grad():
             emit(bench="bench_net", N=n, check="firing_rates_per_layer", rates=firing_rates(net, x))
     with torch.no_grad():
-        t = race(fns, rounds)
+        t = interleaved_seconds(fns, rounds)
     base = t.get("torch_compile", t["torch_eager"])
     for k, v in t.items():
         emit(bench="bench_net", N=n, T=4, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_compile=round(v / base, 3),
@@ -213,7 +201,7 @@ def library_overhead(library, x, rounds):
     from tvm import relax
     vm = relax.VirtualMachine(library.relax_lib.module, tvm.cpu(0))
     arg = tvm.runtime.tensor(x.numpy())
-    t = race({"module_call": lambda: library(x), "bare_vm_call": lambda: vm["main"](arg)}, rounds)
+    t = interleaved_seconds({"module_call": lambda: library(x), "bare_vm_call": lambda: vm["main"](arg)}, rounds)
     kernels = library_profile(library, x, "overhead")
     emit(bench="library_overhead", N=x.shape[1], module_call_ms=round(t["module_call"] * 1e3, 3),
          bare_vm_call_ms=round(t["bare_vm_call"] * 1e3, 3), kernels_ms=round(kernels * 1e3, 3),
@@ -245,7 +233,7 @@ def bench_resnet19(quick, rounds, d):
             emit(bench="resnet19", N=n, impl="snnc_onnx", skipped=type(e).__name__)
         emit(bench="resnet19", N=n, width=width, check="library_vs_eager", max_abs_diff=float((lib(x) - ref).abs().max()))
         with torch.no_grad():
-            t = race(fns, max(3, rounds // 2))
+            t = interleaved_seconds(fns, max(3, rounds // 2))
         base = t.get("torch_compile", t["torch_eager"])
         for k, v in t.items():
             emit(bench="resnet19", N=n, T=4, width=width, impl=k, ms=round(v * 1e3, 2),
@@ -286,7 +274,7 @@ def bench_tune(g, x, minutes, rounds, d):
     emit(bench="tune", graph=f"bench_net T=4 N={x.shape[1]}", tune_s=round(tune_s, 1), reuse_s=round(reuse_s, 3),
          tuning=tuned.meta.get("tuning"))
     untuned = snnc.compile(g, target="tvm:llvm", mode="relax")
-    t = race({"library_hand_schedule": lambda: untuned(x), "library_tuned": lambda: tuned(x)}, rounds)
+    t = interleaved_seconds({"library_hand_schedule": lambda: untuned(x), "library_tuned": lambda: tuned(x)}, rounds)
     for k, v in t.items():
         emit(bench="tune", impl=k, ms=round(v * 1e3, 2), ratio_to_hand=round(v / t["library_hand_schedule"], 3))
 

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from .errors import SnncError
 from .fileio import atomic_write
-from .ops import Neuron
+from .ops import IntIF, Neuron
 
 E_AC_PJ = 0.9    # 32-bit float add, 45 nm (Horowitz ISSCC 2014)
 E_MAC_PJ = 4.6   # 32-bit float multiply (3.7 pJ) + add (0.9 pJ)
@@ -324,17 +324,51 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     return paths
 
 
-def median_seconds(fn, repeats, warmup=True):
-    """Median wall time of ``repeats`` calls of ``fn`` (after one untimed call with ``warmup``):
-    the one timer the report and the bench scripts share."""
+def interleaved_seconds(fns: dict, rounds: int, *, warmup=True, sync=None) -> dict:
+    """Median wall seconds per callable of ``fns``, the calls interleaved round-robin for ``rounds``
+    rounds (after one untimed call of each with ``warmup``): on a shared machine a change of load
+    then hits every contender alike, so their ratios hold even when the absolute times drift.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs after each call, inside the timed span, so an
+    asynchronous device is timed to completion. The one timer of the report and the benches."""
+    sync = sync or (lambda: None)
     if warmup:
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for fn in fns.values():
+            fn()
+            sync()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def median_seconds(fn, repeats, warmup=True):
+    """Median wall time of ``repeats`` calls of ``fn`` (after one untimed call with ``warmup``)."""
+    return interleaved_seconds({"fn": fn}, repeats, warmup=warmup)["fn"]
+
+
+def firing_rates(gm: fx.GraphModule, x) -> list:
+    """Mean spike rate of every spiking layer of ``gm`` (snnc neurons and the integer ``IntIF`` /
+    ``IntLIF``), in graph order, from one run on ``x`` (unrounded). Assumes a graph that runs as
+    ``gm(x)`` (an unrolled or integer graph). Guarantees fresh state: reset before and after, so
+    the rates do not depend on, or leak into, other runs."""
+    from .runtime import reset
+    rates = []
+
+    class _Rates(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if isinstance(self.module.get_submodule(target), (Neuron, IntIF)):
+                rates.append(out.float().mean().item())
+            return out
+    reset(gm)
+    with torch.no_grad():
+        _Rates(gm).run(x)
+    reset(gm)
+    return rates
 
 
 def quick_latency_bench(repeats=5, T=4, batch=8):

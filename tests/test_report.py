@@ -8,7 +8,10 @@ from torch.utils.data import TensorDataset
 
 import snnc
 from snnc.ops import IF, DirectEncoder, Readout
-from snnc.report import E_AC_PJ, E_MAC_PJ, collect, plot_accuracy_vs_T, read_bench_json, write_report
+from snnc import report
+from snnc.passes import unroll_timesteps
+from snnc.report import (E_AC_PJ, E_MAC_PJ, collect, firing_rates, interleaved_seconds, plot_accuracy_vs_T,
+                         read_bench_json, write_report)
 
 
 def _net():
@@ -38,6 +41,20 @@ def _fan_out_conv(conv, in_hw):
     return fan
 
 
+def _step_spikes(g, x, T):
+    """Brute force: the spikes of neuron layers "2" and "6" of the per-step graph, step by step."""
+    snnc.reset(g)
+    spikes = {"2": [], "6": []}
+    hooks = [g.get_submodule(k).register_forward_hook(lambda mod, i, o, k=k: spikes[k].append(o)) for k in spikes]
+    with torch.no_grad():
+        for _ in range(T):
+            g(x)
+    for h in hooks:
+        h.remove()
+    snnc.reset(g)
+    return torch.stack(spikes["2"]), torch.stack(spikes["6"])
+
+
 def test_sops_firing_rates_and_energy_match_brute_force():
     m = _net()
     x = torch.rand(6, 1, 8, 8)
@@ -46,16 +63,7 @@ def test_sops_firing_rates_and_energy_match_brute_force():
     T = 5
     stats = collect(g, ds, T=T, batch_size=4)
     rows = {r["layer"]: r for r in stats["layers"]}
-    # brute force: record spikes step by step on the per-step graph
-    snnc.reset(g)
-    spikes2, spikes6 = [], []
-    h2 = g.get_submodule("2").register_forward_hook(lambda mod, i, o: spikes2.append(o))
-    h6 = g.get_submodule("6").register_forward_hook(lambda mod, i, o: spikes6.append(o))
-    with torch.no_grad():
-        for _ in range(T):
-            g(x)
-    h2.remove(), h6.remove()
-    s2, s6 = torch.stack(spikes2), torch.stack(spikes6)             # [T, N, 3, 4, 4], [T, N, 5]
+    s2, s6 = _step_spikes(g, x, T)                                  # [T, N, 3, 4, 4], [T, N, 5]
     assert rows["2"]["firing_rate"] == pytest.approx(s2.mean().item())
     assert rows["6"]["spikes"] == pytest.approx(s6.sum().item() / 6)
     # layer 1: analog input, runs once after unrolling (hoisted encoder): dense MACs, no SOPs
@@ -110,3 +118,35 @@ def test_reads_the_conversion_bench_format(tmp_path):
     assert read_bench_json(tmp_path / "c.jsonl") == {"snnc percentile": [(4, 80.0), (8, 97.0)],
                                                      "spikingjelly max": [(4, 20.0)]}
     assert _ann_accuracy(tmp_path / "c.jsonl") == 99.5
+
+
+def test_firing_rates_of_the_unrolled_graph_match_the_step_by_step_spikes():
+    m, x, T = _net(), torch.rand(6, 1, 8, 8), 5
+    s2, s6 = _step_spikes(snnc.trace(m, x[:1]), x, T)
+    g = unroll_timesteps(snnc.trace(m, x[:1]), T=T)
+    rates = firing_rates(g, x)
+    assert rates == pytest.approx([s2.mean().item(), s6.mean().item()])
+    assert min(rates) > 0                             # both layers fire: the comparison tests something
+    assert firing_rates(g, x) == rates                # state reset around the run: repeatable
+
+
+def test_interleaved_seconds_alternates_calls_and_takes_each_ones_median(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def costs(name, seconds):
+        it = iter(seconds)
+
+        def fn():
+            calls.append(name)
+            clock[0] += next(it)
+        return fn
+
+    def sync():
+        calls.append("sync")
+        clock[0] += 0.5                               # inside the timed span
+    t = interleaved_seconds({"a": costs("a", [9, 1, 5, 3]), "b": costs("b", [9, 2, 2, 7])}, 3, sync=sync)
+    assert calls == ["a", "sync", "b", "sync"] * 4   # one untimed warm-up round, then 3 interleaved rounds
+    assert t == {"a": 3.5, "b": 2.5}                  # medians of 1, 5, 3 and of 2, 2, 7, plus the sync
+    clock[0], calls[:] = 0.0, []
+    assert report.median_seconds(costs("c", [9, 4, 1, 2]), 3) == 2

@@ -13,6 +13,7 @@ from snnc.fileio import OverwriteError
 from snnc.ops import IF, LIF, DirectEncoder, IntIF, ParametricLIF, Readout
 from snnc.passes import quantize_integer, unroll_timesteps
 from snnc.passes.quantize_integer import quantize_input
+from snnc.report import firing_rates
 
 pytest.importorskip("tvm")
 
@@ -221,27 +222,10 @@ def converted_cnn():
     return q, xq
 
 
-def _firing_rates(q, xq):
-    from torch import fx
-    rates = []
-
-    class _Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            out = super().call_module(target, args, kwargs)
-            if isinstance(self.module.get_submodule(target), IntIF):
-                rates.append(out.float().mean().item())
-            return out
-    snnc.reset(q)
-    with torch.no_grad():
-        _Rec(q).run(xq)
-    snnc.reset(q)
-    return rates
-
-
 @needs_vnni
 def test_vnni_kernels_bit_exact_on_a_converted_cnn_with_every_layer_firing(converted_cnn):
     q, xq = converted_cnn
-    rates = _firing_rates(q, xq)
+    rates = firing_rates(q, xq)
     assert len(rates) == 3 and all(0.005 < r < 0.9 for r in rates), rates
     ref = snnc.run(q, xq)
     m = snnc.compile(q, target="tvm:int")
