@@ -151,19 +151,21 @@ def test_ddp_two_gloo_processes_gradients_agree(tmp_path, monkeypatch):
         # the rendezvous is a file: no TCP port picked, freed and hoped still free when rank 0 binds it
         workers = mp.start_processes(_ddp_worker, args=(2, f"file://{out}/rendezvous", x, y, str(out)), nprocs=2,
                                      join=False, start_method="forkserver")
-        deadline, done = time.monotonic() + DDP_DEADLINE_S, False
+        deadline, done, failure = time.monotonic() + DDP_DEADLINE_S, False, f"did not finish in {DDP_DEADLINE_S} s"
         try:
             while not done and time.monotonic() < deadline:
                 done = workers.join(timeout=5)
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             if attempt:
                 raise
+            failure = f"failed: {e}"
         if done:
             break
         for p in workers.processes:
             p.kill()
-        # a safety net, not a hiding place: the stalled workers' stacks go to the test report
-        warnings.warn(f"DDP attempt {attempt} did not finish in {DDP_DEADLINE_S} s; the workers' stacks:\n"
+        # a safety net, not a hiding place: why the attempt failed (a stall: the workers' stacks)
+        # goes to the test report
+        warnings.warn(f"DDP attempt {attempt} {failure}; the workers' stacks:\n"
                       + "\n".join(f.read_text() for f in sorted(out.glob("stacks*.txt"))))
     else:
         pytest.fail(f"DDP workers did not finish twice in a row ({DDP_DEADLINE_S} s each); stacks in the warnings")
