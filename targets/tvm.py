@@ -278,6 +278,16 @@ def _exported_ops(g) -> list:
     return [n for n in g.graph.nodes if n.op == "call_module" and exported(g.get_submodule(n.target))]
 
 
+def _lowering(g) -> dict:
+    """``meta["lowering"]``: how many neuron layers run as one fused TIR scan each, and the op names
+    lowered from their exported forward instead (why a model takes the relax mode, a static batch)."""
+    from snnc.ops import Neuron
+    plain = _exported_ops(g)
+    neurons = [n for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), Neuron)]
+    return {"fused_scans": len(set(neurons) - set(plain)),
+            "exported": sorted({type(g.get_submodule(n.target)).op_name for n in plain})}
+
+
 def _cpu_mode(g, mode):
     """``auto`` is hybrid unless a neuron has no fused scan kernel (those lower from their
     forward inside the Relax module, which only the relax mode builds)."""
@@ -325,7 +335,7 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if spike_isa == "amx":
         tdict = {**tdict, "mattr": list(AMX_MATTR)}
     meta = {"spike_convs": spike_isa, "output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
-            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode,
+            "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode, "lowering": _lowering(g),
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
 
     if tuning:
