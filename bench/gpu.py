@@ -114,6 +114,7 @@ def plain_loop(net):
     import importlib.util
     spec = importlib.util.spec_from_file_location("_snnc_bench_inference", Path(__file__).with_name("inference.py"))
     inference = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = inference  # torch.compile re-imports the loop's module by its name
     spec.loader.exec_module(inference)
     return inference.PlainLoop(net).eval()
 
