@@ -13,7 +13,8 @@ Prints one JSON line per result:
   {"kind": "ann", "net": ..., "acc": ...}
   {"kind": "snn", "net": ..., "lib": "snnc"|"spikingjelly", "method": ..., "T": ..., "acc": ...}
   {"kind": "hybrid", "net": ..., "T": ..., "epoch": ..., "acc": ...}
-  {"kind": "chosen", "net": ..., "T": ..., "method": ..., "scores": ...}   (what the default picked)
+  {"kind": "chosen", "net": ..., "T": ..., "method": ..., "convert_seconds": ..., "scores": {name: [agreement %,
+   KL(ANN||SNN)]}, "readout_calibration": ...}   (what the default picked, and whether its readout was refitted)
   {"kind": "firing", "net": ..., "T": ..., "rates": {layer: rate}}    (default SNN, per IF layer)
   {"kind": "check", "name": ..., ...}   (the issue's targets, with ratios snnc / spikingjelly)
 and saves a plot of accuracy vs T (default bench/out/conversion.png).
@@ -138,12 +139,15 @@ def default_curve(net, ann, data, calib, Ts, results, name="default", **options)
     """snnc.convert(ann, calib, T=T) for each T: the recipe is chosen for each T."""
     t0, accs = time.perf_counter(), {}
     for T in Ts:
+        t1 = time.perf_counter()
         g = snnc.convert(ann, calib, T=T, **options)
+        seconds = time.perf_counter() - t1
         accs[T] = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
         rep = g.snnc_conversion
         if name == "default":
-            emit(kind="chosen", net=net, T=T, method=rep["method"],
-                 scores={k: v["agreement"] for k, v in rep.get("scores", {}).items()})
+            emit(kind="chosen", net=net, T=T, method=rep["method"], convert_seconds=round(seconds, 1),
+                 scores={k: [v["agreement"], v["kl"]] for k, v in rep.get("scores", {}).items()},
+                 readout_calibration=rep.get("readout_calibration"))
             if T == 8:
                 emit(kind="firing", net=net, T=T, rates=firing_rates(g, data.x_test[:128]))
     record(results, net, "snnc", name, accs, t0)
