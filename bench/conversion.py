@@ -303,6 +303,7 @@ def main(argv=None):
     ap.add_argument("--hybrid-from-percentile", action="store_true",
                     help="also fine-tune from a percentile conversion (Rathi 2020's start), not only the default's")
     ap.add_argument("--only-hybrid", action="store_true", help="skip the conversion curves (hybrid fine-tuning only)")
+    ap.add_argument("--no-hybrid", action="store_true", help="skip hybrid fine-tuning (conversion curves only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -328,7 +329,7 @@ def main(argv=None):
             if has_max_pool and not args.quick:
                 avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
             qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
-        if net in HYBRID_NETS:
+        if net in HYBRID_NETS and not args.no_hybrid:
             for kind, T, lr, n_epochs in (HYBRID_QUICK if args.quick else HYBRID):
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, n_epochs, lr, kind)
                 if args.hybrid_from_percentile:   # Rathi 2020's start: a percentile-balanced SNN
