@@ -13,7 +13,8 @@ Prints one JSON line per result:
   {"kind": "ann", "net": ..., "acc": ...}
   {"kind": "snn", "net": ..., "lib": "snnc"|"spikingjelly", "method": ..., "T": ..., "acc": ...}
   {"kind": "hybrid", "net": ..., "T": ..., "epoch": ..., "acc": ...}
-  {"kind": "chosen", "net": ..., "T": ..., "method": ..., "scores": ...}   (what the default picked)
+  {"kind": "chosen", "net": ..., "T": ..., "method": ..., "convert_seconds": ..., "scores": {name: [agreement %,
+   KL(ANN||SNN)]}, "readout_calibration": ...}   (what the default picked, and whether its readout was refitted)
   {"kind": "firing", "net": ..., "T": ..., "rates": {layer: rate}}    (default SNN, per IF layer)
   {"kind": "check", "name": ..., ...}   (the issue's targets, with ratios snnc / spikingjelly)
 and saves a plot of accuracy vs T (default bench/out/conversion.png).
@@ -138,12 +139,15 @@ def default_curve(net, ann, data, calib, Ts, results, name="default", **options)
     """snnc.convert(ann, calib, T=T) for each T: the recipe is chosen for each T."""
     t0, accs = time.perf_counter(), {}
     for T in Ts:
+        t1 = time.perf_counter()
         g = snnc.convert(ann, calib, T=T, **options)
+        seconds = time.perf_counter() - t1
         accs[T] = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
         rep = g.snnc_conversion
         if name == "default":
-            emit(kind="chosen", net=net, T=T, method=rep["method"],
-                 scores={k: v["agreement"] for k, v in rep.get("scores", {}).items()})
+            emit(kind="chosen", net=net, T=T, method=rep["method"], convert_seconds=round(seconds, 1),
+                 scores={k: [v["agreement"], v["kl"]] for k, v in rep.get("scores", {}).items()},
+                 readout_calibration=rep.get("readout_calibration"))
             if T == 8:
                 emit(kind="firing", net=net, T=T, rates=firing_rates(g, data.x_test[:128]))
     record(results, net, "snnc", name, accs, t0)
@@ -299,6 +303,7 @@ def main(argv=None):
     ap.add_argument("--hybrid-from-percentile", action="store_true",
                     help="also fine-tune from a percentile conversion (Rathi 2020's start), not only the default's")
     ap.add_argument("--only-hybrid", action="store_true", help="skip the conversion curves (hybrid fine-tuning only)")
+    ap.add_argument("--no-hybrid", action="store_true", help="skip hybrid fine-tuning (conversion curves only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -324,7 +329,7 @@ def main(argv=None):
             if has_max_pool and not args.quick:
                 avg_pool_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=2)
             qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs=1 if args.quick else 3, L=4)
-        if net in HYBRID_NETS:
+        if net in HYBRID_NETS and not args.no_hybrid:
             for kind, T, lr, n_epochs in (HYBRID_QUICK if args.quick else HYBRID):
                 hybrid_acc[(net, T, kind)] = hybrid(net, ann, data, calib, T, n_epochs, lr, kind)
                 if args.hybrid_from_percentile:   # Rathi 2020's start: a percentile-balanced SNN

@@ -43,6 +43,9 @@ spikes of the input with the highest count so far); ``"spikes"`` keeps a per-ste
 spikes (an OR of the trains: over-estimates the rate, increasingly with T); ``"refuse"`` raises.
 ``bias_correction=True`` then shifts each layer's bias so that the mean input current of every IF
 over ``T_target`` steps matches the ANN's mean pre-activation (Li 2021; ``_bias_correction.py``).
+``readout_calibration=True`` last fits the output layer per class (scale and offset, least squares)
+so that the SNN's readout after ``T_target`` steps matches the ANN's logits on the calibration data,
+kept only if it lowers KL(ANN || SNN) on a held-out half (``_readout_calibration.py``).
 ``burst=k`` (default 1) makes every activation a ``BurstIF`` that sends up to k spikes per step
 (Li & Zeng 2022): each spike is worth lambda / k, so T steps carry T k + 1 levels and the "mse"
 scales are tuned for ``T_target * k`` levels; spikes are then counts 0..k, not 0/1.
@@ -62,6 +65,7 @@ from snnc.ops.qcfs import QCFS
 
 from . import _calibration as cal
 from ._bias_correction import correct_biases
+from ._readout_calibration import calibrate_readout
 from ._snn_builder import RECORD, Builder, is_activation
 
 METHODS = ("max", "percentile", "mse", "spiking", "qcfs")
@@ -161,7 +165,7 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
             channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
             T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
             max_pool: str = "lateral", T_target: int = 4, seed: int = 0, batch_size: int = 256,
-            bias_correction: bool = False, burst: int = 1):
+            bias_correction: bool = False, burst: int = 1, readout_calibration: bool = False):
     """``(snn_graph, scales)``: what ``threshold_balance`` computes, plus the lambda of every
     converted activation (``{ann node name: tensor}``, 0-dim or per channel ``[C, 1, 1]``)."""
     if v_init_fraction is None:
@@ -185,6 +189,10 @@ def balance(gm: fx.GraphModule, calib=None, method: str = "percentile", q: float
         if batches is None:
             raise InputError("threshold_balance: bias_correction=True needs calibration data")
         correct_biases(snn, ann, nodes, scales, builder.neurons, batches, T_target, burst)
+    if readout_calibration:
+        if batches is None:
+            raise InputError("threshold_balance: readout_calibration=True needs calibration data")
+        calibrate_readout(snn, ann, batches, T_target)
     return snn, {n.name: s for n, s in scales.items()}
 
 
@@ -192,7 +200,8 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
                       channel_wise: bool = False, reset: str = "subtract", encoding: str = "direct",
                       T_calib: int = 32, scale: float = 1.0, v_init_fraction: float | None = None,
                       max_pool: str = "lateral", T_target: int = 4, seed: int = 0,
-                      batch_size: int = 256, bias_correction: bool = False, burst: int = 1) -> fx.GraphModule:
+                      batch_size: int = 256, bias_correction: bool = False, burst: int = 1,
+                      readout_calibration: bool = False) -> fx.GraphModule:
     """Convert BN-folded ANN graph ``gm`` into a per-step SNN graph (see the module docstring).
 
     ``calib``: calibration inputs, a tensor ``[N, ...]`` or an iterable of batches (tensors or
@@ -202,4 +211,4 @@ def threshold_balance(gm: fx.GraphModule, calib=None, method: str = "percentile"
     return balance(gm, calib, method=method, q=q, channel_wise=channel_wise, reset=reset,
                    encoding=encoding, T_calib=T_calib, scale=scale, v_init_fraction=v_init_fraction,
                    max_pool=max_pool, T_target=T_target, seed=seed, batch_size=batch_size,
-                   bias_correction=bias_correction, burst=burst)[0]
+                   bias_correction=bias_correction, burst=burst, readout_calibration=readout_calibration)[0]

@@ -4,10 +4,19 @@ Which recipe converts best depends on T and on the network: percentile scales (R
 win at large T, clip values tuned for T with a half-threshold start (Li 2021 / Bu 2022) at small
 T, channel-wise scales on nets whose channels differ in range, bias correction (Li 2021) where a
 systematic rate-code error accumulates over depth. Rather than a fixed rule, every candidate is
-converted and run for T steps on (a subset of) the calibration inputs, and scored by how often
-its prediction agrees with the ANN's own prediction on the same inputs (no labels needed), ties
-broken by the smaller mean squared error of the logits. Scores are reported, so the choice can be
-checked and reproduced with ``method=`` and the reported options.
+converted and run for T steps on the calibration inputs (all of them, up to ``SCORE_SAMPLES``, in
+batches of ``SCORE_BATCH``), and scored by how often its prediction agrees with the ANN's own
+prediction on the same inputs (no labels needed). Ties -- common: at T >= 4 several recipes agree
+with the ANN on every calibration input of a small net -- are broken by a finer label-free signal of
+the same kind, KL(ANN || SNN) of the softmax outputs (the distillation distance, Hinton 2015): how
+much of the ANN's confidence in each class the SNN keeps, rather than the logit MSE, which also
+counts offsets and scale errors of the logits that change no decision. Scores are reported, so the
+choice can be checked and reproduced with ``method=`` and the reported options.
+
+The chosen SNN's readout is then calibrated on its own outputs (``readout_calibration``: the output
+layer fitted per class to the ANN's logits, kept only if that lowers KL(ANN || SNN) on held-out
+calibration inputs; ``passes/_readout_calibration.py``): it corrects what the chosen rate code still
+gets wrong at the output, and costs one more T-step run of one net, not of every candidate.
 
 Burst candidates (``snnc.ops.BurstIF``: up to ``BURST`` spikes per step, Li & Zeng 2022) represent
 T * BURST levels in T steps, which is what deep nets (a ResNet-18) need at T <= 8. Their spikes are
@@ -22,7 +31,8 @@ from tqdm.auto import tqdm
 
 from snnc.errors import SnncError
 
-SCORE_SAMPLES = 256   # calibration inputs each candidate runs on (the first ones)
+SCORE_SAMPLES = 1024  # calibration inputs each candidate runs on (the first ones): all of a typical calib set
+SCORE_BATCH = 256     # inputs per scoring run (bounds the memory of a T-step unrolled run)
 BIAS_CORRECTION_MAX_T = 16   # above it the rate-code bias is small and the correction's T-step runs per
                              # layer cost the most: such candidates are not tried unless asked for
 
@@ -71,13 +81,15 @@ def _candidates(options: dict, T: int, table=None) -> dict:
 
 
 def _score(snn_step, ann, x, T):
+    """``(agreement %, KL(ANN || SNN))`` of the T-step SNN against the ANN on inputs ``x``."""
     from snnc.passes import unroll_timesteps
+    from snnc.passes._readout_calibration import kl_to_ann
     from snnc.runtime import run
+    snn = unroll_timesteps(snn_step, T)
     with torch.no_grad():
-        want = ann(x)
-        got = run(unroll_timesteps(snn_step, T), x)
-    agree = 100.0 * float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    return agree, float(((got - want) ** 2).mean())
+        want = torch.cat([ann(xb) for xb in x.split(SCORE_BATCH)])
+        got = torch.cat([run(snn, xb) for xb in x.split(SCORE_BATCH)])
+    return 100.0 * float((got.argmax(-1) == want.argmax(-1)).float().mean()), kl_to_ann(got, want)
 
 
 def choose(folded, calib, T: int, options: dict):
@@ -99,20 +111,29 @@ def choose(folded, calib, T: int, options: dict):
         if burst is not None and burst[0] > best[0] + BURST_MARGIN:
             best = burst
     _, _, name, opts, snn = best
+    readout = None
+    if "readout_calibration" not in options:   # the user's True/False is already in every candidate's options
+        from snnc.passes._calibration import calibration_batches
+        from snnc.passes._readout_calibration import calibrate_readout
+        batches = calibration_batches(calib, options.get("batch_size", 256))   # what threshold_balance sees
+        readout = calibrate_readout(snn, folded, batches, opts["T_target"])
+        opts = {**opts, "readout_calibration": readout["applied"]}
     report = {"method": name, "options": opts, "chosen_by": f"agreement with the ANN on {len(x)} "
-              f"calibration inputs at T={T}", "T": T, "scores": scores}
+              f"calibration inputs at T={T}, ties broken by KL(ANN || SNN)", "T": T, "scores": scores}
+    if readout is not None:
+        report["readout_calibration"] = readout
     return snn, report
 
 
 def _best(folded, calib, x, T, options, candidates, scores):
-    """``(agreement, mse, name, options, snn)`` of the best of ``candidates`` (scores filled in)."""
+    """``(agreement, kl, name, options, snn)`` of the best of ``candidates`` (scores filled in)."""
     from snnc.passes import threshold_balance
     best = None
     for name, opts in tqdm(candidates.items(), desc=f"choosing a recipe for T={T}", disable=None, leave=False):
         opts = {**opts, "T_target": options.get("T_target", T)}
         snn = threshold_balance(folded, calib, **opts)
-        agree, mse = _score(snn, folded, x, T)
-        scores[name] = {"agreement": round(agree, 2), "mse": round(mse, 5)}
-        if best is None or (agree, -mse) > (best[0], -best[1]):
-            best = (agree, mse, name, opts, snn)
+        agree, kl = _score(snn, folded, x, T)
+        scores[name] = {"agreement": round(agree, 2), "kl": float(f"{kl:.4g}")}
+        if best is None or (agree, -kl) > (best[0], -best[1]):
+            best = (agree, kl, name, opts, snn)
     return best

@@ -80,7 +80,7 @@ def _refuse_overwrite(path, overwrite, *more):
 
 # --convert options -> snnc.convert keyword arguments (None: not given, snnc.convert's default)
 _CONVERT_OPTIONS = ("method", "q", "channel_wise", "bias_correction", "max_pool", "reset", "encoding", "scale",
-                    "v_init_fraction", "T_calib", "T_target", "burst")
+                    "v_init_fraction", "T_calib", "T_target", "burst", "readout_calibration")
 
 
 def _conversion_options(args) -> dict:
@@ -338,6 +338,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="one scale per channel instead of per layer")
     s.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="shift biases so each neuron's mean input over T matches the ANN (Li 2021)")
+    s.add_argument("--readout-calibration", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the output layer per class to the ANN's logits after T steps, kept if it lowers "
+                        "KL on held-out calibration inputs (default: on for the auto recipe)")
     s.add_argument("--max-pool", choices=("lateral", "gate", "spikes", "refuse"),
                    help="how MaxPool2d converts (default lateral: exact max of spike counts, Li 2022; gate: "
                         "Rueckauer 2017; spikes: per-step max of spikes)")

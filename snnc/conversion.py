@@ -41,7 +41,8 @@ def convert(model, calib=None, T: int | None = None, method: str | None = None, 
     ``threshold_balance`` (``q``, ``channel_wise``, ``reset``, ``encoding``, ``scale``,
     ``v_init_fraction``, ``T_calib``, ``max_pool``, ``bias_correction``, ``burst`` ...); with
     ``method=None`` the options given fix those choices for every candidate. For ``method="mse"``
-    the scales are tuned for ``T`` unless ``T_target`` is given.
+    the scales (and ``readout_calibration``, on by default for the chosen recipe) are tuned for ``T``
+    unless ``T_target`` is given.
     """
     from snnc.passes import fold_bn, threshold_balance, unroll_timesteps
     from snnc.passes._calibration import calibration_batches
@@ -67,8 +68,8 @@ def convert(model, calib=None, T: int | None = None, method: str | None = None, 
         T_score = T if T is not None else options.get("T_target", AUTO_T)
         snn, report = choose(folded, calib, T_score, options)
     else:
-        if method == "mse" and T is not None:
-            options.setdefault("T_target", T)
+        if T is not None and (method == "mse" or options.get("readout_calibration")):
+            options.setdefault("T_target", T)   # tuned / calibrated for the T it will run at
         snn = threshold_balance(folded, calib, method=method, **options)
         report = {"method": method, "options": dict(options), "chosen_by": "user"}
     out = unroll_timesteps(snn, T) if T is not None else snn

@@ -109,7 +109,7 @@ def build_passes(convert_calib=None, T=None, bits=None, convert_options=None, re
     if convert_calib is not None:
         convert = optional("snnc.conversion", "convert", "--convert (ANN -> SNN conversion)")
         options = dict(convert_options or {})
-        if options.get("method") in (None, "mse") and T is not None:
+        if T is not None and (options.get("method") in (None, "mse") or options.get("readout_calibration")):
             options.setdefault("T_target", T)  # mse tunes, and the default chooses, for the T it will run at
         report = {} if report is None else report
 
