@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tvm.script import tirx as T
 
-from .spike_fused import padded_spikes, to_padded
+from .spike_fused import fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
 # fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch
@@ -145,6 +145,28 @@ class SpikeBlock(nn.Module):
     def bind(self, lib):
         self.fns = {fmt: lib[name] for fmt, name in self.kernels.items()}
 
+    def kernel_builders(self, rule: NeuronScan, dtype: str) -> dict:
+        """``{kernel name: (builder, args, kwargs)}`` for every runner and output format this block
+        may use, each name recorded in ``self.kernels`` (format -> name; "f32" names the scan):
+        the scans writing fp32 and stacked uint8, the padded uint8 one where ``out_pad`` is set
+        (every reader may run fused), and the fused runner's where ``fused`` is set."""
+        c, h, w = self.out_shape
+        scan, conv = self.kernels["f32"], self.conv
+        out = {scan: (block_scan_kernel, (c, dtype, rule, "float32", 1), {}),
+               scan + "_u8x2": (block_scan_kernel, (c, dtype, rule, "uint8", 2), {})}
+        self.kernels["u8x2"] = scan + "_u8x2"
+        if self.out_pad is not None:
+            self.kernels["u8pad"] = scan + "_u8pad"
+            out[scan + "_u8pad"] = (padded_scan_kernel, (c, h, w, self.out_pad, rule, dtype), {})
+        for fmt in ("f32", "u8pad") if self.fused is not None else ():
+            if fmt == "u8pad" and self.out_pad is None:
+                continue
+            self.kernels["fused_" + fmt] = f"{self.name}_fused_{fmt}"
+            out[self.kernels["fused_" + fmt]] = (fused_block_kernel, (
+                self.in_shape[1], c, *self.in_shape[2:], *conv.kernel_size, conv.padding[0], self.steps, rule, fmt,
+                self.out_pad or 0, self.fused.analog), {})
+        return out
+
     def options(self) -> list:
         return ["torch"] + (["int8"] if self.packed is not None else []) + \
             (["fused"] if self.fused is not None and "fused_f32" in self.fns else [])
@@ -154,7 +176,8 @@ class SpikeBlock(nn.Module):
         (``fresh_output``) one that no tensor outside this block still uses (``_returnable``).
         ``pad``: a zeroed ``u8pad`` buffer for spikes of shape ``shape`` (the kernels write only its
         interior, so its border stays zero across calls)."""
-        make = (lambda: padded_spikes(shape, pad)) if pad is not None else (lambda: torch.empty(shape, dtype=dtype))
+        make = (lambda: padded_spikes(shape, pad, dtype or torch.uint8)) if pad is not None else \
+            (lambda: torch.empty(shape, dtype=dtype))
         if not self.reuse_output:
             return make()
         key = (threading.get_ident(), key, tuple(shape), dtype, pad)  # per thread, as TVMKernelCall
@@ -205,8 +228,10 @@ class SpikeBlock(nn.Module):
     def _fused(self, x):
         """The "fused" runner: one TVM call over all T (no conv output, no tiles)."""
         steps, n = x.shape[:2]
-        pad = self.conv.padding[0]
-        if self.in_format != "u8pad":  # another runner's spikes: fp32, or stacked uint8 (the low copy)
+        pad, k = self.conv.padding[0], self.fused
+        if k.analog:  # the fp32 input, padded channels-last
+            x = to_padded(x, pad, self._out("x", x.shape, torch.float32, pad))
+        elif self.in_format != "u8pad":  # another runner's spikes: fp32, or stacked uint8 (the low copy)
             cin = self.in_shape[1]
             spikes = x[:, :, cin:].float() if x.dtype == torch.uint8 else x
             x = to_padded(spikes, pad, self._out("x", (steps, n, cin, *self.in_shape[2:]), None, pad))
@@ -215,9 +240,8 @@ class SpikeBlock(nn.Module):
             out = self._out("s", (steps, n, c, h, w), None, self.out_pad)
         else:
             out = self._out("s", (steps, n, h, w, c), torch.float32)
-        k = self.fused
         self.fns["fused_" + ("u8pad" if self.out_format == "u8pad" else "f32")](
-            x.view(torch.int32), k.wq, k.scales, k.bias, out)
+            x if k.analog else x.view(torch.int32), k.wq, k.scales, k.bias, out)
         return out if self.out_format == "u8pad" else out.permute(0, 1, 4, 2, 3)
 
     def tiles(self, steps, n):
@@ -233,21 +257,25 @@ class SpikeBlock(nn.Module):
             return max(1, min(steps, TILE_BYTES // (n * per_sample))), n
         return 1, max(1, TILE_BYTES // per_sample)
 
-    def race(self, runs=2) -> str:
+    def race(self, runs=3) -> str:
         """Time the block with each conv runner on spike-like input, each reading the spike format
         it gets from a block of its kind (stacked uint8 for "int8", padded uint8 for "fused"); the
-        fastest one runs. Returns the choice; ``race_ms`` keeps each runner's time."""
+        fastest one runs. Rounds interleave the runners (best of ``runs`` each), so a burst of load
+        from elsewhere hits them alike. Returns the choice; ``race_ms`` keeps each runner's time."""
         spikes = (torch.rand(self.in_shape) < 0.2).float()
         x = spikes.reshape(self.steps, -1, *self.in_shape[1:])
-        best = {}
+        inputs = {}
         for choice in self.options():
-            self.choice = choice
-            self.in_format = "u8pad" if choice == "fused" else "f32"
             xin = stack_spikes(x) if choice == "int8" else (x if self.binary else torch.rand_like(x))
-            if choice == "fused":
+            if choice == "fused" and self.binary:
                 xin = to_padded(x, self.conv.padding[0], padded_spikes(x.shape, self.conv.padding[0]))
-            self(xin)
-            best[choice] = min(_seconds(lambda: self(xin)) for _ in range(runs))
+            inputs[choice] = xin
+        best = {}
+        for r in range(runs + 1):  # round 0 warms up
+            for choice, xin in inputs.items():
+                self.choice, self.in_format = choice, "u8pad" if choice == "fused" else "f32"
+                t = _seconds(lambda: self(xin))
+                best[choice] = min(best.get(choice, t), t) if r else float("inf")
         self.buffers.clear()
         self.pool.clear()
         self.choice, self.in_format = "torch", "f32"
@@ -279,3 +307,24 @@ def _seconds(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def set_spike_formats(g) -> None:
+    """For the blocks of hybrid graph ``g``: each writes stacked uint8 spikes where every reader is
+    an int8 block, padded uint8 where every reader runs fused, fp32 otherwise, and a fresh tensor
+    where the graph returns its spikes; each reader block learns the format it reads."""
+    blocks = [n for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), SpikeBlock)]
+    for node in blocks:
+        g.get_submodule(node.target).in_format = "f32"
+    for node in blocks:
+        readers = [g.get_submodule(u.target) if u.op == "call_module" else None for u in node.users]
+        kinds = {r.choice if isinstance(r, SpikeBlock) else None for r in readers}
+        block = g.get_submodule(node.target)
+        block.out_format = {"int8": "u8x2" if block.choice != "fused" else "f32",  # the fused kernel has no u8x2
+                            "fused": "u8pad" if block.out_pad is not None else "f32"}.get(
+            kinds.pop() if len(kinds) == 1 else None, "f32")
+        for r in readers:
+            if isinstance(r, SpikeBlock):
+                r.in_format = block.out_format
+        # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
+        block.fresh_output = any(u.op == "output" for u in node.users)

@@ -29,9 +29,9 @@ from snnc.ir import info
 from snnc.ops import registry
 from snnc.ops.coding import MergeTime, SplitTime
 
-from .spike_block import SpikeBlock, block_scan_kernel
+from .spike_block import SpikeBlock, set_spike_formats
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
-from .spike_fused import FUSED_ISAS, FusedKernel, fused_applies, fused_block_kernel, padded_scan_kernel
+from .spike_fused import FUSED_ISAS, FusedKernel, fused_applies
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_scan, state_kernel
 from .tvm_recurrent import recurrent_kernel
@@ -284,18 +284,12 @@ def _fuse_blocks(g, kernels, rules, binary, calls):
         call, rule, (shape, dtype) = g.get_submodule(conv.target), rules[node.name][0], rules[node.name][1:]
         if dtype != "float32" or call.out_shape[0] % 16:
             continue
-        scan = g.get_submodule(node.target).name
-        names = {"f32": scan, "u8x2": scan + "_u8x2"}
-        kernels[scan] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "float32", 1), {})
-        kernels[names["u8x2"]] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "uint8", 2), {})
-        kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs
-        fused = None
-        if fused_isa and conv.name in binary and fused_applies(call.conv, call.in_shape):
-            fused = FusedKernel(call.conv)
-            names["fused_f32"] = call.name + "_fused_f32"
-            kernels[names["fused_f32"]] = (fused_block_kernel, _fused_args(call, shape[0], rule, "f32"), {})
-        block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, names, conv.name in binary,
-                           reuse_output=calls.count(node.target) == 1, fused=fused)
+        kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs (or fused)
+        spikes = conv.name in binary
+        fused = FusedKernel(call.conv, spikes) if fused_isa and fused_applies(call.conv, call.in_shape, spikes) else None
+        block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, {"f32": g.get_submodule(node.target).name},
+                           spikes, reuse_output=calls.count(node.target) == 1, fused=fused)
+        kernels.update(block.kernel_builders(rule, dtype))
         made.append((node, block, rule, dtype))
         g.add_submodule(node.target, block)
         node.args = (merge.args[0],) + tuple(node.args[1:])
@@ -308,20 +302,8 @@ def _fuse_blocks(g, kernels, rules, binary, calls):
         pads = {r.conv.padding[0] if isinstance(r, SpikeBlock) and r.fused is not None else None for r in readers}
         if len(pads) == 1 and None not in pads:  # every reader may run fused, all with one padding
             block.out_pad = pads.pop()
-            c, h, w = block.out_shape
-            block.kernels["u8pad"] = block.kernels["f32"] + "_u8pad"
-            kernels[block.kernels["u8pad"]] = (padded_scan_kernel, (c, h, w, block.out_pad, rule, dtype), {})
-            if block.fused is not None:
-                block.kernels["fused_u8pad"] = block.name + "_fused_u8pad"
-                kernels[block.kernels["fused_u8pad"]] = (
-                    fused_block_kernel, _fused_args(block, block.steps, rule, "u8pad", block.out_pad), {})
+            kernels.update(block.kernel_builders(rule, dtype))
     g.graph.lint()
-
-
-def _fused_args(call, steps, rule, out_format, out_pad=0):
-    """``fused_block_kernel``'s arguments for a conv call / block on its compiled input shape."""
-    conv, (c, h, w) = call.conv, call.in_shape[1:]
-    return (c, conv.out_channels, h, w, *conv.kernel_size, conv.padding[0], steps, rule, out_format, out_pad)
 
 
 def _spike_layer(cls, binary, mod, *args):
@@ -350,28 +332,8 @@ def apply_conv_choices(g: fx.GraphModule, choices: dict) -> dict:
     for m in raced_layers(g):
         choice = choices.get(m.name, "torch")
         m.choice = choice if choice in m.options() else "torch"
-    _set_spike_formats(g)
+    set_spike_formats(g)
     return {m.name: m.choice for m in raced_layers(g)}
-
-
-def _set_spike_formats(g: fx.GraphModule) -> None:
-    """A block writes stacked uint8 spikes where every reader is an int8 block, padded uint8 where
-    every reader runs fused, fp32 otherwise; each reader block learns the format it reads."""
-    blocks = [n for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), SpikeBlock)]
-    for node in blocks:
-        g.get_submodule(node.target).in_format = "f32"
-    for node in blocks:
-        readers = [g.get_submodule(u.target) if u.op == "call_module" else None for u in node.users]
-        kinds = {r.choice if isinstance(r, SpikeBlock) else None for r in readers}
-        block = g.get_submodule(node.target)
-        block.out_format = {"int8": "u8x2", "fused": "u8pad" if block.out_pad is not None else "f32"}.get(
-            kinds.pop() if len(kinds) == 1 else None, "f32")
-        for r in readers:
-            if isinstance(r, SpikeBlock):
-                r.in_format = block.out_format
-    for node in blocks:
-        # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
-        g.get_submodule(node.target).fresh_output = any(u.op == "output" for u in node.users)
 
 
 def spike_report(g: fx.GraphModule) -> dict:
