@@ -321,7 +321,7 @@ def raced_layers(g: fx.GraphModule) -> list:
 
 
 def race_convs(g: fx.GraphModule) -> dict:
-    """``{layer name: "torch" | "tvm" | "int8"}`` for every raced conv / linear (see ``race``)."""
+    """``{layer name: "torch" | "tvm" | "int8" | "fused"}`` for every raced conv / linear / block (``race``)."""
     return {m.name: m.race() for m in raced_layers(g)}
 
 
