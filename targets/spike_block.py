@@ -257,7 +257,7 @@ class SpikeBlock(nn.Module):
             return max(1, min(steps, TILE_BYTES // (n * per_sample))), n
         return 1, max(1, TILE_BYTES // per_sample)
 
-    def race(self, runs=3) -> str:
+    def race(self, runs=2) -> str:
         """Time the block with each conv runner on spike-like input, each reading the spike format
         it gets from a block of its kind (stacked uint8 for "int8", padded uint8 for "fused"); the
         fastest one runs. Rounds interleave the runners (best of ``runs`` each), so a burst of load
