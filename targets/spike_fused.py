@@ -5,7 +5,8 @@ Why (measured on the bench net, AMD Zen 5: AVX-512 VNNI, no AMX): the oneDNN int
 ``spike_block`` is no faster there than TVM's own VNNI loop (``tvm_spike_conv``), and around it
 each block paid for an fp32 conv output written by oneDNN into freshly allocated memory (one
 page fault per 4 KiB: ~1/4 of the module's CPU time went to the kernel), read back by the neuron
-kernel, plus a hand-off between torch's OpenMP pool and TVM's. Here one TVM kernel does it all:
+kernel, plus a hand-off between torch's OpenMP pool and TVM's. Here one TVM kernel does it all
+(the block's race still decides, per layer, by timing):
 
     for (n, 16 out-channels, output row y) in parallel:       # as tvm_spike_conv.conv_kernel
       for each group of R output columns:
@@ -18,8 +19,10 @@ kernel, plus a hand-off between torch's OpenMP pool and TVM's. Here one TVM kern
 The membrane lives in registers across T, the conv output is never stored, and nothing is
 allocated per call. Numbers: the weights are ``tvm_spike_conv.pack_weights``' two int8 digits
 (``spike_conv.split_int8``), accumulated exactly in int32, so every conv output is within the
-bound stated there (``k * max|w_c| / 64516`` + fp32 rounding; ``FusedSpikeKernel.error_bound``);
-spikes can differ from fp32 only where the membrane lies within that bound of the threshold.
+bound stated there (``k * max|w_c| / 64516`` + fp32 rounding; ``FusedKernel.error_bound``);
+spikes can differ from fp32 only where the membrane lies within that bound (accumulated over the
+steps) of the threshold (tests/test_spike_fused.py checks exactly that against float64). The
+analog variant (first layer) computes in fp32 and differs from oneDNN by summation order only.
 
 Spike format ``u8pad``: ``[T, N, H + 2p, W + 2p, C]`` uint8 0/1, channels last, with the zero
 border the next conv's padding ``p`` reads (written once, when the buffer is made); reinterpreted
