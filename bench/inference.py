@@ -10,13 +10,19 @@ under ``torch.compile``, spikingjelly multi-step when installed. snnc: ``torch``
 graph), ``onnx``, ``tvm:llvm`` with ``spike_int8=False`` (hybrid, fp32 convs raced against TVM)
 and ``tvm:llvm`` as compiled by default (on an AMX/VNNI CPU: fused conv+LIF blocks, convs on
 spikes race the int8 kernels; the line names the ISA and each layer's runner, digits, stated
-error bound and spike format). Each line: median ms, ``ratio_vs_torch_compile`` and spike
-agreement with the reference (fraction of equal outputs).
+error bound and spike format, and ``race_ms``: each runner's time in the compile-time race). Where
+the host offers more than one spike-block runner (a VNNI host without AMX: oneDNN ``int8`` blocks
+and ``fused`` TVM blocks), the same module with every block forced to each runner is timed too
+(``snnc_tvm_llvm_int8_blocks`` / ``_fused_blocks``). Each line: median ms,
+``ratio_vs_torch_compile``, ``cpu_ratio_vs_torch_compile`` (process CPU time, which load from
+other processes inflates less than wall time) and spike agreement with the reference (fraction
+of equal outputs).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -32,6 +38,7 @@ import snnc  # noqa: E402
 from snnc.differential import unavailable_reason  # noqa: E402
 from snnc.ops import LIF  # noqa: E402
 from snnc.passes import unroll_timesteps  # noqa: E402
+from snnc.targets.spike_block import SpikeBlock  # noqa: E402
 from snnc.zoo import bench_net  # noqa: E402
 
 
@@ -126,23 +133,53 @@ def main(argv=None):
         t0 = time.perf_counter()
         m = snnc.compile(g, target=target, **options)
         extra = {k: m.meta[k] for k in ("hybrid_convs", "spike_int8", "int8_isa", "spike_layers") if k in m.meta}
-        emit(bench="inference", impl=label, compile_s=round(time.perf_counter() - t0, 1), **extra)
+        blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)] if target == "tvm:llvm" else []
+        races = {b.name: b.race_ms for b in blocks if hasattr(b, "race_ms")}  # absent when the choice was cached
+        emit(bench="inference", impl=label, compile_s=round(time.perf_counter() - t0, 1), **extra,
+             **({"race_ms": races} if races else {}))
         fns[label] = (lambda m: lambda: m(x))(m)
-    times = {k: [] for k in fns}
+        runners = {b.name: b.options() for b in blocks}
+        if label == "snnc_tvm_llvm_default" and len({r for o in runners.values() for r in o} - {"torch"}) > 1:
+            fns.update(forced_runners(g, x, runners))  # each spike-block runner on every layer, same run
+    times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     with torch.no_grad():
         for k, fn in fns.items():
             outs[k] = fn()  # warm-up, and the output checked below
         for _ in range(rounds):
             for k, fn in fns.items():
-                t0 = time.perf_counter()
+                c0, t0 = _cpu_seconds(), time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
+                cpu[k].append(_cpu_seconds() - c0)
     base = statistics.median(times["plain_loop_torch_compile"])
+    cpu_base = statistics.median(cpu["plain_loop_torch_compile"])
     for k, v in times.items():
         ms = statistics.median(v)
         emit(bench="inference", impl=k, N=N, T=T, median_ms=round(ms * 1e3, 2),
              ratio_vs_torch_compile=round(ms / base, 3), rounds=rounds, threads=torch.get_num_threads(),
+             cpu_ratio_vs_torch_compile=round(statistics.median(cpu[k]) / cpu_base, 3),
              spike_agreement=round(float((outs[k] == ref).float().mean()), 6))
+
+
+def _cpu_seconds():
+    """This process's CPU time (user + system, every thread): a second measure next to wall time
+    that load from other processes on the machine inflates less."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def forced_runners(g, x, runners):
+    """``{label: fn}``: the default ``tvm:llvm`` module with every spike block forced to one runner
+    (oneDNN ``int8`` blocks; the ``fused`` TVM blocks where the host offers them), the first,
+    analog block as the race left it unless it can run fused too."""
+    from snnc.targets.tvm_hybrid import apply_conv_choices
+    fns = {}
+    for runner in ("int8", "fused"):
+        m = snnc.compile(g, target="tvm:llvm")
+        want = {name: runner if runner in o else m.meta["hybrid_convs"][name] for name, o in runners.items()}
+        emit(bench="inference", impl=f"snnc_tvm_llvm_{runner}_blocks", hybrid_convs=apply_conv_choices(m._hybrid, want))
+        fns[f"snnc_tvm_llvm_{runner}_blocks"] = (lambda m: lambda: m(x))(m)
+    return fns
 
 
 if __name__ == "__main__":

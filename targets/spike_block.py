@@ -18,7 +18,9 @@ weight digit and a pass summing the digits. A block instead
   something else reads them, e.g. the graph output).
 
 The conv of a block runs fp32 (oneDNN, channels_last) or int8 by the same per-layer race as the
-other convs (``choice``: "torch" / "int8"); int8 only where the input is proven 0/1.
+other convs (``choice``: "torch" / "int8"); int8 only where the input is proven 0/1. On a VNNI host
+without AMX a third runner races too: "fused", conv and neuron in one TVM kernel reading and
+writing padded uint8 spikes (``spike_fused.py``, with why).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 from tvm.script import tirx as T
 
+from .spike_fused import fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
 # fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch
@@ -113,15 +116,19 @@ class SpikeBlock(nn.Module):
     """``neuron(conv(x))`` over ``[T, N, C, H, W]``: conv per group of time steps (fp32 oneDNN or
     the stacked int8 kernel, ``choice``), then the neuron kernel on that group; output spikes in
     ``out_format`` ("f32": fp32 ``[T, N, C', H', W']`` in channels_last memory; "u8x2": uint8
-    ``[T, N, 2C', H', W']``, the stacked input of the next int8 block). See the module doc."""
+    ``[T, N, 2C', H', W']``, the stacked input of the next int8 block; "u8pad": uint8
+    ``[T, N, H'+2p, W'+2p, C']`` with ``p = out_pad``, the input of the next fused block). See
+    the module doc. ``fused``: the ``spike_fused.FusedKernel`` of this conv where the "fused"
+    runner is offered, else None; ``in_format``: what the producer writes ("f32" unless set)."""
 
     def __init__(self, conv: nn.Conv2d, in_shape, steps: int, name: str, kernels: dict, binary: bool,
-                 reuse_output=True):
+                 reuse_output=True, fused=None):
         super().__init__()
         self.steps = steps
         self.conv, self.name, self.kernels = conv, name, kernels  # kernels: format -> kernel name
         self.in_shape, self.binary, self.reuse_output = tuple(in_shape), binary, reuse_output
         self.choice, self.out_format, self.fns, self.buffers = "torch", "f32", {}, {}
+        self.fused, self.in_format, self.out_pad, self.pool = fused, "f32", None, {}
         self.fresh_output = False
         self.out_shape = tuple(conv(torch.zeros(1, *self.in_shape[1:])).shape[1:])
         self.weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
@@ -138,16 +145,47 @@ class SpikeBlock(nn.Module):
     def bind(self, lib):
         self.fns = {fmt: lib[name] for fmt, name in self.kernels.items()}
 
-    def options(self) -> list:
-        return ["torch"] + (["int8"] if self.packed is not None else [])
+    def kernel_builders(self, rule: NeuronScan, dtype: str) -> dict:
+        """``{kernel name: (builder, args, kwargs)}`` for every runner and output format this block
+        may use, each name recorded in ``self.kernels`` (format -> name; "f32" names the scan):
+        the scans writing fp32 and stacked uint8, the padded uint8 one where ``out_pad`` is set
+        (every reader may run fused), and the fused runner's where ``fused`` is set."""
+        c, h, w = self.out_shape
+        scan, conv = self.kernels["f32"], self.conv
+        out = {scan: (block_scan_kernel, (c, dtype, rule, "float32", 1), {}),
+               scan + "_u8x2": (block_scan_kernel, (c, dtype, rule, "uint8", 2), {})}
+        self.kernels["u8x2"] = scan + "_u8x2"
+        if self.out_pad is not None:
+            self.kernels["u8pad"] = scan + "_u8pad"
+            out[scan + "_u8pad"] = (padded_scan_kernel, (c, h, w, self.out_pad, rule, dtype), {})
+        for fmt in ("f32", "u8pad") if self.fused is not None else ():
+            if fmt == "u8pad" and self.out_pad is None:
+                continue
+            self.kernels["fused_" + fmt] = f"{self.name}_fused_{fmt}"
+            out[self.kernels["fused_" + fmt]] = (fused_block_kernel, (
+                self.in_shape[1], c, *self.in_shape[2:], *conv.kernel_size, conv.padding[0], self.steps, rule, fmt,
+                self.out_pad or 0, self.fused.analog), {})
+        return out
 
-    def _out(self, key, shape, dtype):
-        if not self.reuse_output or (key == "s" and self.fresh_output):
-            return torch.empty(shape, dtype=dtype)
-        key = (threading.get_ident(), key, tuple(shape), dtype)  # per thread, as TVMKernelCall
+    def options(self) -> list:
+        return ["torch"] + (["int8"] if self.packed is not None else []) + \
+            (["fused"] if self.fused is not None and "fused_f32" in self.fns else [])
+
+    def _out(self, key, shape, dtype, pad=None):
+        """A buffer for ``key``: preallocated per thread and shape, or for the caller's spikes
+        (``fresh_output``) one that no tensor outside this block still uses (``_returnable``).
+        ``pad``: a zeroed ``u8pad`` buffer for spikes of shape ``shape`` (the kernels write only its
+        interior, so its border stays zero across calls)."""
+        make = (lambda: padded_spikes(shape, pad, dtype or torch.uint8)) if pad is not None else \
+            (lambda: torch.empty(shape, dtype=dtype))
+        if not self.reuse_output:
+            return make()
+        key = (threading.get_ident(), key, tuple(shape), dtype, pad)  # per thread, as TVMKernelCall
+        if key[1] == "s" and self.fresh_output:
+            return _returnable(self.pool.setdefault(key, []), make)
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = torch.empty(shape, dtype=dtype)
+            buf = self.buffers[key] = make()
         return buf
 
     def _conv(self, x):
@@ -159,6 +197,8 @@ class SpikeBlock(nn.Module):
         return nn.functional.conv2d(x, self.weight, self.bias, *self.geometry)
 
     def forward(self, x):
+        if self.choice == "fused":
+            return self._fused(x)
         steps, n = x.shape[:2]
         cin = self.in_shape[1]
         if self.choice == "int8":
@@ -168,7 +208,9 @@ class SpikeBlock(nn.Module):
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         c, h, w = self.out_shape
         copies, dtype = (2, torch.uint8) if self.out_format == "u8x2" else (1, torch.float32)
-        spikes = self._out("s", (steps, n * h * w, copies * c), dtype)
+        padded = self.out_format == "u8pad"
+        spikes = self._out("s", (steps, n, c, h, w), None, self.out_pad) if padded else \
+            self._out("s", (steps, n * h * w, copies * c), dtype)
         membrane = self._out("v", (n * h * w, c), torch.float32)
         fn = self.fns[self.out_format]
         group, rows = self.tiles(steps, n)
@@ -179,9 +221,28 @@ class SpikeBlock(nn.Module):
                 for n0 in range(0, n, rows):  # rows < n only with g == 1: a slice of one step's batch
                     k = min(rows, n - n0)
                     y = self._conv(x[t0 * n + n0:(t0 + g) * n if k == n else t0 * n + n0 + k])
-                    fn(y.permute(0, 2, 3, 1).reshape(g, k * hw, c), membrane[n0 * hw:(n0 + k) * hw],
-                       spikes[t0:t0 + g, n0 * hw:(n0 + k) * hw], int(t0 == 0))
-        return spikes.view(steps, n, h, w, copies * c).permute(0, 1, 4, 2, 3)
+                    out = spikes[t0:t0 + g, n0:n0 + k] if padded else spikes[t0:t0 + g, n0 * hw:(n0 + k) * hw]
+                    fn(y.permute(0, 2, 3, 1).reshape(g, k * hw, c), membrane[n0 * hw:(n0 + k) * hw], out, int(t0 == 0))
+        return spikes if padded else spikes.view(steps, n, h, w, copies * c).permute(0, 1, 4, 2, 3)
+
+    def _fused(self, x):
+        """The "fused" runner: one TVM call over all T (no conv output, no tiles)."""
+        steps, n = x.shape[:2]
+        pad, k = self.conv.padding[0], self.fused
+        if k.analog:  # the fp32 input, padded channels-last
+            x = to_padded(x, pad, self._out("x", x.shape, torch.float32, pad))
+        elif self.in_format != "u8pad":  # another runner's spikes: fp32, or stacked uint8 (the low copy)
+            cin = self.in_shape[1]
+            spikes = x[:, :, cin:].float() if x.dtype == torch.uint8 else x
+            x = to_padded(spikes, pad, self._out("x", (steps, n, cin, *self.in_shape[2:]), None, pad))
+        c, h, w = self.out_shape
+        if self.out_format == "u8pad":
+            out = self._out("s", (steps, n, c, h, w), None, self.out_pad)
+        else:
+            out = self._out("s", (steps, n, h, w, c), torch.float32)
+        self.fns["fused_" + ("u8pad" if self.out_format == "u8pad" else "f32")](
+            x if k.analog else x.view(torch.int32), k.wq, k.scales, k.bias, out)
+        return out if self.out_format == "u8pad" else out.permute(0, 1, 4, 2, 3)
 
     def tiles(self, steps, n):
         """``(time steps, samples)`` per conv call: the fp32 conv output of one call is at most
@@ -197,21 +258,73 @@ class SpikeBlock(nn.Module):
         return 1, max(1, TILE_BYTES // per_sample)
 
     def race(self, runs=2) -> str:
-        """Time the block with each conv runner on spike-like input; the fastest one runs."""
+        """Time the block with each conv runner on spike-like input, each reading the spike format
+        it gets from a block of its kind (stacked uint8 for "int8", padded uint8 for "fused"); the
+        fastest one runs. Rounds interleave the runners (best of ``runs`` each), so a burst of load
+        from elsewhere hits them alike. Returns the choice; ``race_ms`` keeps each runner's time."""
         spikes = (torch.rand(self.in_shape) < 0.2).float()
         x = spikes.reshape(self.steps, -1, *self.in_shape[1:])
-        best = {}
+        inputs = {}
         for choice in self.options():
-            self.choice = choice
             xin = stack_spikes(x) if choice == "int8" else (x if self.binary else torch.rand_like(x))
-            self(xin)
-            best[choice] = min(_seconds(lambda: self(xin)) for _ in range(runs))
+            if choice == "fused" and self.binary:
+                xin = to_padded(x, self.conv.padding[0], padded_spikes(x.shape, self.conv.padding[0]))
+            inputs[choice] = xin
+        best = {}
+        for r in range(runs + 1):  # round 0 warms up
+            for choice, xin in inputs.items():
+                self.choice, self.in_format = choice, "u8pad" if choice == "fused" else "f32"
+                t = _seconds(lambda: self(xin))
+                best[choice] = min(best.get(choice, t), t) if r else float("inf")
         self.buffers.clear()
-        self.choice = "torch"
+        self.pool.clear()
+        self.choice, self.in_format = "torch", "f32"
+        self.race_ms = {k: round(v * 1e3, 2) for k, v in best.items()}
         return min(best, key=best.get)
+
+
+POOL = 2  # returned spike tensors kept for reuse per shape: a caller holding the last result still gets a free one
+
+
+def _returnable(pool: list, make):
+    """A buffer from ``pool`` that nothing but the pool uses (storage use count as at creation:
+    the caller dropped every view of it), else a new one (pooled while the pool has room).
+
+    Why: a large fresh tensor is zero-filled page by page by the kernel on first write (one fault
+    per 4 KiB); on the bench net the returned spikes' faults were ~1/4 of a call's CPU time. The
+    check is the one torch.compile's CUDA-graph trees use for their outputs
+    (``torch._C._storage_Use_Count``), so a buffer is reused only once the caller cannot see it."""
+    for buf, count in pool:
+        if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= count:
+            return buf
+    buf = make()
+    if len(pool) < POOL:
+        pool.append((buf, torch._C._storage_Use_Count(buf.untyped_storage()._cdata)))
+    return buf
 
 
 def _seconds(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def set_spike_formats(g) -> None:
+    """For the blocks of hybrid graph ``g``: each writes stacked uint8 spikes where every reader is
+    an int8 block, padded uint8 where every reader runs fused, fp32 otherwise, and a fresh tensor
+    where the graph returns its spikes; each reader block learns the format it reads."""
+    blocks = [n for n in g.graph.nodes if n.op == "call_module" and isinstance(g.get_submodule(n.target), SpikeBlock)]
+    for node in blocks:
+        g.get_submodule(node.target).in_format = "f32"
+    for node in blocks:
+        readers = [g.get_submodule(u.target) if u.op == "call_module" else None for u in node.users]
+        kinds = {r.choice if isinstance(r, SpikeBlock) else None for r in readers}
+        block = g.get_submodule(node.target)
+        block.out_format = {"int8": "u8x2" if block.choice != "fused" else "f32",  # the fused kernel has no u8x2
+                            "fused": "u8pad" if block.out_pad is not None else "f32"}.get(
+            kinds.pop() if len(kinds) == 1 else None, "f32")
+        for r in readers:
+            if isinstance(r, SpikeBlock):
+                r.in_format = block.out_format
+        # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
+        block.fresh_output = any(u.op == "output" for u in node.users)

@@ -18,7 +18,9 @@ Two ways to run, one artefact:
     ``spike_block.py``: AMX/VNNI int8 with fp32 output, error within a stated bound of fp32, not
     bit-exact) by default where the CPU has AMX-INT8 / VNNI (``spike_int8=None``: detected at
     compile time, recorded in ``meta["spike_int8"]``); ``spike_int8=False`` opts out (fp32
-    everywhere, bit-exact), ``convs="int8"`` forces them wherever the input is spikes.
+    everywhere, bit-exact), ``convs="int8"`` forces them wherever the input is spikes. On a VNNI
+    host without AMX the conv+neuron blocks also race ``"fused"`` (``spike_fused.py``: conv and
+    neuron in one TVM kernel, same two-digit bound; the analog first conv in fp32).
     On this CPU it is the fast one (bench/tvm.py), so ``mode="auto"`` (default) picks it for
     ``tvm:llvm``.
 Thread safety: the hybrid keeps its preallocated buffers per thread (``tvm_hybrid``), and each

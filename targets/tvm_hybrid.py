@@ -29,8 +29,9 @@ from snnc.ir import info
 from snnc.ops import registry
 from snnc.ops.coding import MergeTime, SplitTime
 
-from .spike_block import SpikeBlock, block_scan_kernel
+from .spike_block import SpikeBlock, set_spike_formats
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
+from .spike_fused import FUSED_ISAS, FusedKernel, fused_applies
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_scan, state_kernel
 from .tvm_recurrent import recurrent_kernel
@@ -250,7 +251,8 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
     g.recompile()
     # the built library depends on which kernels exist (blocks add some) and on their builders
     g.kernel_key = (sorted(k for k, v in kernels.items() if v is not None),
-                    hashlib.sha256(Path(__file__).with_name("spike_block.py").read_bytes()).hexdigest()[:16])
+                    *(hashlib.sha256(Path(__file__).with_name(f).read_bytes()).hexdigest()[:16]
+                      for f in ("spike_block.py", "spike_fused.py")))
 
     def make_kernels():
         built = {name: k[0](*k[1], **k[2]) for name, k in kernels.items() if k is not None}
@@ -262,7 +264,11 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
 def _fuse_blocks(g, kernels, rules, binary, calls):
     """Replace each ``merge_time -> conv -> split_time -> neuron`` chain (nothing else reading the
     middle values, a scalar-threshold single-state neuron) by one ``SpikeBlock`` (spike_block.py)
-    named as its conv, so races and cached choices keep their keys."""
+    named as its conv, so races and cached choices keep their keys. On a VNNI host without AMX a
+    block on spikes also gets the fused TVM runner (spike_fused.py), and a block whose readers can
+    all run fused gets the kernels that write their padded uint8 input."""
+    fused_isa = int8_isa() in FUSED_ISAS
+    made = []
     for node in list(g.graph.nodes):
         if node.name not in rules:
             continue
@@ -278,19 +284,25 @@ def _fuse_blocks(g, kernels, rules, binary, calls):
         call, rule, (shape, dtype) = g.get_submodule(conv.target), rules[node.name][0], rules[node.name][1:]
         if dtype != "float32" or call.out_shape[0] % 16:
             continue
-        scan = g.get_submodule(node.target).name
-        names = {"f32": scan, "u8x2": scan + "_u8x2"}
-        kernels[scan] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "float32", 1), {})
-        kernels[names["u8x2"]] = (block_scan_kernel, (call.out_shape[0], dtype, rule, "uint8", 2), {})
-        kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs
-        block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, names, conv.name in binary,
-                           reuse_output=calls.count(node.target) == 1)
+        kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs (or fused)
+        spikes = conv.name in binary
+        fused = FusedKernel(call.conv, spikes) if fused_isa and fused_applies(call.conv, call.in_shape, spikes) else None
+        block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, {"f32": g.get_submodule(node.target).name},
+                           spikes, reuse_output=calls.count(node.target) == 1, fused=fused)
+        kernels.update(block.kernel_builders(rule, dtype))
+        made.append((node, block, rule, dtype))
         g.add_submodule(node.target, block)
         node.args = (merge.args[0],) + tuple(node.args[1:])
         for n in (split, conv, merge):
             g.graph.erase_node(n)
             if calls.count(n.target) == 1:  # a module called only here
                 g.delete_submodule(n.target)
+    for node, block, rule, dtype in made:
+        readers = [g.get_submodule(u.target) if u.op == "call_module" else None for u in node.users]
+        pads = {r.conv.padding[0] if isinstance(r, SpikeBlock) and r.fused is not None else None for r in readers}
+        if len(pads) == 1 and None not in pads:  # every reader may run fused, all with one padding
+            block.out_pad = pads.pop()
+            kernels.update(block.kernel_builders(rule, dtype))
     g.graph.lint()
 
 
@@ -309,7 +321,7 @@ def raced_layers(g: fx.GraphModule) -> list:
 
 
 def race_convs(g: fx.GraphModule) -> dict:
-    """``{layer name: "torch" | "tvm" | "int8"}`` for every raced conv / linear (see ``race``)."""
+    """``{layer name: "torch" | "tvm" | "int8" | "fused"}`` for every raced conv / linear / block (``race``)."""
     return {m.name: m.race() for m in raced_layers(g)}
 
 
@@ -320,22 +332,8 @@ def apply_conv_choices(g: fx.GraphModule, choices: dict) -> dict:
     for m in raced_layers(g):
         choice = choices.get(m.name, "torch")
         m.choice = choice if choice in m.options() else "torch"
-    _set_spike_formats(g)
+    set_spike_formats(g)
     return {m.name: m.choice for m in raced_layers(g)}
-
-
-def _set_spike_formats(g: fx.GraphModule) -> None:
-    """A block writes stacked uint8 spikes where every reader is an int8 block, fp32 otherwise."""
-    for node in g.graph.nodes:
-        if node.op == "call_module" and isinstance(g.get_submodule(node.target), SpikeBlock):
-            readers = [u for u in node.users if u.op == "call_module"]
-            int8 = len(readers) == len(node.users) and all(
-                isinstance(g.get_submodule(u.target), SpikeBlock) and g.get_submodule(u.target).choice == "int8"
-                for u in readers)
-            block = g.get_submodule(node.target)
-            block.out_format = "u8x2" if int8 else "f32"
-            # spikes the caller gets: a fresh tensor each call, not a reused buffer run_hybrid copies
-            block.fresh_output = any(u.op == "output" for u in node.users)
 
 
 def spike_report(g: fx.GraphModule) -> dict:
@@ -347,8 +345,9 @@ def spike_report(g: fx.GraphModule) -> dict:
         spike = m if isinstance(m, SpikeBlock) else getattr(m, "spike", None)
         if spike is None or getattr(spike, "packed", None) is None:
             continue
-        row = {"runner": m.choice, "digits": 2 if m.choice == "int8" else "fp32",
-               "error_bound": float(spike.error_bound.max()) if m.choice == "int8" else 0.0}
+        bound = m.fused.error_bound if m.choice == "fused" else spike.error_bound
+        row = {"runner": m.choice, "digits": 2 if m.choice in ("int8", "fused") else "fp32",
+               "error_bound": float(bound.max()) if m.choice in ("int8", "fused") else 0.0}
         if isinstance(m, SpikeBlock):
             row["writes"] = m.out_format
         report[m.name] = row
