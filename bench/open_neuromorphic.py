@@ -7,9 +7,13 @@ times (medians of interleaved rounds, same run) and peak memory per library; JSO
 Peers, each written the way its own documentation does it, same Linear weights and input
 (``torch.randn(T, 16, n)``), LIF with decay 0.5 (tau=2) and each library's default surrogate:
   snnc          nn.Sequential(nn.Linear, snnc LIF(tau=2)) traced, unroll_timesteps(T),
-                insert_surrogate("atan"): one Linear over T*B rows + the fused native LIF scan
-                (spikes written over the Linear's output, backward keeps z fp32 + uint8 spikes,
-                the broadcast dL/dS of sum() read once)
+                insert_surrogate("atan"), snnc.ops.gemm.fast_linears: one Linear over T*B rows on
+                the float32 GEMM that won a per-shape race (MKL vs oneDNN; ``gemm_picks``) + the
+                fused native LIF scan (spikes written over the Linear's output, backward keeps
+                z fp32 + uint8 spikes, the broadcast dL/dS of sum() read once)
+  snnc_bf16     the same with fast_linears(precision="bfloat16"): explicit opt-in, GEMM operands
+                in bfloat16 (bound 2^-6 * sum|a b| per output, see snnc.ops.gemm); needs native
+                bf16 (AVX512_BF16 / AMX), else skipped
   spikingjelly  layer.Linear + neuron.LIFNode(tau=2, decay_input=False, v_reset=None,
                 step_mode="m") (snnc's LIF: H = 0.5 V + X, subtract reset; its torch code on CPU)
   snntorch      nn.Linear + snn.Leaky(beta=0.5) stepped over T in Python (its tutorial loop)
@@ -20,7 +24,8 @@ Missing libraries are reported as skipped. ``peak_mb``: the rise of peak residen
 forward+backward after a warm-up, measured in a fresh process per library (Linux: VmHWM reset
 through /proc/self/clear_refs; MALLOC_MMAP_THRESHOLD_=16384 there so that freed tensors go back to
 the OS at once and RSS follows live memory; the timing runs keep the normal allocator). Each line
-also gives ``fwd_bwd_ratio_vs_fastest_peer`` (snnc's line: the target is <= 0.5).
+also gives ``fwd_bwd_ratio_vs_fastest_peer`` (snnc's line: the target is <= 0.5; snnc_* lines are
+never the "peer").
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 BATCH, TAU = 16, 2.0
 
@@ -46,14 +52,15 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
-def make_snnc(linear, T):
+def make_snnc(linear, T, precision="float32"):
     import snnc
     from snnc.ops import LIF
+    from snnc.ops.gemm import fast_linears
     from snnc.passes import insert_surrogate, unroll_timesteps
     model = nn.Sequential(linear, LIF(tau=TAU))
     g = insert_surrogate(unroll_timesteps(snnc.trace(model, torch.zeros(BATCH, linear.in_features)), T=T),
                          kind="atan")
-    return g.train(), g.parameters
+    return fast_linears(g, precision=precision).train(), g.parameters
 
 
 def make_spikingjelly(linear, T):
@@ -105,7 +112,7 @@ def make_sinabs(linear, T):
     return run, linear.parameters
 
 
-PEERS = {"snnc": make_snnc, "spikingjelly": make_spikingjelly, "snntorch": make_snntorch,
+PEERS = {"snnc": make_snnc, "snnc_bf16": lambda lin, T: make_snnc(lin, T, precision="bfloat16"), "spikingjelly": make_spikingjelly, "snntorch": make_snntorch,
          "norse": make_norse, "norse_compiled": lambda lin, T: make_norse(lin, T, compiled=True),
          "sinabs": make_sinabs}
 
@@ -163,9 +170,28 @@ def memory_of(name, n, T):
         return None
 
 
+def _gemm_picks(n, impl):
+    """The GEMM race's winners for this size (snnc.ops.gemm), e.g. ``{"forward": "onednn"}``."""
+    from snnc.ops.gemm import picks
+    if impl == "snnc_bf16":   # not raced: bfloat16 is oneDNN's
+        return {"all": "onednn bfloat16"}
+    return {key.split()[0]: v for key, v in picks().items() if key.split()[1].endswith(f"x{n}")}
+
+
+def _vs_float32(firsts, name):
+    """For snnc_bf16: spike agreement with snnc's float32 run and the relative error of its
+    weight gradient (same weights and input), i.e. what the opt-in costs on this task."""
+    if name != "snnc_bf16" or "snnc" not in firsts:
+        return {}
+    (out, grads), (ref, ref_grads) = firsts[name], firsts["snnc"]
+    w, w_ref = grads[0].double(), ref_grads[0].double()
+    return {"spike_agreement_vs_snnc_fp32": round(float((out == ref).double().mean()), 6),
+            "weight_grad_rel_err_vs_snnc_fp32": round(float((w - w_ref).norm() / w_ref.norm()), 5)}
+
+
 def bench(n, T, rounds, names):
     proto, x = _task(n, T)
-    peers = {}
+    peers, firsts = {}, {}
     for name in names:
         try:
             t0 = time.perf_counter()
@@ -175,20 +201,23 @@ def bench(n, T, rounds, names):
             emit(bench="open_neuromorphic", n=n, impl=name, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
         peers[name] = (run, params)
+        firsts[name] = (out.detach(), [p.grad.clone() for p in params()])
         emit(bench="open_neuromorphic", n=n, impl=name, setup_s=round(time.perf_counter() - t0, 2),
-             firing_rate=round(float(out.detach().float().mean()), 4), peak_mb=memory_of(name, n, T))
+             firing_rate=round(float(out.detach().float().mean()), 4), peak_mb=memory_of(name, n, T),
+             **_vs_float32(firsts, name))
     times = {k: ([], []) for k in peers}
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc=f"n={n} rounds", file=sys.stderr):
         for k, (run, params) in peers.items():
             f, b, _ = _fwd_bwd(run, params, x)
             times[k][0].append(f)
             times[k][1].append(b)
     med = {k: (statistics.median(f), statistics.median(b)) for k, (f, b) in times.items()}
-    fastest_peer = min((f + b for k, (f, b) in med.items() if k != "snnc"), default=None)
+    fastest_peer = min((f + b for k, (f, b) in med.items() if not k.startswith("snnc")), default=None)
     for k, (f, b) in med.items():
         emit(bench="open_neuromorphic", n=n, impl=k, batch=BATCH, T=T, rounds=rounds, threads=torch.get_num_threads(),
              fwd_ms=round(f * 1e3, 1), bwd_ms=round(b * 1e3, 1), fwd_bwd_ms=round((f + b) * 1e3, 1),
-             fwd_bwd_ratio_vs_fastest_peer=None if fastest_peer is None else round((f + b) / fastest_peer, 3))
+             fwd_bwd_ratio_vs_fastest_peer=None if fastest_peer is None else round((f + b) / fastest_peer, 3),
+             **({"gemm_picks": _gemm_picks(n, k)} if k.startswith("snnc") else {}))
 
 
 def main(argv=None):

@@ -87,8 +87,10 @@ def _ranges(M, parts):
     return [(lo, min(M, lo + step)) for lo in range(0, M, step)]
 
 
-def _parallel(fn, M):
-    threads = max(1, min(torch.get_num_threads(), M // 65536))
+def _parallel(fn, M, T=1):
+    # a thread per >= 1M elements of work (T steps x M neurons), in whole 512-neuron blocks: the
+    # Open Neuromorphic layer (M = 16k neurons, T = 500) is 8M elements and splits in two
+    threads = max(1, min(torch.get_num_threads(), M // 512, (T * M) >> 20))
     if threads == 1:
         fn(0, M)
         return
@@ -119,7 +121,7 @@ def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
             p["v_reset"], p["v_init"], int(p["strict"]))
     _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), s.data_ptr(), s8.data_ptr(), _ptr_or_null(zf),
-                                                   _ptr_or_null(zh), T, M, lo, hi, *args), M)
+                                                   _ptr_or_null(zh), T, M, lo, hi, *args), M, T)
     return s, s8, z
 
 
@@ -134,5 +136,5 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
     args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
-                                                    int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M)
+                                                    int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M, T)
     return gx

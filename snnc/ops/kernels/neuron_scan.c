@@ -58,12 +58,30 @@ void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *z
     }
 }
 
-static inline float surrogate(int kind, float zz, float p, float v_th) {
+/* g(z) for a row of n neurons: one loop per kind, so that each vectorises (a switch inside the
+ * element loop kept gcc from vectorising the backward at all: 3.5 ns per element) */
+static void surrogate_row(int kind, const float *zz, float *g, int64_t n, float p, float v_th) {
     switch (kind) {
-    case SG_RECTANGULAR: return (fabsf(zz) < p * 0.5f) ? 1.0f / p : 0.0f;
-    case SG_SIGMOID: { float sg = 1.0f / (1.0f + expf(-p * zz)); return p * sg * (1.0f - sg); }
-    case SG_ATAN: { float u = 1.5707963267948966f * p * zz; return (p * 0.5f) / (1.0f + u * u); }
-    default: { float r = 1.0f - fabsf(zz) / v_th; return r > 0.0f ? p * r / v_th : 0.0f; }
+    case SG_RECTANGULAR:
+        for (int64_t i = 0; i < n; ++i) g[i] = (fabsf(zz[i]) < p * 0.5f) ? 1.0f / p : 0.0f;
+        break;
+    case SG_SIGMOID:
+        for (int64_t i = 0; i < n; ++i) {
+            float sg = 1.0f / (1.0f + expf(-p * zz[i]));
+            g[i] = p * sg * (1.0f - sg);
+        }
+        break;
+    case SG_ATAN:
+        for (int64_t i = 0; i < n; ++i) {
+            float u = 1.5707963267948966f * p * zz[i];
+            g[i] = (p * 0.5f) / (1.0f + u * u);
+        }
+        break;
+    default:
+        for (int64_t i = 0; i < n; ++i) {
+            float r = 1.0f - fabsf(zz[i]) / v_th;
+            g[i] = r > 0.0f ? p * r / v_th : 0.0f;
+        }
     }
 }
 
@@ -73,25 +91,34 @@ void snnc_scan_backward(const float *zf, const half *zh, const uint8_t *s8, cons
                         int kind, float param) {
     for (int64_t lo = from; lo < to; lo += BLOCK) {
         float carry[BLOCK];   /* gH[t+1] */
+        float zbuf[BLOCK], g[BLOCK];
         int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
         for (int64_t i = 0; i < n; ++i) carry[i] = 0.0f;
         for (int64_t t = T - 1; t >= 0; --t) {
             const int64_t off = t * M + lo;
             const uint8_t *s8t = s8 + off;
+            const float *gst = gs_scalar ? gs : gs + off;
+            const int64_t gs_step = gs_scalar ? 0 : 1;
             float *gxt = gx + off;
-            for (int64_t i = 0; i < n; ++i) {
-                float zz = zf ? zf[off + i] : (float)zh[off + i];
-                float gsi = gs_scalar ? gs[0] : gs[off + i];
-                float g = surrogate(kind, zz, param, v_th);
-                float b;
-                if (zero_reset) {
-                    b = decay * ((s8t[i] ? 0.0f : 1.0f) + (v_reset - (zz + v_th)) * g);
-                } else {
-                    b = decay * (1.0f - v_th * g);
+            const float *zt = zf ? zf + off : zbuf;
+            if (!zf)
+                for (int64_t i = 0; i < n; ++i) zbuf[i] = (float)zh[off + i];
+            surrogate_row(kind, zt, g, n, param, v_th);
+            /* the same ops in the same order as before the split: results are bit-identical */
+            if (zero_reset) {
+                for (int64_t i = 0; i < n; ++i) {
+                    float b = decay * ((s8t[i] ? 0.0f : 1.0f) + (v_reset - (zt[i] + v_th)) * g[i]);
+                    float gh = gst[i * gs_step] * g[i] + b * carry[i];
+                    gxt[i] = gain * gh;
+                    carry[i] = gh;
                 }
-                float gh = gsi * g + b * carry[i];
-                gxt[i] = gain * gh;
-                carry[i] = gh;
+            } else {
+                for (int64_t i = 0; i < n; ++i) {
+                    float b = decay * (1.0f - v_th * g[i]);
+                    float gh = gst[i * gs_step] * g[i] + b * carry[i];
+                    gxt[i] = gain * gh;
+                    carry[i] = gh;
+                }
             }
         }
     }

@@ -1,0 +1,172 @@
+"""snnc.ops.gemm: Linear layers on the raced GEMM backend (MKL / oneDNN, float32) or the opt-in
+bfloat16 GEMM. Outputs and all three gradients against float64 within the stated bounds, the
+race's recorded picks, the Open Neuromorphic task against a float64 loop, and bad arguments."""
+import pytest
+import torch
+from torch import nn
+
+import snnc
+from snnc.errors import SnncError
+from snnc.ops import LIF, gemm, native
+from snnc.ops.gemm import fast_linears
+from snnc.passes import insert_surrogate, unroll_timesteps
+from test_training_fused import _AtanSpike  # noqa: E402  (atan surrogate, alpha = 2, written out in float64)
+
+BACKENDS = [None, "mkl"] + (["onednn"] if gemm._onednn_ok() else [])
+
+
+def _abs_products(a, b):
+    """``sum_k |a_k b_k|`` for every output of ``a @ b.T``: the scale of the rounding bounds."""
+    return a.double().abs() @ b.double().abs().t()
+
+
+def _run(precision, backend, seed=0, shape=(6, 5, 96), out_features=40):
+    torch.manual_seed(seed)
+    lin = nn.Linear(shape[-1], out_features)
+    x = (torch.randn(*shape) * 2).requires_grad_()
+    gy = torch.randn(*shape[:-1], out_features)
+    net = fast_linears(nn.Sequential(lin), precision=precision, backend=backend)
+    y = net(x)
+    y.backward(gy)
+    return lin, x, gy, y
+
+
+def _reference(lin, x, gy):
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = lin.weight.detach().double().requires_grad_(), lin.bias.detach().double().requires_grad_()
+    y64 = x64 @ w64.t() + b64
+    y64.backward(gy.double())
+    return y64, x64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_outputs_and_gradients_within_float32_rounding_of_float64(backend):
+    gemm.clear_picks()
+    lin, x, gy, y = _run("float32", backend)
+    y64, gx64, gw64, gb64 = _reference(lin, x, gy)
+    u = 2.0 ** -24
+    x2, g2 = x.detach().reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    # |error| <= K u sum|a b| per output (K: the reduction length), plus the bias' own rounding
+    checks = [(y, y64, _abs_products(x2, lin.weight.detach()).reshape(y.shape) + y64.abs(), x.shape[-1] + 1),
+              (x.grad, gx64, _abs_products(g2, lin.weight.detach().t()).reshape(x.shape), lin.out_features),
+              (lin.weight.grad, gw64, _abs_products(g2.t(), x2.t()), x2.shape[0]),
+              (lin.bias.grad, gb64, g2.double().abs().sum(0), g2.shape[0])]
+    for got, ref, scale, k in checks:
+        assert float(ref.detach().abs().max()) > 1.0
+        err = (got.detach().double() - ref).abs()
+        assert bool((err <= k * u * scale + 1e-30).all()), float((err / scale).max())
+    assert torch.isfinite(y).all()
+
+
+def test_mkl_backend_forward_is_bit_identical_to_nn_linear():
+    lin, x, gy, y = _run("float32", "mkl")
+    assert torch.equal(y, nn.functional.linear(x.detach(), lin.weight, lin.bias))
+
+
+def test_race_records_a_pick_per_gemm_and_reuses_it(monkeypatch):
+    gemm.clear_picks()
+    _run("float32", None, shape=(8, 4, 64), out_features=32)
+    picks = gemm.picks()
+    threads = torch.get_num_threads()
+    assert set(picks) == {f"forward 32x64x32 t{threads}", f"input_grad 32x32x64 t{threads}",
+                          f"weight_grad 32x32x64 t{threads}"}
+    assert set(picks.values()) <= set(gemm.BACKENDS)
+    # a recorded pick is used as is: no second race
+    monkeypatch.setattr(gemm, "_seconds", lambda fn: pytest.fail("raced twice"))
+    _run("float32", None, shape=(8, 4, 64), out_features=32)
+    monkeypatch.setenv("SNNC_GEMM", "mkl")   # $SNNC_GEMM forces a backend, no race either
+    gemm.clear_picks()
+    _run("float32", None, shape=(8, 4, 64), out_features=32)
+    assert gemm.picks() == {}
+
+
+@pytest.mark.skipif(not gemm.bf16_native(), reason="no native bfloat16 (AVX512_BF16 / AMX) on this CPU")
+def test_bfloat16_opt_in_is_within_its_stated_bound_and_is_really_bfloat16():
+    lin, x, gy, y = _run("bfloat16", None)
+    y64, gx64, gw64, gb64 = _reference(lin, x, gy)
+    x2, g2 = x.detach().reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    bound = 2.0 ** -6
+    checks = [(y, y64, _abs_products(x2, lin.weight.detach()).reshape(y.shape) + y64.abs()),
+              (x.grad, gx64, _abs_products(g2, lin.weight.detach().t()).reshape(x.shape)),
+              (lin.weight.grad, gw64, _abs_products(g2.t(), x2.t()))]
+    for got, ref, scale in checks:
+        rel = (got.detach().double() - ref.detach()).abs() / scale.detach()
+        assert float(rel.max()) <= bound
+        assert float(rel.max()) > 96 * 2.0 ** -24   # beyond any float32 bound here: bf16 did run
+    torch.testing.assert_close(lin.bias.grad.double(), gb64, rtol=1e-5, atol=1e-5)   # float32 sum
+
+
+def _on_task(precision, backend):
+    """The Open Neuromorphic task, small (Linear + LIF over T, ``output.sum().backward()``)."""
+    T, B, n = 60, 4, 48
+    torch.manual_seed(0)
+    proto, x = nn.Linear(n, n), torch.randn(T, B, n) * 2
+    g = insert_surrogate(unroll_timesteps(snnc.trace(nn.Sequential(proto, LIF(tau=2.0)), torch.zeros(B, n)), T=T),
+                         kind="atan").train()
+    fast_linears(g, precision=precision, backend=backend)
+    out = g(x)
+    out.sum().backward()
+    ref_lin = nn.Linear(n, n).double()
+    ref_lin.load_state_dict(proto.state_dict())
+    y, v, spikes = ref_lin(x.double()), torch.zeros(B, n, dtype=torch.float64), []
+    for t in range(T):   # float64 loop differentiated as written
+        v = 0.5 * v + y[t]
+        s = _AtanSpike.apply(v - 1.0)
+        v = v - s
+        spikes.append(s)
+    torch.stack(spikes).sum().backward()
+    lin = next(m for m in g.modules() if isinstance(m, nn.Linear))
+    return out, torch.stack(spikes).detach(), lin, ref_lin
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_neuromorphic_task_with_raced_gemm_equals_float64_loop(backend):
+    out, ref, lin, ref_lin = _on_task("float32", backend)
+    assert 0.05 < float(out.detach().mean()) < 0.95 and (out.double() != ref).float().mean() < 1e-3
+    torch.testing.assert_close(lin.weight.grad.double(), ref_lin.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lin.bias.grad.double(), ref_lin.bias.grad, rtol=1e-4, atol=1e-4)
+    assert float(ref_lin.weight.grad.abs().max()) > 1.0
+
+
+@pytest.mark.skipif(not gemm.bf16_native(), reason="no native bfloat16 (AVX512_BF16 / AMX) on this CPU")
+def test_open_neuromorphic_task_bfloat16_spike_agreement_and_gradient_error():
+    out, ref, lin, ref_lin = _on_task("bfloat16", None)
+    agreement = float((out.double() == ref).double().mean())
+    assert agreement >= 0.99, agreement
+    err = (lin.weight.grad.double() - ref_lin.weight.grad).norm() / ref_lin.weight.grad.norm()
+    assert float(err) < 0.05, float(err)   # flipped spikes move the surrogate terms of their neuron
+
+
+def test_native_scan_split_over_two_threads_equals_one_thread():
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native._state['error']}")
+    from snnc.ops.neuron_scan import _native_plan
+    from snnc.ops.surrogate import make_surrogate
+    x = torch.randn(256, 4, 1100) * 2   # 1.1M elements: two threads (whole 512-neuron blocks + a tail)
+    lib, p = _native_plan(LIF(tau=2.0), x, make_surrogate("atan"))
+    gs = torch.randn(x.shape)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            s, s8, z = native.scan_forward(lib, x, p)
+            outs.append((s, z, native.scan_backward(lib, z, s8, gs, p, "atan", 2.0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert float(outs[0][0].mean()) > 0.05
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_bad_arguments_are_named(monkeypatch):
+    with pytest.raises(SnncError, match="precision"):
+        fast_linears(nn.Linear(2, 2), precision="float16")
+    with pytest.raises(SnncError, match="backend"):
+        fast_linears(nn.Linear(2, 2), backend="cublas")
+    monkeypatch.setenv("SNNC_GEMM", "blas")
+    with pytest.raises(SnncError, match=r"\$SNNC_GEMM"):
+        fast_linears(nn.Linear(2, 2))
+    monkeypatch.setattr(gemm, "bf16_native", lambda: False)
+    monkeypatch.delenv("SNNC_GEMM")
+    with pytest.raises(SnncError, match="native bfloat16"):
+        fast_linears(nn.Linear(2, 2), precision="bfloat16")
