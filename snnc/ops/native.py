@@ -102,19 +102,38 @@ def _ptr_or_null(t):
     return None if t is None else t.data_ptr()
 
 
+def _dense(x) -> bool:
+    # every element once, no gaps: the strides of the non-trivial dims, sorted, are the running
+    # products of their sizes (any order of dims in memory)
+    expected = 1
+    for st, n in sorted((x.stride(d), x.size(d)) for d in range(x.dim()) if x.size(d) > 1):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def time_major(x) -> bool:
+    """Whether ``x [T, ...]`` is one dense block per step, steps in order (``[T, M]`` in memory):
+    row-major, or each step channels_last (what the training convs produce). The kernels are
+    elementwise within a step, so any such layout works if all their tensors share it."""
+    return x.dim() > 0 and (x.is_contiguous() or (
+        (x.shape[0] == 1 or x.stride(0) == x[0].numel()) and _dense(x)))
+
+
 def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
     ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
-    ``x`` (each element is read before it is written) and returned as a new tensor on its memory."""
-    overwrite_input = overwrite_input and x.is_contiguous()
-    x = x.contiguous()
+    ``x`` (each element is read before it is written) and returned as a new tensor on its memory.
+    The outputs keep ``x``'s memory layout when it is ``time_major`` (no copy of a channels_last x)."""
+    x = x if time_major(x) else x.contiguous()
     T, M = x.shape[0], x[0].numel()
     if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
         s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
     else:
         s = torch.empty_like(x)
-    s8 = torch.empty(x.shape, dtype=torch.uint8)
-    z = torch.empty(x.shape, dtype=torch.float16 if half_state else torch.float32)
+    s8 = torch.empty_like(x, dtype=torch.uint8)
+    z = torch.empty_like(x, dtype=torch.float16 if half_state else torch.float32)
     zf, zh = (None, z) if half_state else (z, None)
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
             p["v_reset"], p["v_init"], int(p["strict"]))
@@ -128,9 +147,12 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once."""
     scalar = all(st == 0 for st in grad_s.stride())
     # the one value of a broadcast grad_s, without materialising it (reshape(-1) would copy)
-    grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous() if scalar else grad_s.contiguous()
+    if scalar:
+        grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous()
+    elif grad_s.stride() != z.stride():   # dL/dS in the layout of the saved z (see time_major)
+        grad_s = torch.empty_like(z, dtype=torch.float32).copy_(grad_s)
     T, M = z.shape[0], z[0].numel()
-    gx = torch.empty(z.shape, dtype=torch.float32)
+    gx = torch.empty_like(z, dtype=torch.float32)
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
     args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
