@@ -122,6 +122,8 @@ class _TrainConv(torch.autograd.Function):
         gi, gw, gb = conv_backward(grad_out.contiguous(memory_format=_CL), inp,
                                    weight.contiguous(memory_format=_CL), ctx.geometry,
                                    need_in, need_w, need_b and ctx.has_bias, WHOLE_BYTES)
+        if gw is not None and gw.stride() != weight.stride():   # dL/dW in the parameter's layout
+            gw = torch.empty_like(weight).copy_(gw)            # (DDP buckets, optimiser state)
         return gi, gw, gb, None, None
 
 
