@@ -10,7 +10,7 @@ from torch import nn
 import snnc
 from snnc.data import digits, loader
 from snnc.errors import SnncError
-from snnc.ops import LIF, native
+from snnc.ops import LIF, native, train_conv
 from snnc.ops.train_conv import produced_here
 from snnc.passes import insert_surrogate, unroll_timesteps
 from snnc.targets.spike_conv import int8_isa
@@ -53,7 +53,9 @@ def _step(g, x, mode):
 
 
 @pytest.mark.parametrize("mode", ["float32", "int8"])
-def test_fast_modes_agree_with_float64_autograd(mode):
+@pytest.mark.parametrize("sparse_rate", [0.0, 1.01])   # dL/dW dense (oneDNN) / event-driven (native)
+def test_fast_modes_agree_with_float64_autograd(mode, sparse_rate, monkeypatch):
+    monkeypatch.setattr(train_conv, "SPARSE_RATE", sparse_rate)
     g, x = _net(), _x()
     out, seen, grads = _step(g, x, mode)
     g64 = copy.deepcopy(g).double()
@@ -115,6 +117,25 @@ def test_native_scan_on_channels_last_memory_equals_row_major():
     gx = native.scan_backward(lib, z, s8, gs, p, "atan", 2.0)
     gxcl = native.scan_backward(lib, zcl, s8cl, gs, p, "atan", 2.0)   # row-major dL/dS: copied to z's layout
     assert gxcl.stride() == zcl.stride() and torch.equal(gx, gxcl)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 0), (1, 2))])
+def test_event_driven_weight_gradient_equals_float64(stride, padding, dilation):
+    lib = native.load()
+    if lib is None:
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(0)
+    s8 = (torch.rand(3, 6, 11, 9, generator=gen) < 0.3).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 6, 3, 3, generator=gen)
+    gy = torch.randn(nn.functional.conv2d(s8.float(), w, None, stride, padding, dilation).shape, generator=gen)
+    gy = gy.contiguous(memory_format=torch.channels_last)
+    ref = torch.ops.aten.convolution_backward(gy.double(), s8.double(), w.double(), None, list(stride), list(padding),
+                                              list(dilation), False, [0, 0], 1, [False, True, False])[1]
+    dw = native.spike_weight_grad(lib, s8, gy, w.shape, (list(stride), list(padding), list(dilation), 1))
+    # a sum of exact products (s = 1) in fp32: within k * 2^-24 * sum|dY| of float64, k the terms summed
+    terms = ref.new_tensor(float(s8.sum()))
+    assert dw.shape == ref.shape and float((dw.double() - ref).abs().max()) <= float(terms * 2 ** -24 * gy.abs().sum())
+    assert float((dw.double() - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
 def test_retrain_int8_convs_learns_and_a_bad_mode_is_named():

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "kernels" / "neuron_scan.c"
+SOURCES = (SOURCE, SOURCE.with_name("spike_weight_grad.c"))   # one shared library
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
              ["-O3", "-ffp-contract=off", "-fPIC", "-shared"])
 SURROGATE_IDS = {"rectangular": 0, "sigmoid": 1, "atan": 2, "triangle": 3}
@@ -41,7 +42,7 @@ def _cache_dir() -> Path:
 
 
 def _build(flags) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in SOURCES)
     digest = hashlib.sha1(source + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"neuron_scan-{digest}.so"
     if target.exists():
@@ -53,7 +54,7 @@ def _build(flags) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)   # atomic: concurrent builders never see a half-written library
     finally:
@@ -74,6 +75,7 @@ def load():
                     lib = ctypes.CDLL(str(_build(flags)))
                     lib.snnc_scan_forward.argtypes = _FORWARD_ARGS
                     lib.snnc_scan_backward.argtypes = _BACKWARD_ARGS
+                    lib.snnc_spike_weight_grad.argtypes = [_ptr] * 3 + [_i64] * 17
                     _state["lib"] = lib
                     break
                 except (OSError, subprocess.SubprocessError) as e:
@@ -158,3 +160,29 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
                                                     int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M)
     return gx
+
+
+def spike_weight_grad(lib, s8, grad_out, weight_shape, geometry):
+    """dL/dW ``[O, C, KH, KW]`` of an ungrouped conv from its 0/1 input ``s8`` (uint8
+    ``[N, C, H, W]``) and ``grad_out`` ``[N, O, OH, OW]``, both channels_last in memory, by adding one
+    ``grad_out`` row per (spike, kernel tap) (``kernels/spike_weight_grad.c``). Threads split the
+    input channels. The result is a view in ``[C, KH, KW, O]`` memory."""
+    (stride, padding, dilation, _), (O, C, KH, KW) = geometry, weight_shape
+    N, _, H, W = s8.shape
+    OH, OW = grad_out.shape[2:]
+    acc = torch.zeros(C, KH, KW, O, dtype=torch.float32)
+    args = (N, H, W, C, OH, OW, O, KH, KW, *stride, *padding, *dilation)
+    parts = max(1, min(torch.get_num_threads(), C))
+    bounds = [C * i // parts for i in range(parts + 1)]
+
+    def run(i):
+        lib.snnc_spike_weight_grad(s8.data_ptr(), grad_out.data_ptr(), acc[bounds[i]:].data_ptr(), *args,
+                                   bounds[i], bounds[i + 1])
+    if parts == 1:
+        run(0)
+    else:
+        if _state["pool"] is None or _state["pool"]._max_workers < parts:
+            _state["pool"] = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="snnc-scan")
+        for f in [_state["pool"].submit(run, i) for i in range(parts)]:
+            f.result()
+    return acc.permute(3, 0, 1, 2)

@@ -36,14 +36,13 @@ def conv_backward(grad_out, s8, weight, geometry, need_in, need_w, need_b, whole
     stride, padding, dilation, groups = geometry
     zeros = [0] * len(stride)
 
-    def call(lo, hi):
+    def call(lo, hi, bias=False):   # bias: dL/db from the same oneDNN pass over dL/dy
         return torch.ops.aten.convolution_backward(
-            grad_out[lo:hi], s8[lo:hi].to(torch.float32), weight, None, stride, padding, dilation,
-            False, zeros, groups, [need_in, need_w, False])
-    gb = grad_out.sum(dim=[0] + list(range(2, grad_out.dim()))) if need_b else None
+            grad_out[lo:hi], s8[lo:hi].to(torch.float32), weight, [weight.shape[0]] if bias else None,
+            stride, padding, dilation, False, zeros, groups, [need_in, need_w, bias])
     if 4 * s8.numel() <= whole_bytes:
-        gi, gw, _ = call(0, s8.shape[0])
-        return gi, gw, gb
+        return call(0, s8.shape[0], need_b)
+    gb = grad_out.sum(dim=[0] + list(range(2, grad_out.dim()))) if need_b else None
     # row chunks for both gradients: oneDNN's layout copies of grad_out / grad_input are
     # then chunk-sized too, not the size of the whole layer
     rows = max(1, CHUNK_BYTES // (4 * max(1, s8[0].numel())))
