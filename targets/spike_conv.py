@@ -15,6 +15,10 @@ active (``SpikeConv2d.error_bound``). With parts=2 that is k * max|w_c| * 1.55e-
 (every input active, every rounding error the same sign); typical errors are ~sqrt(k) smaller.
 On the AMX host this measured 3-6x faster than fp32 oneDNN on 128-channel 3x3 convs.
 
+``stacked_int8`` / ``stack_spikes`` are the same two digits as one conv over ``2*C_in`` input
+channels (spikes stacked as ``[254*s | s]``): C_out outputs and no digit sum; the fused blocks
+(``spike_block``) and the training convs (``snnc.ops.train_conv``) use that form.
+
 Only layers whose input is proven binary use it (``binary_input``: the producer is an IF / LIF /
 PLIF neuron, possibly through layout-only ops); the choice against fp32 is made per layer by
 timing (``race`` in tvm_hybrid). Outputs are channels_last: the neuron kernels that follow are

@@ -1,4 +1,6 @@
-"""The native fused neuron scan (``kernels/neuron_scan.c``): built on first use, loaded by ctypes.
+"""The native fused neuron scan (``kernels/neuron_scan.c``) and the event-driven weight gradient
+of convs fed by spikes (``kernels/spike_weight_grad.c``): one library, built on first use, loaded
+by ctypes.
 
 Why C and not torch ops: on CPU a neuron layer's training step is memory-bound; the torch form
 makes ~6 passes over the membrane per step forward and ~10 over the sequence backward, the C

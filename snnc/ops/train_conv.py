@@ -20,7 +20,8 @@ Its backward is the fp32 conv's at the same input (straight-through on the weigh
 dL/dx = conv^T(dL/dy, W), dL/dW = sum dL/dy (x) s from the uint8 spikes (``spike_layers.conv_backward``).
 Where the spikes are sparse (``SPARSE_RATE``), dL/dW is summed event by event instead: one row of
 dL/dy per (spike, kernel tap), exact products (s = 1), fp32 sums in another order (in every mode
-but "exact"; ``native.spike_weight_grad``).
+but "exact"; ``native.spike_weight_grad``). In both fast modes the conv keeps the uint8 spikes
+(not the float32 ones) for its backward, as the exact mode's ``spike_layers`` hook does.
 
 Modes (per thread): ``"exact"`` (default): convs are the modules' own, bit-identical to the
 inference graph; ``"float32"``: channels_last fp32 (the same products, another summation order);
@@ -104,12 +105,13 @@ def _int8_weight(weight, geometry, in_shape):
 
 
 class _TrainConv(torch.autograd.Function):
-    """conv2d in channels_last; the int8 forward when ``s8`` (uint8 spikes) is given."""
+    """conv2d in channels_last; with ``s8`` (the input's uint8 spikes) dL/dW reads those, and the
+    forward is int8 when ``int8``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry, s8):
+    def forward(ctx, x, weight, bias, geometry, s8, int8):
         ctx.geometry, ctx.has_bias = geometry, bias is not None
-        if s8 is not None and _int8_host() and geometry[3] == 1:
+        if int8 and s8 is not None and _int8_host() and geometry[3] == 1:
             from snnc.targets.spike_conv import stack_spikes
             packed, scale, zp = _int8_weight(weight, geometry, x.shape)
             b = None if bias is None else bias.detach()
@@ -127,13 +129,16 @@ class _TrainConv(torch.autograd.Function):
         need_in, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous(memory_format=_CL)
         lib = _sparse_weight_grad(inp, ctx.geometry) if need_w else None
+        need_b = need_b and ctx.has_bias
+        # (oneDNN's dL/db comes from its weight-gradient pass: with the event-driven dL/dW, a sum)
         gi, gw, gb = conv_backward(grad_out, inp, weight.contiguous(memory_format=_CL), ctx.geometry,
-                                   need_in, need_w and lib is None, need_b and ctx.has_bias, WHOLE_BYTES)
+                                   need_in, need_w and lib is None, need_b and lib is None, WHOLE_BYTES)
         if lib is not None:
             gw = native.spike_weight_grad(lib, inp, grad_out, weight.shape, ctx.geometry)
+            gb = grad_out.sum((0, 2, 3)) if need_b else None
         if gw is not None and gw.stride() != weight.stride():   # dL/dW in the parameter's layout
             gw = torch.empty_like(weight).copy_(gw)            # (DDP buckets, optimiser state)
-        return gi, gw, gb, None, None
+        return gi, gw, gb, None, None, None
 
 
 def _sparse_weight_grad(inp, geometry):
@@ -158,8 +163,7 @@ def _train_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
             and not isinstance(padding, str) and (x.requires_grad or weight.requires_grad)):
         return None
     geometry = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), int(groups))
-    s8 = spike_store.lookup(x) if conv_mode() == "int8" else None
-    return _TrainConv.apply(x, weight, bias, geometry, s8)
+    return _TrainConv.apply(x, weight, bias, geometry, spike_store.lookup(x), conv_mode() == "int8")
 
 
 class ConvMode(TorchFunctionMode):
