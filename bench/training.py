@@ -8,13 +8,16 @@ Prints one JSON line per result:
   * tdbn: a deep plain conv LIF net (10 conv layers) with tdBN vs without normalisation, same
     epochs and seed (Zheng 2021's claim: tdBN trains where no-norm stalls);
   * memory: peak memory (and time) of one training step of the bench net at T=8 and T=32 for
-    snnc (spikes saved as uint8, membrane float32: exact), snnc with the membrane saved as
-    float16 (``scan_state``), spikingjelly and torch.compile of a plain multi-step loop, each in a
-    fresh process;
+    snnc (spikes saved as uint8, membrane float32: exact; int8 / float32 / exact conv modes), snnc
+    with the membrane saved as float16 (``scan_state``), spikingjelly and torch.compile of a plain
+    multi-step loop, each in a fresh process;
   * speed: forward+backward time of one training step of the bench net (3 conv+LIF layers
-    3->64->128->128, 32x32, T=4, N=16) for snnc's unrolled graph (native fused scan, and its
-    torch-only fallback), spikingjelly 2.0 multi-step (step_mode='m', its CPU LIF op) and a naive
-    per-timestep Python loop, same weights, same run; medians of interleaved repeats, as ratios.
+    3->64->128->128, 32x32, T=4, N=16) for snnc's unrolled graph (retrain's default: int8 forward
+    of the convs fed by spikes, native fused scan; and its float32 / exact conv modes and the
+    torch-only scan), torch.compile of a plain multi-step loop, spikingjelly 2.0 multi-step
+    (step_mode='m', its CPU LIF op) and a naive per-timestep Python loop, same weights, same run;
+    medians of interleaved repeats, as ratios, with each one's spike agreement against the
+    exact fp32 step and the per-layer firing rates.
 """
 from __future__ import annotations
 
@@ -95,70 +98,92 @@ def _spikingjelly_net(convs):
     return nn.Sequential(*mods)
 
 
-def bench_speed(quick, T=4, N=16):
-    # what snnc.retrain does first; every peer in this process gets the same allocator behaviour
-    from snnc.training import reuse_freed_memory
-    reuse_freed_memory()
+def _firing_bench_net():
+    """The bench net with conv 2 and 3 weights x4: on ``rand * 2`` input every layer then fires
+    (~8.5% each); with the default init layers 2-3 stay silent and their spikes compare trivially."""
     torch.manual_seed(0)
     net = bench_net()
+    with torch.no_grad():
+        for conv in [m for m in net if isinstance(m, nn.Conv2d)][1:]:
+            conv.weight.mul_(4.0)
+    return net
+
+
+def _firing_rates(g, x):
+    """Per neuron layer of ``g``: the fraction of (step, neuron) pairs that spiked on ``x``."""
+    from snnc.ops import Neuron
+    rates, hooks = {}, []
+    for name, m in g.named_modules():
+        if isinstance(m, Neuron):
+            hooks.append(m.register_forward_hook(
+                lambda m, a, o, name=name: rates.__setitem__(name, round(float(o.float().mean()), 4))))
+    with torch.no_grad():
+        g(x)
+    for h in hooks:
+        h.remove()
+    return rates
+
+
+def bench_speed(quick, T=4, N=16):
+    """snnc's training step (retrain's default: int8 spike convs; and the float32 / exact conv
+    modes, and the torch scan instead of the native one) against peers, interleaved in one process."""
+    # what snnc.retrain does first; every peer in this process gets the same allocator behaviour
+    from snnc.training import reuse_freed_memory, spike_convs
+    reuse_freed_memory()
+    net = _firing_bench_net()
     example = torch.zeros(N, 3, 32, 32)
     unrolled = insert_surrogate(unroll_timesteps(snnc.trace(net, example), T=T), kind="atan")
     per_step = insert_surrogate(snnc.trace(net, example), kind="atan")
-    x = torch.rand(T, N, 3, 32, 32)
-    runners = {"snnc": None, "snnc_torch_scan": None, "per_step_loop": None}
+    x = torch.rand(T, N, 3, 32, 32) * 2   # with _firing_bench_net: every layer fires
     try:
         from spikingjelly.activation_based import functional
         sj = _spikingjelly_net([m for m in net if isinstance(m, nn.Conv2d)])
-        runners["spikingjelly"] = None
     except ImportError as e:
         sj = None
         emit(bench="training", case="speed", note=f"spikingjelly not installed ({e}); run `make bench-deps`")
 
-    def set_native(on):
-        os.environ["SNNC_NATIVE"] = "1" if on else "0"
-
-    def step_snnc():
-        set_native(True)
-        unrolled.zero_grad(set_to_none=True)
-        unrolled(x).sum().backward()
-
-    def step_snnc_torch():
-        set_native(False)
-        unrolled.zero_grad(set_to_none=True)
-        unrolled(x).sum().backward()
+    def snnc_step(convs, native=True):
+        def step():
+            os.environ["SNNC_NATIVE"] = "1" if native else "0"
+            unrolled.zero_grad(set_to_none=True)
+            with spike_convs(convs):
+                out = unrolled(x)
+                out.sum().backward()
+            return out
+        return step
 
     def step_loop():
         per_step.zero_grad(set_to_none=True)
         snnc.reset(per_step)
-        torch.stack([per_step(x[t]) for t in range(T)]).sum().backward()
+        out = torch.stack([per_step(x[t]) for t in range(T)])
+        out.sum().backward()
+        return out
 
     def step_sj():
         sj.zero_grad(set_to_none=True)
         functional.reset_net(sj)
-        sj(x).sum().backward()
+        out = sj(x)
+        out.sum().backward()
+        return out
 
     compiled = torch.compile(_plain_loop_step(nn.ModuleList(m for m in net if isinstance(m, nn.Conv2d))))
 
     def step_compiled():
         net.zero_grad(set_to_none=True)
-        compiled(x).sum().backward()
+        out = compiled(x)
+        out.sum().backward()
+        return out
 
-    fns = {"snnc": step_snnc, "snnc_torch_scan": step_snnc_torch, "per_step_loop": step_loop,
-           "plain_loop_torch_compile": step_compiled}
+    fns = {"snnc": snnc_step("int8"), "snnc_float32_convs": snnc_step("float32"),
+           "snnc_exact_convs": snnc_step("exact"), "snnc_torch_scan": snnc_step("int8", native=False),
+           "per_step_loop": step_loop, "plain_loop_torch_compile": step_compiled}
     if sj is not None:
         fns["spikingjelly"] = step_sj
-    with torch.no_grad():   # same forward results: snnc native == torch scan == per-step == spikingjelly
-        set_native(True)
-        ref = unrolled(x)
-        set_native(False)
-        same = {"snnc_torch_scan": torch.equal(unrolled(x), ref)}
-        snnc.reset(per_step)
-        same["per_step_loop"] = torch.equal(torch.stack([per_step(x[t]) for t in range(T)]), ref)
-        if sj is not None:
-            functional.reset_net(sj)
-            same["spikingjelly"] = torch.equal(sj(x), ref)
-        same["plain_loop_torch_compile"] = bool((compiled(x) == ref).float().mean() > 0.999)
-    set_native(True)
+    # spike agreement of each runner's output with snnc's exact-conv step (the fp32 reference;
+    # per-step loop and spikingjelly run the same NCHW convs: identical)
+    ref = fns["snnc_exact_convs"]().detach()
+    agree = {name: round(float((fn().detach() == ref).float().mean()), 6) for name, fn in fns.items()}
+    rates = _firing_rates(unrolled, x)
     times = {k: [] for k in fns}
     for fn in fns.values():   # warm-up (allocator, oneDNN primitives, native build)
         fn()
@@ -173,10 +198,11 @@ def bench_speed(quick, T=4, N=16):
         if name == "snnc":
             continue
         emit(bench="training", case="speed", net="bench_net 3->64->128->128 32x32", T=T, N=N,
-             threads=torch.get_num_threads(), peer=name, snnc_step_s=round(med["snnc"], 3),
-             peer_step_s=round(med[name], 3), speedup=round(med[name] / med["snnc"], 2),
-             snnc_ratio_vs_peer=round(med["snnc"] / med[name], 3), allocator="reuse_freed_memory",
-             same_forward=same[name], repeats=len(times[name]))
+             threads=torch.get_num_threads(), snnc="retrain default: int8 spike convs, native scan",
+             peer=name, snnc_step_s=round(med["snnc"], 3), peer_step_s=round(med[name], 3),
+             speedup=round(med[name] / med["snnc"], 2), snnc_ratio_vs_peer=round(med["snnc"] / med[name], 3),
+             allocator="reuse_freed_memory", snnc_spike_agreement=agree["snnc"], peer_spike_agreement=agree[name],
+             firing_rates=rates, repeats=len(times[name]))
 
 
 class _AtanSpike(torch.autograd.Function):
@@ -210,18 +236,23 @@ def _plain_loop_step(convs):
     return run
 
 
+# snnc's training-step variants: (saved membrane dtype, conv mode), as in retrain(saved_state, convs);
+# "snnc" is retrain's default
+SNNC_MODES = {"snnc": ("float32", "int8"), "snnc_float32_convs": ("float32", "float32"),
+              "snnc_exact_convs": ("float32", "exact"), "snnc_float16_state": ("float16", "int8")}
+
+
 def _training_step(impl, T, N):
     """``(step, params)`` of one implementation of the bench net's training step."""
-    torch.manual_seed(0)
-    net = bench_net()
+    net = _firing_bench_net()
     convs = [m for m in net if isinstance(m, nn.Conv2d)]
-    if impl in ("snnc", "snnc_float16_state"):
-        from snnc.training import scan_state
+    if impl in SNNC_MODES:
+        from snnc.training import scan_state, spike_convs
         g = insert_surrogate(unroll_timesteps(snnc.trace(net, torch.zeros(N, 3, 32, 32)), T=T), kind="atan").train()
-        dtype = "float16" if impl == "snnc_float16_state" else "float32"
+        dtype, convs = SNNC_MODES[impl]
 
         def run_snnc(x):
-            with scan_state(dtype):
+            with scan_state(dtype), spike_convs(convs):
                 return g(x)
         return run_snnc, g.parameters
     if impl == "spikingjelly":
@@ -270,7 +301,7 @@ def bench_memory(quick, N=16):
     N = 4 if quick else N
     for T in (8, 32):
         rows = {}
-        for impl in ("snnc", "snnc_float16_state", "spikingjelly", "plain_loop_torch_compile"):
+        for impl in (*SNNC_MODES, "spikingjelly", "plain_loop_torch_compile"):
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
             cmd = [sys.executable, __file__, "--memory-child", impl, str(T), str(N)]
             try:

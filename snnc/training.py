@@ -20,6 +20,8 @@ from .errors import InputError, SnncError
 from .ir import graph_spec, info
 from .ops import Neuron
 from .ops.spike_store import compact_spikes, scan_state, spike_storage  # noqa: F401 (public)
+from .ops.train_conv import MODES as CONV_MODES
+from .ops.train_conv import int8_error_bound, spike_convs  # noqa: F401 (public)
 
 
 def _check_trainable(gm):
@@ -113,7 +115,7 @@ def reuse_freed_memory() -> bool:
 
 def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, lr: float = 1e-3,
             val_loader=None, device=None, grad_clip: float | None = None, progress=None,
-            reuse_memory: bool = True, saved_state: str = "float32") -> list[dict]:
+            reuse_memory: bool = True, saved_state: str = "float32", convs: str = "int8") -> list[dict]:
     """Train ``gm`` in place for ``epochs`` passes over ``loader`` (batches ``(x, y)``).
 
     ``optimizer``: None (Adam with ``lr``), an optimiser, or a factory ``f(params, lr=lr)``.
@@ -124,12 +126,19 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     eval mode. ``reuse_memory``: call ``reuse_freed_memory`` first (CPU page faults per step).
     ``saved_state``: the dtype the fused neuron scan keeps its membrane in for backward,
     ``"float32"`` (exact) or ``"float16"`` (half the bytes; see ``snnc.ops.spike_store``).
+    ``convs``: how Conv2d layers run in the training step (``snnc.ops.train_conv``): ``"int8"``
+    (channels_last; layers fed by spikes compute their forward in int8 within
+    ``int8_error_bound(weight)`` of fp32, where the CPU has VNNI/AMX; the backward is fp32),
+    ``"float32"`` (channels_last fp32) or ``"exact"`` (the modules' own convs, bit-identical to
+    the inference graph's forward).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
     spec = _check_trainable(gm)
     if saved_state not in ("float32", "float16"):
         raise SnncError(f"retrain: saved_state must be 'float32' or 'float16', got {saved_state!r}")
+    if convs not in CONV_MODES:
+        raise SnncError(f"retrain: convs must be one of {list(CONV_MODES)}, got {convs!r}")
     compact_spikes(gm)
     if reuse_memory:
         reuse_freed_memory()
@@ -147,7 +156,7 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
         for x, y in bar:
             x, y = (x.to(device), y.to(device)) if device else (x, y)
             opt.zero_grad(set_to_none=True)
-            with scan_state(saved_state):
+            with scan_state(saved_state), spike_convs(convs):
                 out = gm(prepare_input(spec, x))
             out = out.mean(0) if seq_out else out
             value = loss_fn(out, y)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tvm.script import tirx as T
 
+from .spike_conv import HI, stack_spikes, stacked_int8  # noqa: F401 (re-exported: the block's digit form)
 from .spike_fused import fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
@@ -39,7 +40,6 @@ from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 # on them; on the bench net (2 threads) 4 MiB tiles measured 2.2x the CPU time of whole-T calls,
 # 16 MiB 1.2x, while the cache gain of small tiles showed only with one thread.
 TILE_BYTES = 256 << 20
-HI = 254  # the high digit's input multiplier: 254*1 fits uint8, and q1 spans [-127, 127] of s/254
 
 
 def block_scan_kernel(C: int, dtype: str, p: NeuronScan, out_dtype: str, copies: int):
@@ -83,33 +83,6 @@ def block_scan_kernel(C: int, dtype: str, p: NeuronScan, out_dtype: str, copies:
                             for ci in T.vectorized(lanes):
                                 S[t, r, k * C + co * lanes + ci] = spike(V[r, co * lanes + ci], k)
     return block_scan
-
-
-def stacked_int8(w: torch.Tensor):
-    """``(digits [O, 2*I, ...] int8, scale [O] fp32, step [O] fp32)``: w[c] ~ scale[c] *
-    (254*digits[c, :I] + digits[c, I:]) with every weight within ``step[c] / 2`` (= scale / 2) of
-    its exact value: Q = round(w / s), s = max|w_c| / (127*254), written in base 254."""
-    r = w.detach().double()
-    view = (-1,) + (1,) * (w.dim() - 1)
-    top = HI * 127
-    s = (r.abs().flatten(1).amax(1) / top).float()
-    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero channel: any scale, digits 0
-    q = torch.round(r / s.double().view(view)).clamp(-top, top)
-    hi = torch.round(q / HI)
-    lo = q - HI * hi  # in [-127, 127]: |q - 254*round(q/254)| <= 127
-    return torch.cat([hi, lo], 1).to(torch.int8), s, s
-
-
-def stack_spikes(x: torch.Tensor) -> torch.Tensor:
-    """fp32 0/1 spikes ``[..., C, H, W]`` -> uint8 ``[..., 2C, H, W]`` channels_last ``[254*x | x]``:
-    the input of an int8 block whose producer is not a block."""
-    lead = x.shape[:-3]
-    x = x.reshape(-1, *x.shape[-3:])
-    out = torch.empty(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=torch.uint8,
-                      memory_format=torch.channels_last)
-    out[:, x.shape[1]:] = x
-    torch.mul(out[:, x.shape[1]:], HI, out=out[:, :x.shape[1]])
-    return out.reshape(*lead, *out.shape[1:]) if lead else out
 
 
 class SpikeBlock(nn.Module):

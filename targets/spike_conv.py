@@ -15,6 +15,10 @@ active (``SpikeConv2d.error_bound``). With parts=2 that is k * max|w_c| * 1.55e-
 (every input active, every rounding error the same sign); typical errors are ~sqrt(k) smaller.
 On the AMX host this measured 3-6x faster than fp32 oneDNN on 128-channel 3x3 convs.
 
+``stacked_int8`` / ``stack_spikes`` are the same two digits as one conv over ``2*C_in`` input
+channels (spikes stacked as ``[254*s | s]``): C_out outputs and no digit sum; the fused blocks
+(``spike_block``) and the training convs (``snnc.ops.train_conv``) use that form.
+
 Only layers whose input is proven binary use it (``binary_input``: the producer is an IF / LIF /
 PLIF neuron, possibly through layout-only ops); the choice against fp32 is made per layer by
 timing (``race`` in tvm_hybrid). Outputs are channels_last: the neuron kernels that follow are
@@ -36,6 +40,7 @@ _BINARY_NEURONS = (IF, LIF, ParametricLIF)  # S = Θ(H - v_th) in {0, 1}; DSR su
 _LAYOUT_ONLY = (MergeTime, SplitTime, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.Dropout)
 _LAYOUT_CALLS = (torch.flatten, F.max_pool2d)
 _LAYOUT_METHODS = ("view", "reshape", "flatten", "contiguous")
+HI = 254  # the high digit's input multiplier: 254*1 fits uint8, and q1 spans [-127, 127] of s/254
 
 
 def int8_isa() -> str | None:
@@ -90,6 +95,33 @@ def split_int8(w: torch.Tensor, parts: int = 2):
         r = r - q * s.view(view)
         s = s / 254  # |residual| <= s/2 = 127 * (s/254)
     return torch.cat(digits), torch.cat(scales).float(), scales[-1].float()
+
+
+def stacked_int8(w: torch.Tensor):
+    """``(digits [O, 2*I, ...] int8, scale [O] fp32, step [O] fp32)``: w[c] ~ scale[c] *
+    (254*digits[c, :I] + digits[c, I:]) with every weight within ``step[c] / 2`` (= scale / 2) of
+    its exact value: Q = round(w / s), s = max|w_c| / (127*254), written in base 254."""
+    r = w.detach().double()
+    view = (-1,) + (1,) * (w.dim() - 1)
+    top = HI * 127
+    s = (r.abs().flatten(1).amax(1) / top).float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero channel: any scale, digits 0
+    q = torch.round(r / s.double().view(view)).clamp(-top, top)
+    hi = torch.round(q / HI)
+    lo = q - HI * hi  # in [-127, 127]: |q - 254*round(q/254)| <= 127
+    return torch.cat([hi, lo], 1).to(torch.int8), s, s
+
+
+def stack_spikes(x: torch.Tensor) -> torch.Tensor:
+    """fp32 0/1 spikes ``[..., C, H, W]`` -> uint8 ``[..., 2C, H, W]`` channels_last ``[254*x | x]``:
+    the input of an int8 block whose producer is not a block."""
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:])
+    out = torch.empty(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=torch.uint8,
+                      memory_format=torch.channels_last)
+    out[:, x.shape[1]:] = x
+    torch.mul(out[:, x.shape[1]:], HI, out=out[:, :x.shape[1]])
+    return out.reshape(*lead, *out.shape[1:]) if lead else out
 
 
 class _SpikeLayer(nn.Module):

@@ -1,4 +1,6 @@
-"""The native fused neuron scan (``kernels/neuron_scan.c``): built on first use, loaded by ctypes.
+"""The native fused neuron scan (``kernels/neuron_scan.c``) and the event-driven weight gradient
+of convs fed by spikes (``kernels/spike_weight_grad.c``): one library, built on first use, loaded
+by ctypes.
 
 Why C and not torch ops: on CPU a neuron layer's training step is memory-bound; the torch form
 makes ~6 passes over the membrane per step forward and ~10 over the sequence backward, the C
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "kernels" / "neuron_scan.c"
+SOURCES = (SOURCE, SOURCE.with_name("spike_weight_grad.c"))   # one shared library
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
              ["-O3", "-ffp-contract=off", "-fPIC", "-shared"])
 SURROGATE_IDS = {"rectangular": 0, "sigmoid": 1, "atan": 2, "triangle": 3}
@@ -41,7 +44,7 @@ def _cache_dir() -> Path:
 
 
 def _build(flags) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in SOURCES)
     digest = hashlib.sha1(source + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"neuron_scan-{digest}.so"
     if target.exists():
@@ -53,7 +56,7 @@ def _build(flags) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)   # atomic: concurrent builders never see a half-written library
     finally:
@@ -74,6 +77,7 @@ def load():
                     lib = ctypes.CDLL(str(_build(flags)))
                     lib.snnc_scan_forward.argtypes = _FORWARD_ARGS
                     lib.snnc_scan_backward.argtypes = _BACKWARD_ARGS
+                    lib.snnc_spike_weight_grad.argtypes = [_ptr] * 3 + [_i64] * 17
                     _state["lib"] = lib
                     break
                 except (OSError, subprocess.SubprocessError) as e:
@@ -104,19 +108,38 @@ def _ptr_or_null(t):
     return None if t is None else t.data_ptr()
 
 
+def _dense(x) -> bool:
+    # every element once, no gaps: the strides of the non-trivial dims, sorted, are the running
+    # products of their sizes (any order of dims in memory)
+    expected = 1
+    for st, n in sorted((x.stride(d), x.size(d)) for d in range(x.dim()) if x.size(d) > 1):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def time_major(x) -> bool:
+    """Whether ``x [T, ...]`` is one dense block per step, steps in order (``[T, M]`` in memory):
+    row-major, or each step channels_last (what the training convs produce). The kernels are
+    elementwise within a step, so any such layout works if all their tensors share it."""
+    return x.dim() > 0 and (x.is_contiguous() or (
+        (x.shape[0] == 1 or x.stride(0) == x[0].numel()) and _dense(x)))
+
+
 def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
     ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
-    ``x`` (each element is read before it is written) and returned as a new tensor on its memory."""
-    overwrite_input = overwrite_input and x.is_contiguous()
-    x = x.contiguous()
+    ``x`` (each element is read before it is written) and returned as a new tensor on its memory.
+    The outputs keep ``x``'s memory layout when it is ``time_major`` (no copy of a channels_last x)."""
+    x = x if time_major(x) else x.contiguous()
     T, M = x.shape[0], x[0].numel()
     if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
         s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
     else:
         s = torch.empty_like(x)
-    s8 = torch.empty(x.shape, dtype=torch.uint8)
-    z = torch.empty(x.shape, dtype=torch.float16 if half_state else torch.float32)
+    s8 = torch.empty_like(x, dtype=torch.uint8)
+    z = torch.empty_like(x, dtype=torch.float16 if half_state else torch.float32)
     zf, zh = (None, z) if half_state else (z, None)
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
             p["v_reset"], p["v_init"], int(p["strict"]))
@@ -130,11 +153,40 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once."""
     scalar = all(st == 0 for st in grad_s.stride())
     # the one value of a broadcast grad_s, without materialising it (reshape(-1) would copy)
-    grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous() if scalar else grad_s.contiguous()
+    if scalar:
+        grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous()
+    elif grad_s.stride() != z.stride():   # dL/dS in the layout of the saved z (see time_major)
+        grad_s = torch.empty_like(z, dtype=torch.float32).copy_(grad_s)
     T, M = z.shape[0], z[0].numel()
-    gx = torch.empty(z.shape, dtype=torch.float32)
+    gx = torch.empty_like(z, dtype=torch.float32)
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
     args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
                                                     int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M, T)
     return gx
+
+
+def spike_weight_grad(lib, s8, grad_out, weight_shape, geometry):
+    """dL/dW ``[O, C, KH, KW]`` of an ungrouped conv from its 0/1 input ``s8`` (uint8
+    ``[N, C, H, W]``) and ``grad_out`` ``[N, O, OH, OW]``, both channels_last in memory, by adding one
+    ``grad_out`` row per (spike, kernel tap) (``kernels/spike_weight_grad.c``). Threads split the
+    input channels. The result is a view in ``[C, KH, KW, O]`` memory."""
+    (stride, padding, dilation, _), (O, C, KH, KW) = geometry, weight_shape
+    N, _, H, W = s8.shape
+    OH, OW = grad_out.shape[2:]
+    acc = torch.zeros(C, KH, KW, O, dtype=torch.float32)
+    args = (N, H, W, C, OH, OW, O, KH, KW, *stride, *padding, *dilation)
+    parts = max(1, min(torch.get_num_threads(), C))
+    bounds = [C * i // parts for i in range(parts + 1)]
+
+    def run(i):
+        lib.snnc_spike_weight_grad(s8.data_ptr(), grad_out.data_ptr(), acc[bounds[i]:].data_ptr(), *args,
+                                   bounds[i], bounds[i + 1])
+    if parts == 1:
+        run(0)
+    else:
+        if _state["pool"] is None or _state["pool"]._max_workers < parts:
+            _state["pool"] = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="snnc-scan")
+        for f in [_state["pool"].submit(run, i) for i in range(parts)]:
+            f.result()
+    return acc.permute(3, 0, 1, 2)

@@ -26,6 +26,37 @@ def _conv_args(m):
     return list(m.stride), list(m.padding), list(m.dilation), m.groups
 
 
+def conv_backward(grad_out, s8, weight, geometry, need_in, need_w, need_b, whole_bytes=0):
+    """``(dL/dx, dL/dW, dL/db)`` of a convolution whose input was the 0/1 tensor ``s8`` (uint8, or
+    a float input), converted to float32 a chunk of rows at a time (``CHUNK_BYTES``); rows are
+    independent, so dL/dx is exact and dL/dW is the same products summed chunk by chunk. An input
+    of at most ``whole_bytes`` as float32 is one call (no copy of dL/dx into place, no dL/dW sum:
+    measured 0.85x the time of two chunks on a 64x128x32x32 input). The gradients keep ``s8``'s /
+    ``weight``'s memory layout (channels_last stays channels_last)."""
+    stride, padding, dilation, groups = geometry
+    zeros = [0] * len(stride)
+
+    def call(lo, hi, bias=False):   # bias: dL/db from the same oneDNN pass over dL/dy
+        return torch.ops.aten.convolution_backward(
+            grad_out[lo:hi], s8[lo:hi].to(torch.float32), weight, [weight.shape[0]] if bias else None,
+            stride, padding, dilation, False, zeros, groups, [need_in, need_w, bias])
+    if 4 * s8.numel() <= whole_bytes:
+        return call(0, s8.shape[0], need_b)
+    gb = grad_out.sum(dim=[0] + list(range(2, grad_out.dim()))) if need_b else None
+    # row chunks for both gradients: oneDNN's layout copies of grad_out / grad_input are
+    # then chunk-sized too, not the size of the whole layer
+    rows = max(1, CHUNK_BYTES // (4 * max(1, s8[0].numel())))
+    gi = torch.empty_like(s8, dtype=grad_out.dtype) if need_in else None
+    gw = torch.zeros_like(weight) if need_w else None
+    for lo in range(0, s8.shape[0], rows):
+        part = call(lo, lo + rows)
+        if need_in:
+            gi[lo:lo + rows] = part[0]
+        if need_w:
+            gw += part[1]
+    return gi, gw, gb
+
+
 class _SpikeInput(torch.autograd.Function):
     """Identity on the module's ``out``; backward of ``module`` on the input ``spikes``, from the
     uint8 copy ``spikes_u8``."""
@@ -44,23 +75,7 @@ class _SpikeInput(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         gi = gw = gb = None
         if isinstance(m, _CONVS):
-            stride, padding, dilation, groups = _conv_args(m)
-            zeros = [0] * len(stride)
-            # row chunks for both gradients: oneDNN's layout copies of grad_out / grad_input are
-            # then chunk-sized too, not the size of the whole layer
-            rows = max(1, CHUNK_BYTES // (4 * max(1, s8[0].numel())))
-            gi = grad_out.new_empty(ctx.in_shape) if need_in else None
-            gw = torch.zeros_like(weight) if need_w else None
-            for lo in range(0, s8.shape[0], rows):
-                part = torch.ops.aten.convolution_backward(
-                    grad_out[lo:lo + rows], s8[lo:lo + rows].to(torch.float32), weight, None, stride,
-                    padding, dilation, False, zeros, groups, [need_in, need_w, False])
-                if need_in:
-                    gi[lo:lo + rows] = part[0]
-                if need_w:
-                    gw += part[1]
-            if need_b:
-                gb = grad_out.sum(dim=[0] + list(range(2, grad_out.dim())))
+            gi, gw, gb = conv_backward(grad_out, s8, weight, _conv_args(m), need_in, need_w, need_b)
         else:
             g2, s2 = grad_out.reshape(-1, grad_out.shape[-1]), s8.reshape(-1, s8.shape[-1])
             if need_in:
@@ -84,8 +99,9 @@ def spike_input_hook(module, args, output):
     if (type(module) not in (*_CONVS, nn.Linear) or getattr(module, "padding_mode", "zeros") != "zeros"
             or isinstance(getattr(module, "padding", None), str)):   # padding="same": torch's own path
         return None
+    from .train_conv import produced_here
     s8 = lookup(args[0])
-    if s8 is None or module.weight.dtype != torch.float32:
+    if s8 is None or produced_here(output) or module.weight.dtype != torch.float32:
         return None
     # the module's own autograd node (and the input it saved) goes with the old ``output``
     return _SpikeInput.apply(output.detach(), args[0], s8, module, module.weight, module.bias)

@@ -132,14 +132,20 @@ def _enter(module, args):
         pushed = True
     except RuntimeError:   # hooks disabled here (e.g. inside torch.compile tracing): plain saving
         pushed = False
-    _stack().append((pushed, getattr(_local, "donors", frozenset())))
+    from .train_conv import ConvMode, conv_mode
+    mode = ConvMode() if pushed and conv_mode() != "exact" and torch.is_grad_enabled() else None
+    if mode is not None:
+        mode.__enter__()
+    _stack().append((pushed, getattr(_local, "donors", frozenset()), mode))
     _local.donors = _single_use_producers(module) if pushed else frozenset()
 
 
 def _exit(module, args, output):
     stack = _stack()
     if stack:
-        pushed, _local.donors = stack.pop()
+        pushed, _local.donors, mode = stack.pop()
+        if mode is not None:
+            mode.__exit__(None, None, None)
         if pushed:
             torch._C._autograd._pop_saved_tensors_default_hooks()
 

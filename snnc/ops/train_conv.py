@@ -1,0 +1,179 @@
+"""Training convolutions: channels_last fp32, and an int8 forward on spike inputs (``spike_convs``).
+
+Why (measured on the bench net's 128->128 3x3 conv, 2-core AMD Zen 5 host, interleaved): torch's
+Conv2d on row-major (NCHW) fp32 tensors reorders its input and output to oneDNN's blocked layout
+on every call; in channels_last memory the forward, the data gradient and the weight gradient took
+0.77x, 0.78x and 0.88x the NCHW time. The fused neuron scans are elementwise within a step and
+keep the dense layout they are given (``native.time_major``), so once the first conv produces
+channels_last, every tensor of the step stays in it without a copy.
+
+A Conv2d whose input is the spike output of a fused scan (``spike_store.lookup`` finds its uint8
+copy) runs its forward in int8 under ``spike_convs("int8")``: the uint8 spikes stacked as
+``[254*s | s]`` times the weights' two int8 digits (``snnc.targets.spike_conv.stacked_int8``, the
+inference path's form), one u8 x s8 oneDNN conv (AVX512-VNNI / AMX-INT8) with exact int32
+accumulation and one fp32 scale per output channel (0.43x the fp32 NCHW conv's time here). Bound,
+per output channel c and any 0/1 input (``int8_error_bound``):
+
+    |y_int8 - y_fp32| <= k * max|w_c| / (2 * 127 * 254) + fp32 rounding,   k = C_in/groups * kh * kw
+
+Its backward is the fp32 conv's at the same input (straight-through on the weight rounding):
+dL/dx = conv^T(dL/dy, W), dL/dW = sum dL/dy (x) s from the uint8 spikes (``spike_layers.conv_backward``).
+Where the spikes are sparse (``SPARSE_RATE``), dL/dW is summed event by event instead: one row of
+dL/dy per (spike, kernel tap), exact products (s = 1), fp32 sums in another order (in every mode
+but "exact"; ``native.spike_weight_grad``). In both fast modes the conv keeps the uint8 spikes
+(not the float32 ones) for its backward, as the exact mode's ``spike_layers`` hook does.
+
+Modes (per thread): ``"exact"`` (default): convs are the modules' own, bit-identical to the
+inference graph; ``"float32"``: channels_last fp32 (the same products, another summation order);
+``"int8"``: as float32, plus the int8 forward where the input is spikes and the CPU has int8
+dot-product instructions (``spike_conv.int8_isa``). Only calls under autograd with fp32 CPU
+tensors and numeric padding change; everything else runs torch's own conv.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+
+import torch
+from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
+
+from . import native, spike_store
+from .spike_layers import conv_backward
+
+MODES = ("exact", "float32", "int8")
+_CL = torch.channels_last
+# a saved input up to this size (as float32) gets its gradients in one oneDNN call, larger ones in
+# spike_layers.CHUNK_BYTES chunks (bounded transients at large T*N)
+WHOLE_BYTES = 64 << 20
+# event-driven dL/dW below this firing rate: on the 128->128 3x3 conv (N=64, 32x32) it took 0.29x,
+# 0.42x, 0.68x, 1.2x the dense oneDNN weight gradient at 5/10/20/30% firing (2-core Zen 5)
+SPARSE_RATE = 0.2
+_local = threading.local()
+_packs: dict = {}   # id(weight) -> (weakref(weight), key, (packed, scale, zero_points))
+
+
+def conv_mode() -> str:
+    """The training-conv mode of this thread (``spike_convs``)."""
+    return getattr(_local, "mode", "exact")
+
+
+@contextlib.contextmanager
+def spike_convs(mode: str = "int8"):
+    """Within this block (this thread), calls of a ``compact_spikes`` graph run their Conv2d
+    layers in ``mode`` (module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"spike_convs: mode must be one of {list(MODES)}, got {mode!r}")
+    old = conv_mode()
+    _local.mode = mode
+    try:
+        yield
+    finally:
+        _local.mode = old
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_host() -> bool:
+    from snnc.targets.spike_conv import int8_isa
+    return int8_isa() is not None
+
+
+def int8_error_bound(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel: the most the int8 forward can differ from the exact conv on a 0/1
+    input, without the fp32 rounding of the final scale (``stacked_int8``'s step/2 per weight)."""
+    from snnc.targets.spike_conv import stacked_int8
+    return weight[0].numel() * stacked_int8(weight)[2] / 2
+
+
+def _int8_weight(weight, geometry, in_shape):
+    """The prepacked stacked-digit weight, re-split only when the weight changed (an optimiser
+    step bumps its version)."""
+    key = (weight._version, weight.data_ptr(), tuple(in_shape), geometry)
+    hit = _packs.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    from snnc.targets.spike_conv import stacked_int8
+    digits, scale, _ = stacked_int8(weight)
+    n, c, h, w = in_shape
+    packed = torch.ops.onednn.qconv_prepack(digits, scale, 1.0, 0, *geometry, [n, 2 * c, h, w])
+    wid = id(weight)
+    _packs[wid] = (weakref.ref(weight, lambda r: _packs.pop(wid, None)), key,
+                   (packed, scale, torch.zeros(scale.numel(), dtype=torch.int64)))
+    return _packs[wid][2]
+
+
+class _TrainConv(torch.autograd.Function):
+    """conv2d in channels_last; with ``s8`` (the input's uint8 spikes) dL/dW reads those, and the
+    forward is int8 when ``int8``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, s8, int8):
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+        if int8 and s8 is not None and _int8_host() and geometry[3] == 1:
+            from snnc.targets.spike_conv import stack_spikes
+            packed, scale, zp = _int8_weight(weight, geometry, x.shape)
+            b = None if bias is None else bias.detach()
+            y = torch.ops.onednn.qconv2d_pointwise(stack_spikes(s8), 1.0, 0, packed, scale, zp, b, *geometry,
+                                                   1.0, 0, torch.float32, "none", [], "")
+        else:
+            y = torch.nn.functional.conv2d(x.contiguous(memory_format=_CL), weight, bias, *geometry)
+        # the input for dL/dW: the uint8 spikes (1 byte, exact) when there are any
+        ctx.save_for_backward(x if s8 is None else s8, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inp, weight = ctx.saved_tensors
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous(memory_format=_CL)
+        lib = _sparse_weight_grad(inp, ctx.geometry) if need_w else None
+        need_b = need_b and ctx.has_bias
+        # (oneDNN's dL/db comes from its weight-gradient pass: with the event-driven dL/dW, a sum)
+        gi, gw, gb = conv_backward(grad_out, inp, weight.contiguous(memory_format=_CL), ctx.geometry,
+                                   need_in, need_w and lib is None, need_b and lib is None, WHOLE_BYTES)
+        if lib is not None:
+            gw = native.spike_weight_grad(lib, inp, grad_out, weight.shape, ctx.geometry)
+            gb = grad_out.sum((0, 2, 3)) if need_b else None
+        if gw is not None and gw.stride() != weight.stride():   # dL/dW in the parameter's layout
+            gw = torch.empty_like(weight).copy_(gw)            # (DDP buckets, optimiser state)
+        return gi, gw, gb, None, None, None
+
+
+def _sparse_weight_grad(inp, geometry):
+    """The native library when dL/dW should be summed event by event (``native.spike_weight_grad``):
+    uint8 channels_last spikes of an ungrouped conv firing below ``SPARSE_RATE``, else None."""
+    if inp.dtype != torch.uint8 or geometry[3] != 1 or not inp.is_contiguous(memory_format=_CL):
+        return None
+    lib = native.load()
+    if lib is None or int(inp.sum()) >= SPARSE_RATE * inp.numel():
+        return None
+    return lib
+
+
+def produced_here(output) -> bool:
+    """Whether ``output`` comes from a training conv of this module (its backward is ours)."""
+    return isinstance(getattr(output, "grad_fn", None), _TrainConv._backward_cls)
+
+
+def _train_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.dim() == 4
+            and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not isinstance(padding, str) and (x.requires_grad or weight.requires_grad)):
+        return None
+    geometry = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), int(groups))
+    return _TrainConv.apply(x, weight, bias, geometry, spike_store.lookup(x), conv_mode() == "int8")
+
+
+class ConvMode(TorchFunctionMode):
+    """Routes ``torch.conv2d`` (what ``nn.Conv2d`` calls) to ``_TrainConv`` while a graph runs in
+    a non-exact mode; pushed and popped by ``spike_store``'s graph hooks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            out = _train_conv2d(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
