@@ -363,7 +363,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     bind_kernels(hg, lib.module)
     if convs == "auto":
-        race_key = f"{key}.races{'.int8-' + str(int8_isa()) if spike_int8 else ''}"
+        # a race's winner depends on the thread count (torch's; TVM's pool follows it)
+        race_key = f"{key}.races{'.int8-' + str(int8_isa()) if spike_int8 else ''}.t{torch.get_num_threads()}"
         choices = tb.cached_json(race_key, lambda: race_convs(hg), cache)
     else:
         choices = {m.name: convs for m in raced_layers(hg)}

@@ -1,5 +1,6 @@
 """tvm:llvm / tvm:cuda: differential tests against the reference interpreter, export/load, cache,
 CUDA source checks (built with nvcc, not run: no GPU here), RPC on loopback, error messages."""
+import os
 import re
 import subprocess
 import sys
@@ -304,3 +305,15 @@ def test_converted_digits_net_from_unaligned_slices_is_exact(tmp_path, batch):
     assert torch.equal(loaded(other), snnc.run(g, other.clone()))
     assert torch.equal(first, ref)  # the VM did not reuse the buffer the first output lives in
     assert torch.equal(loaded(x), ref)  # and no state carried over between calls
+
+
+@pytest.mark.parametrize("user_env", [{}, {"TVM_NUM_THREADS": "1"}])
+def test_tvm_thread_pool_uses_torch_threads_unless_the_user_chose(user_env):
+    """TVM alone would size its pool to half the logical CPUs on x86 (one thread on a 2-core host
+    without SMT); snnc makes it follow torch, and a TVM_NUM_THREADS the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")} | user_env
+    code = ("import torch, tvm_ffi, snnc.targets.tvm_build; "
+            "print(torch.get_num_threads(), tvm_ffi.get_global_func('runtime.NumThreads')())")
+    torch_threads, tvm_threads = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                                text=True, check=True).stdout.split()
+    assert tvm_threads == user_env.get("TVM_NUM_THREADS", torch_threads)
