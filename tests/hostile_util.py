@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import threading
 
 import torch
 from torch import nn
@@ -85,3 +86,25 @@ def rebundle(path, edit_meta=None, artefact=None, keep_hashes=False):
 
 def run_python(code: str, cwd=None):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_threads_get_their_own_results(module, inputs, repeats=3):
+    """``module`` called from one thread per input (``repeats`` times each, all at once) returns
+    what it returns for that input alone: no shared buffer leaks one caller's result to another."""
+    alone = [module(x) for x in inputs]
+    got, errors = [None] * len(inputs), []
+
+    def work(i):
+        try:
+            for _ in range(repeats):
+                got[i] = module(inputs[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(alone, got):
+        assert torch.equal(a, b)

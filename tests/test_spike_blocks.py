@@ -4,13 +4,13 @@ float64 within the stated bound, against the fp32 reference spike for spike (eve
 from several threads, without the int8 ISA, and through export / load at another batch size."""
 import os
 import sys
-import threading
 
 import pytest
 import torch
 from torch import nn
 
 import snnc
+from hostile_util import assert_threads_get_their_own_results
 from snnc.ops import LIF
 from snnc.passes import unroll_timesteps
 from snnc.targets import tvm as tvm_target
@@ -131,24 +131,7 @@ def test_blocks_run_any_batch_and_outputs_are_not_overwritten(firing):
 def test_blocks_from_several_threads_give_each_thread_its_own_result(firing):
     g, _ = firing
     m = snnc.compile(g, target="tvm:llvm", convs="int8")
-    inputs = [torch.rand(4, n, 3, 16, 16) * 2 for n in (2, 3, 2, 5)]
-    alone = [m(x) for x in inputs]
-    got, errors = [None] * len(inputs), []
-
-    def work(i):
-        try:
-            for _ in range(3):
-                got[i] = m(inputs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for a, b in zip(alone, got):
-        assert torch.equal(a, b)
+    assert_threads_get_their_own_results(m, [torch.rand(4, n, 3, 16, 16) * 2 for n in (2, 3, 2, 5)])
 
 
 def test_without_the_int8_isa_the_default_is_fp32_and_exact(firing, monkeypatch):

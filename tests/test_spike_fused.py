@@ -4,13 +4,13 @@ input), the padded uint8 spike format, whole modules spike for spike against the
 with every runner mix, the reuse pool of returned spikes, and several threads."""
 import os
 import sys
-import threading
 
 import pytest
 import torch
 from torch import nn
 
 import snnc
+from hostile_util import assert_threads_get_their_own_results
 from snnc.ops import LIF
 from snnc.passes import unroll_timesteps
 from snnc.targets import tvm_build as tb
@@ -172,21 +172,4 @@ def test_fused_blocks_from_several_threads_give_each_thread_its_own_result(firin
     g, _, _ = firing
     m = snnc.compile(g, target="tvm:llvm")
     apply_conv_choices(m._hybrid, {"conv_0": "fused", "conv_2": "fused", "conv_4": "fused"})
-    inputs = [torch.rand(4, n, 3, 16, 16) * 2 for n in (2, 3, 2, 5)]
-    alone = [m(x) for x in inputs]
-    got, errors = [None] * len(inputs), []
-
-    def work(i):
-        try:
-            for _ in range(3):
-                got[i] = m(inputs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for a, b in zip(alone, got):
-        assert torch.equal(a, b)
+    assert_threads_get_their_own_results(m, [torch.rand(4, n, 3, 16, 16) * 2 for n in (2, 3, 2, 5)])
