@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -84,8 +85,9 @@ def rebundle(path, edit_meta=None, artefact=None, keep_hashes=False):
     path.write_bytes(raw_bundle({**meta, "files": old}, files) if keep_hashes else bundle_bytes(meta, files))
 
 
-def run_python(code: str, cwd=None):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+def run_python(code: str, cwd=None, env_extra=None):
+    env = None if env_extra is None else {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def assert_threads_get_their_own_results(module, inputs, repeats=3):

@@ -3,6 +3,7 @@ external storage or links or ask for unbounded memory, a compressed archive is n
 import gzip
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,20 @@ def test_truncated_nir_file_is_a_clear_error(tmp_path):
         p.write_bytes(data[: int(len(data) * frac)])
         with pytest.raises(FileFormatError, match="cut.nir"):
             snnc.from_nir(p)
+
+
+def test_native_kernel_library_is_not_loaded_from_a_folder_others_can_write(tmp_path):
+    """The native scan library is a shared object snnc loads (runs): one planted in a cache folder
+    that others can write must not be loaded; snnc builds its own in a private folder instead."""
+    code = "import sys; from snnc.ops import native; lib = native.load(); print(lib._name if lib else '')"
+    own = tmp_path / "own"
+    built = H.run_python(code, env_extra={"SNNC_CACHE_DIR": str(own)}).stdout.strip()
+    if not built:
+        pytest.skip("no C compiler: native kernels unavailable")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    planted = shared / Path(built).name
+    planted.write_bytes(b"not a library")   # loading it would fail: the test would see an error
+    loaded = H.run_python(code, env_extra={"SNNC_CACHE_DIR": str(shared), "SNNC_CACHE": str(shared)}).stdout.strip()
+    assert loaded and Path(loaded).parent != shared and planted.read_bytes() == b"not a library"

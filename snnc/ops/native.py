@@ -8,12 +8,13 @@ loop one pass each way (read X, write S and z; read z and dL/dS, write dL/dX). P
 torch headers compiles in about a second; ``-ffp-contract=off`` keeps every multiply and add
 separately rounded, so the forward is bit-identical to the torch reference.
 
-The shared library is cached under ``$SNNC_CACHE`` (default ``~/.cache/snnc``) by a hash of the
+The shared library is cached under ``$SNNC_CACHE_DIR`` (default ``~/.cache/snnc``; a folder others can write is not used) by a hash of the
 source and flags. No C compiler, a failed build, or ``SNNC_NATIVE=0``: ``load()`` returns None
 and ``snnc.ops.neuron_scan`` uses its torch implementation (same results).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -25,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from snnc.fileio import _private_enough, private_dir
 
 SOURCE = Path(__file__).parent / "kernels" / "neuron_scan.c"
 SOURCES = (SOURCE, SOURCE.with_name("spike_weight_grad.c"))   # one shared library
@@ -40,14 +43,26 @@ _BACKWARD_ARGS = [_ptr] * 4 + [_int, _ptr] + [_i64] * 4 + [_f32, _f32, _f32, _in
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SNNC_CACHE", Path.home() / ".cache" / "snnc"))
+    """The folder the library is cached in: the TVM cache's root (``$SNNC_CACHE_DIR``; the older
+    ``$SNNC_CACHE`` still works), or a fresh private folder when that one is not ours alone: a
+    shared library found there is loaded (runs code), so nobody else may be able to put one there."""
+    root = Path(os.environ.get("SNNC_CACHE_DIR") or os.environ.get("SNNC_CACHE") or Path.home() / ".cache" / "snnc")
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        pass
+    if _private_enough(root):
+        return root
+    folder = private_dir("snnc-native-")
+    atexit.register(shutil.rmtree, folder, True)   # the loaded library stays mapped
+    return Path(folder)
 
 
 def _build(flags) -> Path:
     source = b"".join(src.read_bytes() for src in SOURCES)
     digest = hashlib.sha1(source + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"neuron_scan-{digest}.so"
-    if target.exists():
+    if target.exists() and _private_enough(target):   # ours and not writable by others
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
