@@ -345,6 +345,23 @@ def interleaved_seconds(fns: dict, rounds: int, *, warmup=True, sync=None) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def fastest(fns: dict, rounds: int) -> tuple:
+    """``(winner, {name: best seconds})`` of a race between the callables of ``fns``: one untimed
+    call of each first (a oneDNN primitive or a TVM kernel is built on its first call), then
+    ``rounds`` rounds that call each once in turn, so a burst of load from elsewhere hits every
+    contender alike; each keeps its fastest call (the least disturbed one). Ties go to the first
+    listed. The one race of snnc's kernel choices (conv runners, spike blocks, GEMM backends)."""
+    best = {k: float("inf") for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return min(best, key=best.get), best
+
+
 def median_seconds(fn, repeats, warmup=True):
     """Median wall time of ``repeats`` calls of ``fn`` (after one untimed call with ``warmup``)."""
     return interleaved_seconds({"fn": fn}, repeats, warmup=warmup)["fn"]

@@ -150,3 +150,21 @@ def test_interleaved_seconds_alternates_calls_and_takes_each_ones_median(monkeyp
     assert t == {"a": 3.5, "b": 2.5}                  # medians of 1, 5, 3 and of 2, 2, 7, plus the sync
     clock[0], calls[:] = 0.0, []
     assert report.median_seconds(costs("c", [9, 4, 1, 2]), 3) == 2
+
+
+def test_fastest_interleaves_warms_up_and_keeps_each_ones_best_call(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def costs(name, seconds):
+        it = iter(seconds)
+
+        def fn():
+            calls.append(name)
+            clock[0] += next(it)
+        return fn
+    winner, best = report.fastest({"a": costs("a", [0, 4, 1, 6]), "b": costs("b", [0, 2, 3, 2])}, 3)
+    assert calls == ["a", "b"] * 4                    # an untimed first call each, then 3 interleaved rounds
+    assert best == {"a": 1, "b": 2} and winner == "a"  # best of 4, 1, 6 and of 2, 3, 2
+    calls[:] = []
+    assert report.fastest({"x": costs("x", [0, 5]), "y": costs("y", [0, 5])}, 1)[0] == "x"  # a tie: the first
