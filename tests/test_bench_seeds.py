@@ -41,6 +41,9 @@ def test_summaries_take_the_per_seed_best_peer_recipe_and_check_the_means():
     assert row["spikingjelly_best_recipe_on_mean"] == "b"            # 97.17 vs a's 95.0
     d = np.array([98.0, 99.0, 97.0]) - np.array([99.0, 98.0, 96.5])
     assert row["diff_mean"] == round(d.mean(), 3) and row["diff_se"] == round(d.std(ddof=1) / np.sqrt(3), 3)
+    f = np.array([98.0, 99.0, 97.0]) - np.array([97.0, 98.0, 96.5])          # against recipe b on all seeds
+    assert row["diff_vs_recipe_on_mean"] == round(f.mean(), 3)
+    assert row["diff_vs_recipe_on_mean_se"] == round(f.std(ddof=1) / np.sqrt(3), 3)
     assert row["snnc_std"] == round(np.std([98.0, 99.0, 97.0], ddof=1), 2)
     assert row["wins_ties_losses"] == [2, 0, 1]
     assert check["kind"] == "check" and check["snnc"] == 98.0 and check["spikingjelly"] == 97.83 and check["ok"]
