@@ -6,8 +6,16 @@ VGG with MaxPool); max-pool conversions compared (lateral / gate / per-step spik
 fine-tune); QCFS training + conversion (Bu 2022); hybrid fine-tuning (surrogate, STDB Rathi 2020).
 
     .venv/bin/python bench/conversion.py [--quick] [--plot PATH] [--no-peer] [--nets cnn,resnet18,vgg]
+    .venv/bin/python bench/conversion.py --seeds 5 --nets cnn     (the default vs spikingjelly over 5 ANNs)
 
-Trained ANN weights are cached in .cache/bench-conversion/ (git-ignored).
+Trained ANN weights are cached in .cache/bench-conversion/ (git-ignored), one file per net, epochs and
+training seed.
+
+``--seeds K`` (K > 1) trains K ANNs per net (seeds 0..K-1; seed 0 is the single-seed run's ANN) and
+runs only the issue's comparison on each: snnc's default and every spikingjelly recipe at T=2, 4, 8.
+One ANN and 450 test images cannot tell the two apart (one image is 0.22 points), so it reports the
+spread over ANNs and the paired difference (same ANN, same test images) with its standard error; see
+bench/_seeds.py for the lines it adds.
 
 Prints one JSON line per result:
   {"kind": "ann", "net": ..., "acc": ...}
@@ -64,20 +72,23 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
-def trained(net, data, epochs):
-    """The ANN, trained once (Adam, lr 3e-3, seed 0; the ResNet-18: ``_train_resnet``) and cached by
-    name and epochs."""
+def trained(net, data, epochs, seed=0):
+    """The ANN, trained once (Adam, lr 3e-3; the ResNet-18: ``_train_resnet``) and cached by name,
+    epochs and seed. Seed 0 keeps the single-seed run's file name and recipe (the digits nets' init is
+    not reseeded there, for the cached files' sake); seed s > 0 seeds the init and the data order."""
     make = NETS[net][0]
-    path = os.path.join(CACHE, f"{net}-e{epochs}{'-w16-adamw-cos' if net == 'resnet18' else ''}.pt")
-    if net == "resnet18":   # AdamW + cosine recipe: seeded before the net is built, so its init is seed 0 too
-        torch.manual_seed(0)
+    tag = f"{'-w16-adamw-cos' if net == 'resnet18' else ''}{f'-s{seed}' if seed else ''}"
+    path = os.path.join(CACHE, f"{net}-e{epochs}{tag}.pt")
+    if net == "resnet18" or seed:   # seeded before the net is built, so its init follows the seed too
+        torch.manual_seed(seed)
     model = make()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), 0.0
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = _train_resnet(model, data, epochs) if net == "resnet18" else train_ann(model, data, epochs=epochs)
+    torch.manual_seed(seed)
+    model = (_train_resnet(model, data, epochs, seed) if net == "resnet18"
+             else train_ann(model, data, epochs=epochs, seed=seed))
     os.makedirs(CACHE, exist_ok=True)
     tmp = path + ".tmp"
     torch.save(model.state_dict(), tmp)
@@ -85,10 +96,10 @@ def trained(net, data, epochs):
     return model, time.perf_counter() - t0
 
 
-def _train_resnet(model, data, epochs):
-    """AdamW, cosine-annealed to 0 over all steps, batch 64, seed 0."""
+def _train_resnet(model, data, epochs, seed=0):
+    """AdamW, cosine-annealed to 0 over all steps, batch 64."""
     opt = torch.optim.AdamW(model.parameters(), **RESNET_TRAINING)
-    train, _ = data.loaders(batch_size=64, seed=0)
+    train, _ = data.loaders(batch_size=64, seed=seed)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(train))
     model.train()
     for _ in range(epochs):
@@ -128,16 +139,18 @@ def firing_rates(g, x):
     return {k: round(v, 4) for k, v in rates.items()}
 
 
-def record(results, net, lib, method, accs, t0, **extra):
+def record(results, net, lib, method, accs, t0, seed=None, **extra):
+    """One ``snn`` line per T (``snn_seed`` with its seed in a ``--seeds`` run)."""
+    tag = {} if seed is None else {"seed": seed}
     for T, a in accs.items():
-        emit(kind="snn", net=net, lib=lib, method=method, T=T, acc=round(a, 2),
-             seconds=round(time.perf_counter() - t0, 1), **extra)
+        emit(kind="snn" if seed is None else "snn_seed", net=net, lib=lib, method=method, T=T, acc=round(a, 2),
+             seconds=round(time.perf_counter() - t0, 1), **tag, **extra)
         results[(net, lib, method, T)] = a
 
 
-def default_curve(net, ann, data, calib, Ts, results, name="default", **options):
+def default_curve(net, ann, data, calib, Ts, results, name="default", seed=None, **options):
     """snnc.convert(ann, calib, T=T) for each T: the recipe is chosen for each T."""
-    t0, accs = time.perf_counter(), {}
+    t0, accs, tag = time.perf_counter(), {}, ({} if seed is None else {"seed": seed})
     for T in Ts:
         t1 = time.perf_counter()
         g = snnc.convert(ann, calib, T=T, **options)
@@ -145,12 +158,14 @@ def default_curve(net, ann, data, calib, Ts, results, name="default", **options)
         accs[T] = accuracy(lambda x: snnc.run(g, x), data.x_test, data.y_test)
         rep = g.snnc_conversion
         if name == "default":
-            emit(kind="chosen", net=net, T=T, method=rep["method"], convert_seconds=round(seconds, 1),
+            emit(kind="chosen", net=net, T=T, **tag, method=rep["method"],
+                 convert_seconds=round(seconds, 1),
                  scores={k: [v["agreement"], v["kl"]] for k, v in rep.get("scores", {}).items()},
                  readout_calibration=rep.get("readout_calibration"))
             if T == 8:
-                emit(kind="firing", net=net, T=T, rates=firing_rates(g, data.x_test[:128]))
-    record(results, net, "snnc", name, accs, t0)
+                emit(kind="firing", net=net, T=T, **tag,
+                     rates=firing_rates(g, data.x_test[:128]))
+    record(results, net, "snnc", name, accs, t0, seed)
     return accs
 
 
@@ -194,7 +209,7 @@ def qcfs_curve(net, ann, data, calib, Ts, results, ann_acc, epochs, L):
            curve(g, lambda: snnc.reset(g), data.x_test, data.y_test, Ts, running_mean=True), t0)
 
 
-def sj_curves(net, ann, data, Ts, results):
+def sj_curves(net, ann, data, Ts, results, seed=None):
     try:
         from spikingjelly.activation_based import ann2snn, functional
     except ImportError as e:
@@ -219,7 +234,7 @@ def sj_curves(net, ann, data, Ts, results):
         except Exception as e:  # a peer's failure is a result to report, not a crash of the bench
             emit(kind="skip", net=net, lib="spikingjelly", method=name, reason=f"{type(e).__name__}: {e}"[:200])
             continue
-        record(results, net, "spikingjelly", name, acc, t0)
+        record(results, net, "spikingjelly", name, acc, t0, seed)
 
 
 def hybrid(net, ann, data, calib, T, epochs, lr, kind, method=None):
@@ -295,6 +310,32 @@ def plot(results, ann_acc, path):
     emit(kind="plot", path=path)
 
 
+def seed_runs(nets, data, args):
+    """``--seeds K``: for each net and seed, the ANN, snnc's default and every spikingjelly recipe at
+    T=2, 4, 8 (per-seed rows are ``snn_seed`` lines), then the statistics of bench/_seeds.py."""
+    import _seeds
+    Ts, calib, rows = (2, 4, 8), data.x_train[:512], []
+    per_seed, ann_acc = {}, {}
+    for net in nets:
+        for seed in range(args.seeds):
+            ann, seconds = trained(net, data, NETS[net][1], seed)
+            ann_acc[(net, seed)] = accuracy(ann, data.x_test, data.y_test)
+            emit(kind="ann", net=net, seed=seed, acc=round(ann_acc[(net, seed)], 2),
+                 train_seconds=round(seconds, 1), cached=seconds == 0.0)
+            results = {}
+            default_curve(net, ann, data, calib, Ts, results, seed=seed)
+            if not args.no_peer:
+                sj_curves(net, ann, data, Ts, results, seed=seed)
+            for key, acc in results.items():
+                per_seed.setdefault(key, {})[seed] = acc
+        for row in _seeds.summaries(per_seed, ann_acc, net, Ts):
+            emit(**row)
+            rows.append(row)
+    if any(r["kind"] == "seeds" for r in rows):
+        _seeds.plot(rows, args.plot)
+        emit(kind="plot", path=args.plot)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer T values, epochs and runs")
@@ -305,14 +346,21 @@ def main(argv=None):
     ap.add_argument("--only-hybrid", action="store_true", help="skip the conversion curves (hybrid fine-tuning only)")
     ap.add_argument("--no-hybrid", action="store_true", help="skip hybrid fine-tuning (conversion curves only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="K > 1: K ANNs per net (seeds 0..K-1), only the default vs spikingjelly at T=2,4,8, "
+                         "with mean, std and the paired difference over the K ANNs")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in nets if n not in NETS]
     if unknown:
         ap.error(f"--nets: unknown {unknown}; choose from {list(NETS)}")
+    if args.seeds < 1:
+        ap.error(f"--seeds: {args.seeds}; give at least 1")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    Ts = (2, 4, 8, 64) if args.quick else (2, 4, 8, 16, 32, 64)
     data = digits()
+    if args.seeds > 1:
+        return seed_runs(nets, data, args)
+    Ts = (2, 4, 8, 64) if args.quick else (2, 4, 8, 16, 32, 64)
     calib = data.x_train[:512]
     results, ann_acc, hybrid_acc, max_pool_nets = {}, {}, {}, []
     for net in nets:
