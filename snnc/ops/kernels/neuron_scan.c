@@ -12,9 +12,14 @@
  *     b[t]  = decay*(1 - v_th*g)  |  decay*((1-S) + (v_reset - H)*g)
  * S comes from the uint8 spikes, not from z (a half z may round a tiny positive z to 0).
  * gs_scalar: dL/dS is one value broadcast over [T, M] (``out.sum().backward()``), read once.
- * Layout: x, s, z, gs, gx are dense [T, M]; a call handles neurons [lo, hi) (the Python side
- * splits M across threads; ctypes releases the GIL), in blocks that walk the T steps with the
- * block's membrane in a small buffer, so the inner loop over neurons vectorises.
+ * Layout: x, s, z, gs, gx share one dense layout [R][T][L]: R rows of L neurons each, a row's T
+ * steps of L lanes one after the other (element (t, neuron m) at (m / L) * T * L + t * L + m % L).
+ * R = 1, L = M is the time-major [T, M]; R = features, L = T*B-inner lanes is the feature-major
+ * layout a Linear writes when it computes y^T = W x^T (snnc.ops.gemm): each row is then one
+ * sequential walk through memory instead of T jumps of M floats. A call handles neurons
+ * [from, to) (the Python side splits them across threads; ctypes releases the GIL), in blocks of
+ * at most BLOCK lanes of one row that walk the T steps with the block's membrane in a small
+ * buffer, so the inner loop over lanes vectorises.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,20 +27,29 @@
 #define BLOCK 512
 #define HALF_MAX 65504.0f
 
+/* the next block of neurons from lo (< to) within one row: its first element and its width */
+static inline int64_t block_at(int64_t lo, int64_t to, int64_t T, int64_t L, int64_t *n) {
+    int64_t r = lo / L, l0 = lo % L, w = L - l0;
+    if (w > BLOCK) w = BLOCK;
+    if (w > to - lo) w = to - lo;
+    *n = w;
+    return r * T * L + l0;
+}
+
 typedef _Float16 half;
 
 enum { SG_RECTANGULAR = 0, SG_SIGMOID = 1, SG_ATAN = 2, SG_TRIANGLE = 3 };
 
 void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *zh, int64_t T,
-                       int64_t M, int64_t from, int64_t to, float decay, float gain,
+                       int64_t L, int64_t from, int64_t to, float decay, float gain,
                        int decay_input, float v_leak, float v_th, int zero_reset, float v_reset,
                        float v_init, int strict) {
-    for (int64_t lo = from; lo < to; lo += BLOCK) {
+    for (int64_t lo = from, n = 0; lo < to; lo += n) {
         float v[BLOCK];
-        int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
+        const int64_t base = block_at(lo, to, T, L, &n);
         for (int64_t i = 0; i < n; ++i) v[i] = v_init;
         for (int64_t t = 0; t < T; ++t) {
-            const int64_t off = t * M + lo;
+            const int64_t off = base + t * L;
             const float *xt = x + off;
             float *st = s + off;
             uint8_t *s8t = s8 + off;
@@ -86,16 +100,16 @@ static void surrogate_row(int kind, const float *zz, float *g, int64_t n, float 
 }
 
 void snnc_scan_backward(const float *zf, const half *zh, const uint8_t *s8, const float *gs,
-                        int gs_scalar, float *gx, int64_t T, int64_t M, int64_t from, int64_t to,
+                        int gs_scalar, float *gx, int64_t T, int64_t L, int64_t from, int64_t to,
                         float decay, float gain, float v_th, int zero_reset, float v_reset,
                         int kind, float param) {
-    for (int64_t lo = from; lo < to; lo += BLOCK) {
+    for (int64_t lo = from, n = 0; lo < to; lo += n) {
         float carry[BLOCK];   /* gH[t+1] */
         float zbuf[BLOCK], g[BLOCK];
-        int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
+        const int64_t base = block_at(lo, to, T, L, &n);
         for (int64_t i = 0; i < n; ++i) carry[i] = 0.0f;
         for (int64_t t = T - 1; t >= 0; --t) {
-            const int64_t off = t * M + lo;
+            const int64_t off = base + t * L;
             const uint8_t *s8t = s8 + off;
             const float *gst = gs_scalar ? gs : gs + off;
             const int64_t gs_step = gs_scalar ? 0 : 1;
