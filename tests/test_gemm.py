@@ -241,3 +241,35 @@ def test_bad_arguments_are_named(monkeypatch):
     monkeypatch.delenv("SNNC_GEMM")
     with pytest.raises(SnncError, match="native bfloat16"):
         fast_linears(nn.Linear(2, 2), precision="bfloat16")
+
+
+def test_retrain_routes_linears_while_training_only():
+    """``retrain`` (default ``linears="float32"``) runs the Linears on the raced GEMMs, the one
+    feeding a LIF through time.split feature-major, and leaves plain ``nn.Linear``s behind;
+    ``linears="exact"`` never routes them."""
+    from snnc.data import digits, loader
+    from snnc.zoo import digits_snn
+    d = digits()
+    data = loader(d.x_train[:64], d.y_train[:64], 32)
+    g = insert_surrogate(unroll_timesteps(snnc.trace(digits_snn(4), torch.zeros(2, 1, 8, 8)), T=4), kind="atan")
+    lin = [m for m in g.modules() if isinstance(m, nn.Linear)]
+    seen = []
+    lin[0].register_forward_hook(lambda m, a, y: seen.append((native.feature_major(y), torch.is_grad_enabled())))
+    gemm.clear_picks()
+    hist = snnc.retrain(g, data, epochs=1, lr=1e-2, progress=False)
+    assert hist[0]["loss"] > 0 and len(seen) == 2
+    assert all(fm == (native.load() is not None) for fm, grad in seen)   # both training steps
+    assert {k.split()[0] for k in gemm.picks()} >= {"forward", "forward_fm", "weight_grad_fm"}
+    assert not any(hasattr(m, gemm._HOOK_ATTR) or gemm._enter in m._forward_pre_hooks.values() for m in lin)
+    x = torch.randn(5, lin[0].in_features)
+    assert torch.equal(lin[0](x), nn.functional.linear(x, lin[0].weight, lin[0].bias))
+    seen.clear()
+    gemm.clear_picks()
+    snnc.retrain(g, data, epochs=1, lr=1e-2, progress=False, linears="exact")
+    assert [fm for fm, _ in seen] == [False, False] and gemm.picks() == {}
+    fast_linears(lin[1])   # routed before: kept (and its settings) after the block
+    with gemm.routed_linears(g):
+        pass
+    assert gemm._enter in lin[1]._forward_pre_hooks.values() and not hasattr(lin[0], gemm._HOOK_ATTR)
+    with pytest.raises(SnncError, match="linears"):
+        snnc.retrain(g, data, linears="bfloat16")

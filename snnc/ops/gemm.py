@@ -45,6 +45,7 @@ the same graph): while a Linear runs, a ``TorchFunctionMode`` routes its ``F.lin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -189,7 +190,7 @@ class _RouteLinear(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if (x.dim() >= 2 and x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
                     and (b is None or b.dtype == torch.float32) and x.numel() > 0):
-                return _Linear.apply(x, w, b, self.precision, self.forced, self.fm and x.dim() >= 3)
+                return _Linear.apply(x, w, b, self.precision, self.forced, self.fm)
         return func(*args, **kwargs)
 
 
@@ -254,7 +255,27 @@ def fast_linears(gm: nn.Module, precision: str = "float32", backend: str | None 
         if isinstance(m, nn.Linear):
             setattr(m, _HOOK_ATTR, (precision, backend, layout))
             if _enter not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_enter)
-                # popped first, before hooks that look at the output (spike_store's)
-                m.register_forward_hook(_exit, always_call=True, prepend=True)
+                # _exit pops first, before hooks that look at the output (spike_store's)
+                m.__dict__[_HANDLES_ATTR] = (m.register_forward_pre_hook(_enter),
+                                             m.register_forward_hook(_exit, always_call=True, prepend=True))
     return gm
+
+
+_HANDLES_ATTR = "_snnc_fast_linear_handles"
+
+
+@contextlib.contextmanager
+def routed_linears(gm: nn.Module, precision: str = "float32"):
+    """``fast_linears(gm, precision)`` within the block; the Linears that were not routed before
+    are plain ``nn.Linear`` again after it (``retrain``'s ``linears="float32"``: the trained graph
+    then runs inference exactly as before). Already routed Linears keep their settings."""
+    fresh = [m for m in gm.modules() if isinstance(m, nn.Linear) and _enter not in m._forward_pre_hooks.values()]
+    for m in fresh:
+        fast_linears(m, precision)
+    try:
+        yield gm
+    finally:
+        for m in fresh:
+            for handle in m.__dict__.pop(_HANDLES_ATTR, ()):
+                handle.remove()
+            m.__dict__.pop(_HOOK_ATTR, None)
