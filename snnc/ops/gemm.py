@@ -104,9 +104,11 @@ def _race(op, a, b, bias, precision, forced):
         return pick
     options = [k for k in BACKENDS if k != "onednn" or _onednn_ok()]
     if len(options) > 1:
-        # a row slice of the real operands; for the weight gradient the rows are the reduction
-        rows = slice(0, min(a.shape[0], RACE_ROWS))
-        sa, sb = (a[:, rows], b[:, rows]) if op.startswith("weight_grad") else (a[rows], b)
+        # a slice of the real operands' T*B rows: the reduction of the weight gradient, a's rows
+        # in the standard forward / input gradient, b's rows in their feature-major forms
+        rows = slice(0, RACE_ROWS)
+        sa, sb = ((a[:, rows], b[:, rows]) if op.startswith("weight_grad") else
+                  (a, b[rows]) if op.endswith("_fm") else (a[rows], b))
         best = {k: float("inf") for k in options}
         with torch.no_grad():
             for k in options:
