@@ -210,14 +210,15 @@ def test_native_scan_feature_major_equals_time_major_bit_for_bit():
     x = torch.randn(300, 5, 1100) * 2   # 1.65M elements: split over two threads mid-row (5 lanes a row)
     xf = x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     assert native.feature_major(xf) and not native.time_major(xf)
-    lib, p = _native_plan(LIF(tau=2.0), x, make_surrogate("atan"))
     gs = torch.randn(x.shape)
     threads = torch.get_num_threads()
     try:
-        for t in (1, 2):
+        for t, neuron, half in ((1, LIF(tau=2.0), False), (2, LIF(tau=2.0), False),
+                                (2, LIF(tau=2.0, reset="zero", v_reset=-0.2), True)):   # + float16 z
+            lib, p = _native_plan(neuron, x, make_surrogate("atan"))
             torch.set_num_threads(t)
-            s, s8, z = native.scan_forward(lib, x, p)
-            sf, s8f, zf = native.scan_forward(lib, xf.clone(), p, overwrite_input=True)
+            s, s8, z = native.scan_forward(lib, x, p, half_state=half)
+            sf, s8f, zf = native.scan_forward(lib, xf.clone(), p, half_state=half, overwrite_input=True)
             assert sf.stride() == zf.stride() == xf.stride() and float(s.mean()) > 0.05
             assert torch.equal(s, sf) and torch.equal(s8, s8f) and torch.equal(z, zf)
             for grad in (gs, torch.ones(()).expand(x.shape)):
