@@ -8,9 +8,10 @@ Peers, each written the way its own documentation does it, same Linear weights a
 (``torch.randn(T, 16, n)``), LIF with decay 0.5 (tau=2) and each library's default surrogate:
   snnc          nn.Sequential(nn.Linear, snnc LIF(tau=2)) traced, unroll_timesteps(T),
                 insert_surrogate("atan"), snnc.ops.gemm.fast_linears: one Linear over T*B rows on
-                the float32 GEMM that won a per-shape race (MKL vs oneDNN; ``gemm_picks``) + the
-                fused native LIF scan (spikes written over the Linear's output, backward keeps
-                z fp32 + uint8 spikes, the broadcast dL/dS of sum() read once)
+                the float32 GEMM that won a per-shape race (MKL vs oneDNN; ``gemm_picks``), its
+                output feature-major (y^T = W x^T, so dW = g^T x needs no transposed copy of g)
+                + the fused native LIF scan reading that layout (spikes written over the Linear's
+                output, backward keeps z fp32 + uint8 spikes, the broadcast dL/dS read once)
   snnc_bf16     the same with fast_linears(precision="bfloat16"): explicit opt-in, GEMM operands
                 in bfloat16 (bound 2^-6 * sum|a b| per output, see snnc.ops.gemm); needs native
                 bf16 (AVX512_BF16 / AMX), else skipped
@@ -25,7 +26,11 @@ forward+backward after a warm-up, measured in a fresh process per library (Linux
 through /proc/self/clear_refs; MALLOC_MMAP_THRESHOLD_=16384 there so that freed tensors go back to
 the OS at once and RSS follows live memory; the timing runs keep the normal allocator). Each line
 also gives ``fwd_bwd_ratio_vs_fastest_peer`` (snnc's line: the target is <= 0.5; snnc_* lines are
-never the "peer").
+never the "peer"). The GEMM bound: a first line gives ``host_fp32_peak_gflops`` (bench/host_peak.py,
+measured FMA peak with all threads), snnc's line ``gemm_gflops`` (each of its two GEMMs, forward
+and weight gradient, timed alone on the task's operands) and ``gemm_floor_ms``: the two GEMMs'
+flops at the host's peak, a floor no float32 implementation of the task can beat here (no
+Strassen-like tricks), with ``gemm_floor_ratio_vs_fastest_peer``.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import time
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's snnc (and bench.host_peak)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -170,12 +176,26 @@ def memory_of(name, n, T):
         return None
 
 
+def _gemm_rates(n, T, rounds=3):
+    """GFLOP/s of snnc's two GEMMs on this task's shapes (feature-major forward ``W x^T`` and
+    weight gradient ``g^T x``, on their raced backends), each timed alone, median of ``rounds``."""
+    from snnc.ops.gemm import _nt, picks
+    from snnc.report import interleaved_seconds
+    won = {key.split()[0]: v for key, v in picks().items()}
+    rows = T * BATCH
+    w, x, gt = torch.randn(n, n), torch.randn(rows, n), torch.randn(n, rows)
+    secs = interleaved_seconds({"forward": lambda: _nt(w, x, None, won.get("forward_fm", "onednn"), "float32"),
+                                "weight_grad": lambda: _nt(gt, x.t(), None, won.get("weight_grad_fm", "onednn"), "float32")},
+                               rounds)
+    return {k: round(2 * rows * n * n / v / 1e9, 1) for k, v in secs.items()}
+
+
 def _gemm_picks(n, impl):
     """The GEMM race's winners for this size (snnc.ops.gemm), e.g. ``{"forward": "onednn"}``."""
     from snnc.ops.gemm import picks
     if impl == "snnc_bf16":   # not raced: bfloat16 is oneDNN's
         return {"all": "onednn bfloat16"}
-    return {key.split()[0]: v for key, v in picks().items() if key.split()[1].endswith(f"x{n}")}
+    return {key.split()[0]: v for key, v in picks().items() if str(n) in key.split()[1].split("x")}
 
 
 def _vs_float32(firsts, name):
@@ -189,7 +209,7 @@ def _vs_float32(firsts, name):
             "weight_grad_rel_err_vs_snnc_fp32": round(float((w - w_ref).norm() / w_ref.norm()), 5)}
 
 
-def bench(n, T, rounds, names):
+def bench(n, T, rounds, names, peak=None):
     proto, x = _task(n, T)
     peers, firsts = {}, {}
     for name in names:
@@ -213,11 +233,16 @@ def bench(n, T, rounds, names):
             times[k][1].append(b)
     med = {k: (statistics.median(f), statistics.median(b)) for k, (f, b) in times.items()}
     fastest_peer = min((f + b for k, (f, b) in med.items() if not k.startswith("snnc")), default=None)
+    floor = {}
+    if peak and "snnc" in med:   # the two GEMMs (forward, dW; x needs no gradient) at the host's peak
+        floor_s = 2 * (2 * T * BATCH * n * n) / (peak * 1e9)
+        floor = {"gemm_gflops": _gemm_rates(n, T), "host_fp32_peak_gflops": peak, "gemm_floor_ms": round(floor_s * 1e3, 1),
+                 "gemm_floor_ratio_vs_fastest_peer": None if fastest_peer is None else round(floor_s / fastest_peer, 3)}
     for k, (f, b) in med.items():
         emit(bench="open_neuromorphic", n=n, impl=k, batch=BATCH, T=T, rounds=rounds, threads=torch.get_num_threads(),
              fwd_ms=round(f * 1e3, 1), bwd_ms=round(b * 1e3, 1), fwd_bwd_ms=round((f + b) * 1e3, 1),
              fwd_bwd_ratio_vs_fastest_peer=None if fastest_peer is None else round((f + b) / fastest_peer, 3),
-             **({"gemm_picks": _gemm_picks(n, k)} if k.startswith("snnc") else {}))
+             **({"gemm_picks": _gemm_picks(n, k)} if k.startswith("snnc") else {}), **(floor if k == "snnc" else {}))
 
 
 def main(argv=None):
@@ -235,8 +260,16 @@ def main(argv=None):
         print(json.dumps({"peak_mb": peak_mb(*_make(args.memory_of, proto, args.T), x)}))
         return
     names = args.peers or [p for p in PEERS if not (args.quick and p == "norse_compiled")]
+    from bench.host_peak import fp32_peak_gflops
+    try:
+        peak = round(fp32_peak_gflops(torch.get_num_threads()), 1)
+    except (OSError, subprocess.SubprocessError) as e:   # no C compiler: no bound, the rest still runs
+        peak = None
+        emit(bench="open_neuromorphic", host_fp32_peak_gflops=None, skipped=f"{type(e).__name__}: {e}")
+    else:
+        emit(bench="open_neuromorphic", host_fp32_peak_gflops=peak, threads=torch.get_num_threads())
     for n in args.n or ([256] if args.quick else [1024, 4096]):
-        bench(n, args.T or (50 if args.quick else 500), args.rounds or (2 if args.quick else 5), names)
+        bench(n, args.T or (50 if args.quick else 500), args.rounds or (2 if args.quick else 5), names, peak)
 
 
 if __name__ == "__main__":

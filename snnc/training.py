@@ -7,6 +7,7 @@ ordinary ``nn.Module``: any torch loop, optimiser or ``DistributedDataParallel``
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -19,9 +20,12 @@ from tqdm.auto import tqdm
 from .errors import InputError, SnncError
 from .ir import graph_spec, info
 from .ops import Neuron
+from .ops.gemm import routed_linears
 from .ops.spike_store import compact_spikes, scan_state, spike_storage  # noqa: F401 (public)
 from .ops.train_conv import MODES as CONV_MODES
 from .ops.train_conv import int8_error_bound, spike_convs  # noqa: F401 (public)
+
+LINEAR_MODES = ("float32", "exact")
 
 
 def _check_trainable(gm):
@@ -115,7 +119,8 @@ def reuse_freed_memory() -> bool:
 
 def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, lr: float = 1e-3,
             val_loader=None, device=None, grad_clip: float | None = None, progress=None,
-            reuse_memory: bool = True, saved_state: str = "float32", convs: str = "int8") -> list[dict]:
+            reuse_memory: bool = True, saved_state: str = "float32", convs: str = "int8",
+            linears: str = "float32") -> list[dict]:
     """Train ``gm`` in place for ``epochs`` passes over ``loader`` (batches ``(x, y)``).
 
     ``optimizer``: None (Adam with ``lr``), an optimiser, or a factory ``f(params, lr=lr)``.
@@ -131,6 +136,10 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     ``int8_error_bound(weight)`` of fp32, where the CPU has VNNI/AMX; the backward is fp32),
     ``"float32"`` (channels_last fp32) or ``"exact"`` (the modules' own convs, bit-identical to
     the inference graph's forward).
+    ``linears``: how nn.Linear layers run while training (``snnc.ops.gemm``): ``"float32"`` (the
+    GEMM backend that won a per-shape race, MKL or oneDNN, float32 within K*2^-24*sum|ab|; a Linear
+    feeding a neuron scan writes its output feature-major; the graph's Linears are plain again
+    afterwards) or ``"exact"`` (``nn.Linear``'s own, bit-identical to the inference forward).
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
@@ -139,6 +148,8 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
         raise SnncError(f"retrain: saved_state must be 'float32' or 'float16', got {saved_state!r}")
     if convs not in CONV_MODES:
         raise SnncError(f"retrain: convs must be one of {list(CONV_MODES)}, got {convs!r}")
+    if linears not in LINEAR_MODES:
+        raise SnncError(f"retrain: linears must be one of {list(LINEAR_MODES)}, got {linears!r}")
     compact_spikes(gm)
     if reuse_memory:
         reuse_freed_memory()
@@ -148,31 +159,33 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     opt = _make_optimizer(gm, optimizer, lr)
     seq_out = _output_is_sequence(gm)
     history = []
-    for epoch in range(1, epochs + 1):
-        gm.train()
-        t0 = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"retrain epoch {epoch}/{epochs}", leave=False, disable=True if progress is False else None)
-        for x, y in bar:
-            x, y = (x.to(device), y.to(device)) if device else (x, y)
-            opt.zero_grad(set_to_none=True)
-            with scan_state(saved_state), spike_convs(convs):
-                out = gm(prepare_input(spec, x))
-            out = out.mean(0) if seq_out else out
-            value = loss_fn(out, y)
-            value.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(gm.parameters(), grad_clip)
-            opt.step()
-            total_loss += value.item() * len(y)
-            seen += len(y)
-            if y.dim() == 1:
-                correct += (out.detach().argmax(-1) == y).sum().item()
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        row = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
-        if val_loader is not None:
-            row["val_acc"] = evaluate(gm, val_loader, device)
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
+    # the Linears are routed for the training steps only (the inference graph stays as it was)
+    with routed_linears(gm) if linears == "float32" else contextlib.nullcontext():
+        for epoch in range(1, epochs + 1):
+            gm.train()
+            t0 = time.perf_counter()
+            total_loss, correct, seen = 0.0, 0, 0
+            bar = tqdm(loader, desc=f"retrain epoch {epoch}/{epochs}", leave=False, disable=True if progress is False else None)
+            for x, y in bar:
+                x, y = (x.to(device), y.to(device)) if device else (x, y)
+                opt.zero_grad(set_to_none=True)
+                with scan_state(saved_state), spike_convs(convs):
+                    out = gm(prepare_input(spec, x))
+                out = out.mean(0) if seq_out else out
+                value = loss_fn(out, y)
+                value.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(gm.parameters(), grad_clip)
+                opt.step()
+                total_loss += value.item() * len(y)
+                seen += len(y)
+                if y.dim() == 1:
+                    correct += (out.detach().argmax(-1) == y).sum().item()
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            row = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+            if val_loader is not None:
+                row["val_acc"] = evaluate(gm, val_loader, device)
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
     gm.eval()
     return history

@@ -28,6 +28,16 @@ on its own. Guarantees per ``precision``:
   bfloat16 (half the bytes). Spikes near the threshold may flip: use it for training speed, not
   for bit-exact comparisons.
 
+**Feature-major output.** A Linear whose output feeds only a neuron that runs the native scan
+(in a ``compact_spikes`` training graph: ``spike_store.neuron_fed_by``) computes ``y^T = W x^T``
+instead, ``[features, T*B]`` in memory, and returns it as the ``[T, B, features]`` view: the
+same GEMM flops, but (1) the scan walks each feature's T steps as one contiguous row
+(``native.feature_major``), (2) the scan's dL/dy comes back in that layout, which is the
+contiguous ``g^T`` the weight gradient ``g^T x`` needs as oneDNN's source operand: the standard
+layout costs a transposed copy of ``g`` (oneDNN's linear takes only a contiguous source; 24 ms
+CPU of the 8000x1024 Open Neuromorphic step), and (3) the bias gradient is a row sum. The
+bias is added to ``y^T`` in place (one pass) rather than by oneDNN. Same float32 bound.
+
 ``fast_linears(gm)`` installs forward hooks on each ``nn.Linear`` of ``gm`` (the module types
 and the graph are unchanged, so ``snnc.dump``, saving and the spike hooks of ``spike_store`` see
 the same graph): while a Linear runs, a ``TorchFunctionMode`` routes its ``F.linear`` to
@@ -35,6 +45,7 @@ the same graph): while a Linear runs, a ``TorchFunctionMode`` routes its ``F.lin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -48,6 +59,7 @@ from ..errors import SnncError
 
 PRECISIONS = ("float32", "bfloat16")
 BACKENDS = ("mkl", "onednn")
+LAYOUTS = ("auto", "standard")
 RACE_ROWS = 2048   # rows of the operands a race times (the full GEMM at n=4096 costs seconds)
 RACE_RUNS = 3
 _picks: dict = {}  # (op, precision, M, K, N, threads) -> backend
@@ -92,9 +104,11 @@ def _race(op, a, b, bias, precision, forced):
         return pick
     options = [k for k in BACKENDS if k != "onednn" or _onednn_ok()]
     if len(options) > 1:
-        # a row slice of the real operands; for the weight gradient the rows are the reduction
-        rows = slice(0, min(a.shape[0], RACE_ROWS))
-        sa, sb = (a[:, rows], b[:, rows]) if op == "weight_grad" else (a[rows], b)
+        # a slice of the real operands' T*B rows: the reduction of the weight gradient, a's rows
+        # in the standard forward / input gradient, b's rows in their feature-major forms
+        rows = slice(0, RACE_ROWS)
+        sa, sb = ((a[:, rows], b[:, rows]) if op.startswith("weight_grad") else
+                  (a, b[rows]) if op.endswith("_fm") else (a[rows], b))
         best = {k: float("inf") for k in options}
         with torch.no_grad():
             for k in options:
@@ -124,17 +138,22 @@ def clear_picks():
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ W.T + b`` with each of the three GEMMs on its raced backend."""
+    """``x @ W.T + b`` with each of the three GEMMs on its raced backend; ``fm``: the output is
+    feature-major (module docstring), and the gradients are computed in that layout."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, precision, forced):
+    def forward(ctx, x, weight, bias, precision, forced, fm):
         x2 = x.reshape(-1, x.shape[-1])
         if precision == "bfloat16":   # cast once: the forward reads it and backward keeps it (half the bytes)
             x2 = x2.to(torch.bfloat16)
-        y = _nt(x2, weight, bias, _race("forward", x2, weight, bias, precision, forced), precision)
-        ctx.precision, ctx.forced, ctx.has_bias, ctx.x_shape = precision, forced, bias is not None, x.shape
+        if fm:   # y^T = W x^T, [out, rows]; the bias per row of y^T, in place
+            yt = _nt(weight, x2, None, _race("forward_fm", weight, x2, None, precision, forced), precision)
+            y = (yt if bias is None else yt.add_(bias[:, None])).t()
+        else:
+            y = _nt(x2, weight, bias, _race("forward", x2, weight, bias, precision, forced), precision)
+        ctx.precision, ctx.forced, ctx.fm, ctx.has_bias, ctx.x_shape = precision, forced, fm, bias is not None, x.shape
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0])   # a view: y^T's layout is kept
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -142,21 +161,29 @@ class _Linear(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         p, forced = ctx.precision, ctx.forced
         gx = gw = gb = None
+        gt = g.t()
+        if ctx.fm and not gt.is_contiguous():   # dL/dy from elsewhere than the scan: one copy
+            gt = gt.contiguous()
         if ctx.needs_input_grad[0]:
-            wt = weight.t()
-            gx = _nt(g, wt, None, _race("input_grad", g, wt, None, p, forced), p).reshape(ctx.x_shape)
+            if ctx.fm:   # dL/dx^T = W^T g^T, feature-major like y
+                wt = weight.t().contiguous()
+                gx = _nt(wt, g, None, _race("input_grad_fm", wt, g, None, p, forced), p).t().reshape(ctx.x_shape)
+            else:
+                wt = weight.t()
+                gx = _nt(g, wt, None, _race("input_grad", g, wt, None, p, forced), p).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gt, xt = g.t(), x2.t()
-            gw = _nt(gt, xt, None, _race("weight_grad", gt, xt, None, p, forced), p)
+            xt = x2.t()
+            op = "weight_grad_fm" if ctx.fm else "weight_grad"
+            gw = _nt(gt, xt, None, _race(op, gt, xt, None, p, forced), p)
         if ctx.needs_input_grad[2] and ctx.has_bias:
-            gb = g.sum(0)
-        return gx, gw, gb, None, None
+            gb = gt.sum(1)
+        return gx, gw, gb, None, None, None
 
 
 class _RouteLinear(TorchFunctionMode):
-    def __init__(self, precision, forced):
+    def __init__(self, precision, forced, fm=False):
         super().__init__()
-        self.precision, self.forced = precision, forced
+        self.precision, self.forced, self.fm = precision, forced, fm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -165,7 +192,7 @@ class _RouteLinear(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if (x.dim() >= 2 and x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
                     and (b is None or b.dtype == torch.float32) and x.numel() > 0):
-                return _Linear.apply(x, w, b, self.precision, self.forced)
+                return _Linear.apply(x, w, b, self.precision, self.forced, self.fm)
         return func(*args, **kwargs)
 
 
@@ -173,12 +200,25 @@ _HOOK_ATTR = "_snnc_fast_linear"
 _local = threading.local()   # per thread: the modes pushed by Linear calls in flight (a module may run in several threads)
 
 
+def _feature_major(module, args) -> bool:
+    """Whether this call's output goes, alone, to a neuron running the native scan (module
+    docstring), and its backward is this module's own (a spike input has ``spike_layers``')."""
+    if not torch.is_grad_enabled():
+        return False
+    from . import spike_store
+    from .neuron_scan import runs_native_scan
+    neuron = spike_store.neuron_fed_by(module)
+    return (neuron is not None and runs_native_scan(neuron) and len(args) == 1
+            and spike_store.lookup(args[0]) is None)
+
+
 def _enter(module, args):
     stack = _local.__dict__.setdefault("modes", [])
     if torch.compiler.is_compiling():   # dynamo traces F.linear itself
         stack.append(None)
         return
-    mode = _RouteLinear(*getattr(module, _HOOK_ATTR))
+    precision, backend, layout = getattr(module, _HOOK_ATTR)
+    mode = _RouteLinear(precision, backend, layout == "auto" and _feature_major(module, args))
     mode.__enter__()
     stack.append(mode)
 
@@ -190,15 +230,20 @@ def _exit(module, args, output):
         mode.__exit__(None, None, None)
 
 
-def fast_linears(gm: nn.Module, precision: str = "float32", backend: str | None = None) -> nn.Module:
+def fast_linears(gm: nn.Module, precision: str = "float32", backend: str | None = None,
+                 layout: str = "auto") -> nn.Module:
     """Route every ``nn.Linear`` of ``gm`` (in place; returns ``gm``) through the raced GEMMs.
 
     ``precision``: ``"float32"`` (within float32 rounding, see the module docstring) or
     ``"bfloat16"`` (explicit opt-in, bound 2^-6 * sum |a b|; needs native bf16 in the CPU).
     ``backend``: None races MKL against oneDNN per shape; ``"mkl"`` / ``"onednn"`` forces one
-    (``$SNNC_GEMM`` does the same for every graph). Calling it again changes the settings."""
+    (``$SNNC_GEMM`` does the same for every graph). ``layout``: ``"auto"`` gives a Linear that
+    feeds a native neuron scan a feature-major output (module docstring), ``"standard"`` never.
+    Calling it again changes the settings."""
     if precision not in PRECISIONS:
         raise SnncError(f"fast_linears: precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if layout not in LAYOUTS:
+        raise SnncError(f"fast_linears: layout must be one of {list(LAYOUTS)}, got {layout!r}")
     backend = backend if backend is not None else (os.environ.get("SNNC_GEMM") or None)
     if backend is not None and backend not in BACKENDS:
         raise SnncError(f"fast_linears: backend must be None or one of {list(BACKENDS)} (argument or $SNNC_GEMM), "
@@ -210,9 +255,29 @@ def fast_linears(gm: nn.Module, precision: str = "float32", backend: str | None 
                         "AMX-BF16) and a torch build with oneDNN; use precision='float32' here")
     for m in gm.modules():
         if isinstance(m, nn.Linear):
-            setattr(m, _HOOK_ATTR, (precision, backend))
+            setattr(m, _HOOK_ATTR, (precision, backend, layout))
             if _enter not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_enter)
-                # popped first, before hooks that look at the output (spike_store's)
-                m.register_forward_hook(_exit, always_call=True, prepend=True)
+                # _exit pops first, before hooks that look at the output (spike_store's)
+                m.__dict__[_HANDLES_ATTR] = (m.register_forward_pre_hook(_enter),
+                                             m.register_forward_hook(_exit, always_call=True, prepend=True))
     return gm
+
+
+_HANDLES_ATTR = "_snnc_fast_linear_handles"
+
+
+@contextlib.contextmanager
+def routed_linears(gm: nn.Module, precision: str = "float32"):
+    """``fast_linears(gm, precision)`` within the block; the Linears that were not routed before
+    are plain ``nn.Linear`` again after it (``retrain``'s ``linears="float32"``: the trained graph
+    then runs inference exactly as before). Already routed Linears keep their settings."""
+    fresh = [m for m in gm.modules() if isinstance(m, nn.Linear) and _enter not in m._forward_pre_hooks.values()]
+    for m in fresh:
+        fast_linears(m, precision)
+    try:
+        yield gm
+    finally:
+        for m in fresh:
+            for handle in m.__dict__.pop(_HANDLES_ATTR, ()):
+                handle.remove()
+            m.__dict__.pop(_HOOK_ATTR, None)

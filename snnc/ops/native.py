@@ -142,12 +142,32 @@ def time_major(x) -> bool:
         (x.shape[0] == 1 or x.stride(0) == x[0].numel()) and _dense(x)))
 
 
+def feature_major(x) -> bool:
+    """Whether ``x [T, ..., F]`` lies in memory as ``[F, T, ...]``: what a Linear computing
+    ``y^T = W x^T`` returns (``snnc.ops.gemm``, feature-major layout). Each feature's T steps
+    are then one contiguous run, which the kernels walk as one row."""
+    return x.dim() >= 2 and x.shape[0] > 1 and x.shape[-1] > 1 and x.movedim(-1, 0).is_contiguous()
+
+
+def _lanes(x):
+    """``(x, L)``: the kernels' ``[R, T, L]`` view of ``x [T, ...]`` (see neuron_scan.c): the
+    time-major layout is R = 1, L = M; the feature-major one R = F, L = M / F; any other layout
+    is copied to time-major first."""
+    if time_major(x):
+        return x, x[0].numel()
+    if feature_major(x):
+        return x, x[0].numel() // x.shape[-1]
+    x = x.contiguous()
+    return x, x[0].numel()
+
+
 def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
     ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
     ``x`` (each element is read before it is written) and returned as a new tensor on its memory.
-    The outputs keep ``x``'s memory layout when it is ``time_major`` (no copy of a channels_last x)."""
-    x = x if time_major(x) else x.contiguous()
+    The outputs keep ``x``'s memory layout when it is ``time_major`` (no copy of a channels_last x)
+    or ``feature_major``."""
+    x, L = _lanes(x)
     T, M = x.shape[0], x[0].numel()
     if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
         s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
@@ -159,7 +179,7 @@ def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
     args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
             p["v_reset"], p["v_init"], int(p["strict"]))
     _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), s.data_ptr(), s8.data_ptr(), _ptr_or_null(zf),
-                                                   _ptr_or_null(zh), T, M, lo, hi, *args), M, T)
+                                                   _ptr_or_null(zh), T, L, lo, hi, *args), M, T)
     return s, s8, z
 
 
@@ -172,12 +192,12 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
         grad_s = grad_s[(0,) * grad_s.dim()].reshape(1).contiguous()
     elif grad_s.stride() != z.stride():   # dL/dS in the layout of the saved z (see time_major)
         grad_s = torch.empty_like(z, dtype=torch.float32).copy_(grad_s)
-    T, M = z.shape[0], z[0].numel()
+    T, M, L = z.shape[0], z[0].numel(), _lanes(z)[1]   # z is never copied: it is in a kernel layout
     gx = torch.empty_like(z, dtype=torch.float32)
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
     args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),
-                                                    int(scalar), gx.data_ptr(), T, M, lo, hi, *args), M, T)
+                                                    int(scalar), gx.data_ptr(), T, L, lo, hi, *args), M, T)
     return gx
 
 

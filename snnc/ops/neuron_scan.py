@@ -98,6 +98,13 @@ def _native_plan(neuron, x_seq, surrogate):
                  "v_init": neuron.v_init, "strict": neuron.compare == ">"}
 
 
+def runs_native_scan(neuron) -> bool:
+    """Whether a float32 CPU multi-step call of ``neuron`` (with autograd) runs the C scan, which
+    reads a feature-major input as it lies (``native.feature_major``; no copy)."""
+    return (getattr(neuron, "step_mode", None) == "m" and not getattr(neuron, "output_membrane", True)
+            and fusable(neuron) and _native_plan(neuron, torch.empty(0), neuron.surrogate) is not None)
+
+
 def _torch_forward(x_seq, neuron):
     """The scan in torch ops: ``(spikes, z)``, spikes bit-identical to the step loop."""
     decay, _ = linear_charge(neuron)

@@ -91,14 +91,14 @@ def _stack():
 
 
 def _single_use_producers(gm):
-    """The neurons of ``gm`` whose input is, through time.split views only, the output of a
-    Conv/Linear module called once and read by nothing else."""
+    """``{neuron: producer}`` for the neurons of ``gm`` whose input is, through time.split views
+    only, the output of a Conv/Linear module (``producer``) called once and read by nothing else."""
     from torch import fx, nn
 
     from .coding import SplitTime
     from .neurons import Neuron
     if not isinstance(gm, fx.GraphModule):
-        return frozenset()
+        return {}
     mods = dict(gm.named_modules())
     calls = {}
     for n in gm.graph.nodes:
@@ -108,7 +108,7 @@ def _single_use_producers(gm):
     def module(node, kinds):
         return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
                 and calls[node.target] == 1 and isinstance(mods.get(node.target), kinds))
-    donors = set()
+    donors = {}
     for n in gm.graph.nodes:
         if n.op != "call_module" or calls[n.target] != 1 or not isinstance(mods.get(n.target), Neuron) or len(n.args) != 1:
             continue
@@ -117,13 +117,19 @@ def _single_use_producers(gm):
             src = src.args[0]
         if module(src, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and type(mods[src.target]).forward in (
                 nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward):
-            donors.add(mods[n.target])
-    return frozenset(donors)
+            donors[mods[n.target]] = mods[src.target]
+    return donors
 
 
 def may_overwrite_input(neuron) -> bool:
     """Whether ``neuron``'s input current is its own to overwrite in the current graph call."""
     return neuron in getattr(_local, "donors", ())
+
+
+def neuron_fed_by(module):
+    """The neuron whose input current is ``module``'s output alone in the current graph call (a
+    ``compact_spikes`` graph; see ``_single_use_producers``), else None."""
+    return next((n for n, p in getattr(_local, "donors", {}).items() if p is module), None)
 
 
 def _enter(module, args):
@@ -136,8 +142,8 @@ def _enter(module, args):
     mode = ConvMode() if pushed and conv_mode() != "exact" and torch.is_grad_enabled() else None
     if mode is not None:
         mode.__enter__()
-    _stack().append((pushed, getattr(_local, "donors", frozenset()), mode))
-    _local.donors = _single_use_producers(module) if pushed else frozenset()
+    _stack().append((pushed, getattr(_local, "donors", {}), mode))
+    _local.donors = _single_use_producers(module) if pushed else {}
 
 
 def _exit(module, args, output):
