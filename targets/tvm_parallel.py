@@ -11,16 +11,21 @@ module call hit its first kernel the same way. One pool has no hand-off: the thr
 finished a torch op (still spinning, so awake) take the TVM kernel's tasks.
 
 How: a library TVM builds calls its parallel launch through a function pointer it exports,
-``__TVMBackendParallelLaunch`` (and ``__TVMBackendParallelBarrier``), which TVM's loader points
-at its pool. Here they are pointed at an OpenMP launcher (``snnc/ops/kernels/tvm_parallel.c``,
+``__TVMBackendParallelLaunch``, which TVM's loader points at its pool. Here it is pointed at an
+OpenMP launcher (``snnc/ops/kernels/tvm_parallel.c``,
 built and cached like the native kernels), linked against ``libgomp.so.1``: the dynamic linker
 resolves that to the libgomp torch has already loaded, so the team is torch's.
 
 Assumes: torch's parallel backend is OpenMP and the library is a loaded ``.so`` (a library just
 built in memory is loaded from its cache file, or from a private temporary copy). Guarantees: the
-same kernels and TVM's own loop split (``num_task`` chunks, one per thread), so results are
-bit-identical to TVM's pool. Where anything is missing (no C compiler, another torch backend,
-``SNNC_TVM_THREADS=tvm`` for comparisons), TVM's pool stays, with the same results.
+same kernels and TVM's own loop split (``num_task`` chunks; here 4 per thread, taken dynamically,
+so a thread the OS deschedules on a loaded machine does not hold the others spinning), so results
+are bit-identical to TVM's pool (chunks are independent; a library whose loops synchronise
+threads, ``__TVMBackendParallelBarrier``, is not hooked). Where anything is missing (no C
+compiler, another torch backend, ``SNNC_TVM_THREADS=tvm`` for comparisons), TVM's pool stays,
+with the same results. The hooks
+belong to a loaded library, so a library already hooked in this process stays hooked
+(``meta["kernel_threads"]`` says so; ``cache=False`` builds a fresh one).
 """
 from __future__ import annotations
 
@@ -40,8 +45,7 @@ from snnc.ops import native
 
 SOURCE = Path(native.__file__).parent / "kernels" / "tvm_parallel.c"
 FLAGS = ["-O2", "-fopenmp", "-fPIC", "-shared"]
-HOOKS = {"__TVMBackendParallelLaunch": "snnc_tvm_parallel_launch",
-         "__TVMBackendParallelBarrier": "snnc_tvm_parallel_barrier"}
+LAUNCH, BARRIER = "__TVMBackendParallelLaunch", "__TVMBackendParallelBarrier"
 _lock = threading.Lock()
 _state = {"lib": None, "tried": False, "error": None}
 _loaded = {}  # library path -> the module loaded from it, its hooks pointing at OpenMP
@@ -72,6 +76,8 @@ def on_torch_threads(built):
     from .tvm_build import Built
     why = unavailable_reason()
     if why is not None:
+        if built.path is not None and str(built.path) in _loaded:  # hooks are per loaded library
+            return Built(_loaded[str(built.path)], built.path), "torch-openmp: hooked earlier in this process"
         return built, f"tvm-pool: {why}"
     lib = _state["lib"]
     lib.snnc_tvm_set_threads(torch.get_num_threads())
@@ -89,13 +95,17 @@ def on_torch_threads(built):
         else:
             module = built.module
         handle = ctypes.CDLL(path)  # the object TVM loaded (dlopen of a loaded path returns it)
-        for pointer, ours in HOOKS.items():
-            try:
-                slot = ctypes.c_void_p.in_dll(handle, pointer)
-            except ValueError:  # a library with no parallel loop has no launch pointer
-                continue
-            if not slot.value:  # not the copy TVM's loader initialised: leave it alone
-                return built, "tvm-pool: the library's hooks were not where TVM set them"
-            slot.value = ctypes.cast(getattr(lib, ours), ctypes.c_void_p).value
+        try:
+            ctypes.c_void_p.in_dll(handle, BARRIER)
+            return built, "tvm-pool: the library synchronises threads inside a loop"
+        except ValueError:  # no barrier: chunks may run on any thread (tvm_parallel.c)
+            pass
+        try:
+            slot = ctypes.c_void_p.in_dll(handle, LAUNCH)
+        except ValueError:  # no parallel loop at all
+            return built, "tvm-pool: the library has no parallel loop"
+        if not slot.value:  # not the copy TVM's loader initialised: leave it alone
+            return built, "tvm-pool: the library's hooks were not where TVM set them"
+        slot.value = ctypes.cast(lib.snnc_tvm_parallel_launch, ctypes.c_void_p).value
         _loaded[path] = module
     return Built(module, Path(path)), "torch-openmp"
