@@ -13,7 +13,9 @@ spikes race the int8 kernels; the line names the ISA and each layer's runner, di
 error bound and spike format, and ``race_ms``: each runner's time in the compile-time race). Where
 the host offers more than one spike-block runner (a VNNI host without AMX: oneDNN ``int8`` blocks
 and ``fused`` TVM blocks), the same module with every block forced to each runner is timed too
-(``snnc_tvm_llvm_int8_blocks`` / ``_fused_blocks``). Each line: median ms,
+(``snnc_tvm_llvm_int8_blocks`` / ``_fused_blocks``), and where the kernels run on torch's
+OpenMP threads (``kernel_threads``), the default module on TVM's own pool
+(``snnc_tvm_llvm_default_tvm_pool``). Each line: median ms,
 ``ratio_vs_torch_compile``, ``cpu_ratio_vs_torch_compile`` (process CPU time, which load from
 other processes inflates less than wall time) and spike agreement with the reference (fraction
 of equal outputs).
@@ -132,7 +134,8 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         m = snnc.compile(g, target=target, **options)
-        extra = {k: m.meta[k] for k in ("hybrid_convs", "spike_int8", "int8_isa", "spike_layers") if k in m.meta}
+        extra = {k: m.meta[k] for k in ("hybrid_convs", "spike_int8", "int8_isa", "spike_layers", "kernel_threads")
+                 if k in m.meta}
         blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)] if target == "tvm:llvm" else []
         races = {b.name: b.race_ms for b in blocks if hasattr(b, "race_ms")}  # absent when the choice was cached
         emit(bench="inference", impl=label, compile_s=round(time.perf_counter() - t0, 1), **extra,
@@ -141,6 +144,8 @@ def main(argv=None):
         runners = {b.name: b.options() for b in blocks}
         if label == "snnc_tvm_llvm_default" and len({r for o in runners.values() for r in o} - {"torch"}) > 1:
             fns.update(forced_runners(g, x, runners))  # each spike-block runner on every layer, same run
+        if label == "snnc_tvm_llvm_default" and m.meta.get("kernel_threads") == "torch-openmp":
+            fns.update(tvm_pool(g, x, m.meta["hybrid_convs"]))
     times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     with torch.no_grad():
         for k, fn in fns.items():
@@ -180,6 +185,21 @@ def forced_runners(g, x, runners):
         emit(bench="inference", impl=f"snnc_tvm_llvm_{runner}_blocks", hybrid_convs=apply_conv_choices(m._hybrid, want))
         fns[f"snnc_tvm_llvm_{runner}_blocks"] = (lambda m: lambda: m(x))(m)
     return fns
+
+
+def tvm_pool(g, x, choices):
+    """``{label: fn}``: the default module with its kernels on TVM's own thread pool instead of
+    torch's OpenMP team (``SNNC_TVM_THREADS=tvm``, targets/tvm_parallel.py), same runners."""
+    import os
+    from snnc.targets.tvm_hybrid import apply_conv_choices
+    os.environ["SNNC_TVM_THREADS"] = "tvm"
+    try:
+        m = snnc.compile(g, target="tvm:llvm", cache=False)  # a cached library keeps its first hooks
+    finally:
+        del os.environ["SNNC_TVM_THREADS"]
+    emit(bench="inference", impl="snnc_tvm_llvm_default_tvm_pool", kernel_threads=m.meta["kernel_threads"],
+         hybrid_convs=apply_conv_choices(m._hybrid, choices))
+    return {"snnc_tvm_llvm_default_tvm_pool": lambda: m(x)}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from tvm.script import tirx as T
 
 from .spike_conv import HI, stack_spikes, stacked_int8  # noqa: F401 (re-exported: the block's digit form)
-from .spike_fused import fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
+from .spike_fused import aligned, fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
 from .tvm_kernels import NeuronScan, _rule, _size, pick_lanes
 
 # fp32 conv output per conv call (SpikeBlock.tiles). Large on purpose: each conv -> kernel switch
@@ -202,8 +202,8 @@ class SpikeBlock(nn.Module):
         """The "fused" runner: one TVM call over all T (no conv output, no tiles)."""
         steps, n = x.shape[:2]
         pad, k = self.conv.padding[0], self.fused
-        if k.analog:  # the fp32 input, padded channels-last
-            x = to_padded(x, pad, self._out("x", x.shape, torch.float32, pad))
+        if k.analog:  # the caller's fp32 [T, N, C, H, W]: the kernel pads it itself (no torch op here)
+            x = aligned(x)
         elif self.in_format != "u8pad":  # another runner's spikes: fp32, or stacked uint8 (the low copy)
             cin = self.in_shape[1]
             spikes = x[:, :, cin:].float() if x.dtype == torch.uint8 else x

@@ -37,6 +37,23 @@ from tvm.script import tirx as T
 from .tvm_kernels import NeuronScan, _rule, pick_lanes
 from .tvm_spike_conv import DIGITS, LANES, _dot, _reg_cols, pack_weights
 
+TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous and 64-byte aligned, copying only when it is not.
+
+    Every TVM function here is compiled for buffers with TIR's default ``data_alignment=64``, so
+    LLVM emits aligned vector loads (``vmovaps``). tvm-ffi hands a torch tensor's pointer to the
+    kernel without checking that (only ``tvm.runtime.from_dlpack`` checks), and a batch slice such
+    as ``x_test[:1]`` may start 16 or 48 bytes past a 64-byte boundary: the kernel then dies with
+    SIGSEGV. Torch's own allocations are 64-byte aligned, so only views pay for the copy."""
+    x = x.contiguous()
+    if x.data_ptr() % TVM_ALIGNMENT:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 # int8 ISAs (``spike_conv.int8_isa``) where blocks race the fused kernel: VNNI without AMX (with
 # AMX-INT8, oneDNN's tile kernels are the faster conv, and the fused kernel is not built)
 FUSED_ISAS = ("avx512_vnni",)
@@ -60,9 +77,14 @@ def fused_block_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: in
     ``"f32"`` -> ``[T, N, Ho, Wo, O]`` in ``dtype``. N is symbolic.
 
     ``analog=True``: the same loop for a conv on any fp32 input (the first layer of a net),
-    ``(X[T, N, H+2p, W+2p, C] fp32, Wf[O/16, C, KH, KW, 16] fp32, B[O], out)`` with fp32 FMAs on
+    ``(X[T, N, C, H, W] fp32, Wf[O/16, C, KH, KW, 16] fp32, S, B[O], out)`` with fp32 FMAs on
     16 output channels x R columns: fp32 results, summed in another order than oneDNN's (they
-    differ by fp32 rounding, not bit for bit)."""
+    differ by fp32 rounding, not bit for bit). X is the caller's tensor as it comes: a first
+    parallel loop writes it padded channels-last into TVM's workspace. Why here and not in torch
+    (measured, bench net N=16 on the 2-core Zen 5 host, under load): the torch copy into a padded
+    buffer cost more than the conv kernel itself (18.3 vs 6.9 ms for copy + kernel against this
+    kernel), because after any parallel torch op its OpenMP threads spin-wait on the cores TVM's
+    pool is about to use."""
     if p.v_th == "buffer":
         raise ValueError("fused_block_kernel: scalar thresholds only")
     N, Hp, Wp = tvm.tirx.Var("n", "int64"), H + 2 * pad, W + 2 * pad
@@ -91,15 +113,25 @@ def fused_block_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: in
             return a + T.broadcast(P[t, n, y + ry, x + rx, c], LANES) * Wq[fo, c, ry, rx, T.ramp(0, 1, LANES)]
         return _dot(isa, a, P[t, n, y + ry, x + rx, c], Wq[d, fo, c, ry, rx, T.ramp(0, 1, 64)])
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func(s_tir=True, check_well_formed=False)
     def fused_block(p_: T.handle, wq: T.handle, sc: T.handle, bi: T.handle, s: T.handle):
         T.func_attr({"tir.noalias": True})
-        P = T.match_buffer(p_, in_shape, in_dtype)
         Wq = T.match_buffer(wq, w_shape, w_dtype)
         S = T.match_buffer(sc, (D, O), "float32")
         B = T.match_buffer(bi, (O,), "float32")
         Out = T.match_buffer(s, out_shape, out_dtype)
+        if analog:  # the caller's [T, N, C, H, W], padded channels-last into TVM's workspace here
+            X = T.match_buffer(p_, (steps, N, C, H, W), dtype)
+            P = T.alloc_buffer(in_shape, dtype)
+        else:
+            P = T.match_buffer(p_, in_shape, in_dtype)
         with T.sblock("root"):
+            if analog:
+                for row in T.parallel(steps * N * Hp):
+                    for xx, c in T.grid(Wp, C):
+                        P[row // (N * Hp), row // Hp % N, row % Hp, xx, c] = T.if_then_else(
+                            pad <= row % Hp and row % Hp < H + pad and pad <= xx and xx < W + pad,
+                            X[row // (N * Hp), row // Hp % N, c, row % Hp - pad, xx - pad], T.Cast(dtype, 0))
             for nfy in T.parallel(N * O16 * Ho):
                 for xo in range(XO):
                     acc = T.alloc_buffer((D * R * LANES,), acc_dtype, scope="local")
@@ -159,7 +191,7 @@ def padded_scan_kernel(C: int, H: int, W: int, pad: int, p: NeuronScan, dtype: s
 
 def padded_spikes(shape, pad: int, dtype=torch.uint8) -> torch.Tensor:
     """A zeroed padded channels-last buffer for ``[T, N, C, H, W]``: ``u8pad`` spikes (C rounded up
-    to whole int32 words), or the fp32 input of an analog fused block (``dtype=torch.float32``)."""
+    to whole int32 words), or any dtype's padded channels-last copy (``to_padded``)."""
     steps, n, c, h, w = shape
     c = -(-c // 4) * 4 if dtype == torch.uint8 else c
     return torch.zeros(steps, n, h + 2 * pad, w + 2 * pad, c, dtype=dtype)
@@ -168,7 +200,7 @@ def padded_spikes(shape, pad: int, dtype=torch.uint8) -> torch.Tensor:
 def to_padded(x: torch.Tensor, pad: int, out: torch.Tensor) -> torch.Tensor:
     """``x`` ``[T, N, C, H, W]`` (any memory order) written into the padded buffer ``out`` (whose
     border and extra channels stay zero): the input of a fused block whose producer writes
-    another format, or the analog input of a first layer."""
+    another format."""
     c, h, w = x.shape[2:]
     out[:, :, pad:pad + h, pad:pad + w, :c] = x.permute(0, 1, 3, 4, 2)
     return out

@@ -69,6 +69,7 @@ from .spike_conv import int8_isa
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
                          run_hybrid, spike_report)
 from .tvm_lower import check_supported, to_relax
+from .tvm_parallel import on_torch_threads
 from .tvm_spike_conv import AMX_MATTR, amx_permission, check_loadable, spike_kernels
 
 MODES = ("auto", "hybrid", "relax")
@@ -361,6 +362,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8)
     key = tb.graph_key(g, tdict, "hybrid", hg.kernel_key)
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
+    if device == "cpu":  # one thread pool for torch ops and TVM kernels (tvm_parallel: why)
+        lib, meta["kernel_threads"] = on_torch_threads(lib)
     bind_kernels(hg, lib.module)
     if convs == "auto":
         # a race's winner depends on the thread count (torch's; TVM's pool follows it)

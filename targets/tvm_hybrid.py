@@ -31,27 +31,11 @@ from snnc.ops.coding import MergeTime, SplitTime
 
 from .spike_block import SpikeBlock, set_spike_formats
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
-from .spike_fused import FUSED_ISAS, FusedKernel, fused_applies
+from .spike_fused import FUSED_ISAS, FusedKernel, aligned, fused_applies  # noqa: F401 (aligned: re-exported)
 from .tvm_kernels import neuron_scan_kernel, pick_lanes, readout_kernel
 from .tvm_lower import fused_scan_ok, multi_state, neuron_scan, recurrent_scan, state_kernel
 from .tvm_recurrent import recurrent_kernel
 from .tvm_schedule import conv2d_kernel
-
-TVM_ALIGNMENT = 64  # bytes: TIR buffers default to data_alignment=64
-
-
-def aligned(x: torch.Tensor) -> torch.Tensor:
-    """``x`` contiguous and 64-byte aligned, copying only when it is not.
-
-    Every TVM function here is compiled for buffers with TIR's default ``data_alignment=64``, so
-    LLVM emits aligned vector loads (``vmovaps``). tvm-ffi hands a torch tensor's pointer to the
-    kernel without checking that (only ``tvm.runtime.from_dlpack`` checks), and a batch slice such
-    as ``x_test[:1]`` may start 16 or 48 bytes past a 64-byte boundary: the kernel then dies with
-    SIGSEGV. Torch's own allocations are 64-byte aligned, so only views pay for the copy."""
-    x = x.contiguous()
-    if x.data_ptr() % TVM_ALIGNMENT:
-        x = x.clone(memory_format=torch.contiguous_format)
-    return x
 
 
 class TVMKernelCall(nn.Module):

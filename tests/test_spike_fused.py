@@ -50,7 +50,8 @@ def _run_kernel(conv, lif, x, analog, out_format):
     fn = tb.build_kernels({"k": fused_block_kernel(c, conv.out_channels, h, w, *conv.kernel_size, pad, steps, rule,
                                                    out_format, 1, analog)}, tb.llvm_target())["k"]
     k = FusedKernel(conv, binary=not analog)
-    xin = to_padded(x, pad, padded_spikes(x.shape, pad, torch.float32 if analog else torch.uint8))
+    # an analog block reads the caller's [T, N, C, H, W] and pads it inside the kernel
+    xin = x.clone() if analog else to_padded(x, pad, padded_spikes(x.shape, pad))
     if out_format == "u8pad":
         out = padded_spikes((steps, n, conv.out_channels, h, w), 1)
     else:
@@ -60,10 +61,10 @@ def _run_kernel(conv, lif, x, analog, out_format):
 
 
 @needs_vnni
-@pytest.mark.parametrize("analog", [False, True])
-def test_fused_kernel_spikes_equal_float64_wherever_the_membrane_is_outside_the_bound(analog):
+@pytest.mark.parametrize("analog, size, pad", [(False, 3, 1), (True, 3, 1), (True, 5, 2)])
+def test_fused_kernel_spikes_equal_float64_wherever_the_membrane_is_outside_the_bound(analog, size, pad):
     torch.manual_seed(3)
-    conv = nn.Conv2d(32, 48, 3, padding=1)
+    conv = nn.Conv2d(32, 48, size, padding=pad)
     lif = LIF(tau=2.0)
     with torch.no_grad():
         conv.weight.mul_(6)
@@ -71,7 +72,7 @@ def test_fused_kernel_spikes_equal_float64_wherever_the_membrane_is_outside_the_
     out, k = _run_kernel(conv, lif, x, analog, "f32")
     got = out.permute(0, 1, 4, 2, 3)
     y64 = nn.functional.conv2d(x.flatten(0, 1).double(), conv.weight.double(), conv.bias.double(),
-                               padding=1).unflatten(0, x.shape[:2])
+                               padding=pad).unflatten(0, x.shape[:2])
     ref, h = _lif_float64(y64, lif)
     assert 0.05 < ref.mean() < 0.7  # the layer fires
     # per-output bound on the conv output (fp32 rounding of the sum, plus the int8 digits' bound)

@@ -58,10 +58,12 @@ def _cache_dir() -> Path:
     return Path(folder)
 
 
-def _build(flags) -> Path:
-    source = b"".join(src.read_bytes() for src in SOURCES)
+def _build(flags, sources=SOURCES, stem="neuron_scan") -> Path:
+    """The shared library of ``sources`` built with ``flags`` (cached by their hash), e.g. also
+    ``targets/tvm_parallel.py``'s OpenMP hook."""
+    source = b"".join(src.read_bytes() for src in sources)
     digest = hashlib.sha1(source + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"neuron_scan-{digest}.so"
+    target = _cache_dir() / f"{stem}-{digest}.so"
     if target.exists() and _private_enough(target):   # ours and not writable by others
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -71,7 +73,7 @@ def _build(flags) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)   # atomic: concurrent builders never see a half-written library
     finally:
