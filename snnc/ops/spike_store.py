@@ -28,7 +28,12 @@ import torch
 
 _live: dict = {}           # storage data_ptr -> (weakref to the float spikes, uint8 spikes, version)
 _local = threading.local()  # per thread: the saved-z dtype, the stack of pushed hooks
-_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# what the scan keeps of z: "recompute" keeps nothing where the input current is a training conv's
+# output (backward recomputes it, bit-identical; see neuron_scan), "auto" only where that conv is
+# cheap to run again (train_conv.CHEAP_FAN_IN), and float32 elsewhere
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "recompute": torch.float32,
+                 "auto": torch.float32}
+STATE_MODES = tuple(_STATE_DTYPES)
 
 
 class _Packed:
@@ -172,15 +177,23 @@ def state_dtype():
     return getattr(_local, "state", torch.float32)
 
 
+def recompute_state() -> str | None:
+    """Where the fused scan recomputes ``z`` in backward instead of keeping it on this thread:
+    ``"recompute"`` (after every training conv), ``"auto"`` (after cheap ones) or None."""
+    return getattr(_local, "recompute", None)
+
+
 @contextlib.contextmanager
 def scan_state(dtype: str = "float16"):
     """Within this block (this thread), the fused scan keeps ``z`` for backward in ``dtype``
-    (``"float16"``: half the bytes, bounded error; ``"float32"``: exact)."""
+    (``"float16"``: half the bytes, bounded error; ``"float32"``: exact; ``"recompute"``: nothing
+    where its input is a training conv's output, bit-identical gradients, else float32;
+    ``"auto"``: as "recompute" where that conv is cheap (few inputs per output), else float32)."""
     if dtype not in _STATE_DTYPES:
         raise ValueError(f"scan_state: dtype must be one of {sorted(_STATE_DTYPES)}, got {dtype!r}")
-    old = state_dtype()
-    _local.state = _STATE_DTYPES[dtype]
+    old = state_dtype(), recompute_state()
+    _local.state, _local.recompute = _STATE_DTYPES[dtype], dtype if dtype in ("recompute", "auto") else None
     try:
         yield
     finally:
-        _local.state = old
+        _local.state, _local.recompute = old

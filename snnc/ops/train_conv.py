@@ -51,8 +51,16 @@ WHOLE_BYTES = 64 << 20
 # event-driven dL/dW below this firing rate: on the 128->128 3x3 conv (N=64, 32x32) it took 0.29x,
 # 0.42x, 0.68x, 1.2x the dense oneDNN weight gradient at 5/10/20/30% firing (2-core Zen 5)
 SPARSE_RATE = 0.2
+# scan_state("auto") recomputes a conv's output in backward (instead of keeping the scan's float32 z)
+# when the conv reads at most this many inputs per output (C_in/groups*kh*kw): a memory-bound conv
+# such as an RGB stem (27) costs about one pass over its output, while the bench net's 3x3 convs on
+# 64 and 128 channels (576, 1152) cost ~15% of the training step each time they run again (2-core Zen 5)
+CHEAP_FAN_IN = 64
 _local = threading.local()
-_packs: dict = {}   # id(weight) -> (weakref(weight), key, (packed, scale, zero_points))
+_packs: dict = {}   # weight.data_ptr() -> (weakref(weight), key, (packed, scale, zero_points))
+# storage data_ptr of a training conv's output -> (weakref(output), version, (input, weight, bias),
+# (geometry, int8, size, stride)): what ``recompute`` needs to rebuild it in backward
+_outputs: dict = {}
 
 
 def conv_mode() -> str:
@@ -89,19 +97,37 @@ def int8_error_bound(weight: torch.Tensor) -> torch.Tensor:
 
 def _int8_weight(weight, geometry, in_shape):
     """The prepacked stacked-digit weight, re-split only when the weight changed (an optimiser
-    step bumps its version)."""
-    key = (weight._version, weight.data_ptr(), tuple(in_shape), geometry)
-    hit = _packs.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
+    step bumps its version). Keyed by the weight's memory, not its Python object: a recomputing
+    backward holds the weight as a saved tensor, another object on the same memory and version."""
+    key = (weight._version, tuple(weight.shape), weight.stride(), tuple(in_shape), geometry)
+    wid = weight.data_ptr()
+    hit = _packs.get(wid)
+    if hit is not None and hit[0]() is not None and hit[1] == key:
         return hit[2]
     from snnc.targets.spike_conv import stacked_int8
     digits, scale, _ = stacked_int8(weight)
     n, c, h, w = in_shape
     packed = torch.ops.onednn.qconv_prepack(digits, scale, 1.0, 0, *geometry, [n, 2 * c, h, w])
-    wid = id(weight)
-    _packs[wid] = (weakref.ref(weight, lambda r: _packs.pop(wid, None)), key,
-                   (packed, scale, torch.zeros(scale.numel(), dtype=torch.int64)))
+
+    def drop(ref):
+        if wid in _packs and _packs[wid][0] is ref:
+            del _packs[wid]
+    _packs[wid] = (weakref.ref(weight, drop), key, (packed, scale, torch.zeros(scale.numel(), dtype=torch.int64)))
     return _packs[wid][2]
+
+
+def _conv_forward(inp, weight, bias, geometry, int8):
+    """The training conv's output from its saved input ``inp`` (the uint8 spikes, or the float
+    input): int8 (``inp`` uint8) or channels_last fp32. The one forward of ``_TrainConv`` and of
+    ``recompute``: deterministic kernels on the same values, so a recomputed output is
+    bit-identical (0/1 spikes are exact in both dtypes; tested)."""
+    if int8:
+        from snnc.targets.spike_conv import stack_spikes
+        packed, scale, zp = _int8_weight(weight, geometry, inp.shape)
+        b = None if bias is None else bias.detach()
+        return torch.ops.onednn.qconv2d_pointwise(stack_spikes(inp), 1.0, 0, packed, scale, zp, b, *geometry,
+                                                  1.0, 0, torch.float32, "none", [], "")
+    return torch.nn.functional.conv2d(inp.to(torch.float32).contiguous(memory_format=_CL), weight, bias, *geometry)
 
 
 class _TrainConv(torch.autograd.Function):
@@ -111,16 +137,14 @@ class _TrainConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, geometry, s8, int8):
         ctx.geometry, ctx.has_bias = geometry, bias is not None
-        if int8 and s8 is not None and _int8_host() and geometry[3] == 1:
-            from snnc.targets.spike_conv import stack_spikes
-            packed, scale, zp = _int8_weight(weight, geometry, x.shape)
-            b = None if bias is None else bias.detach()
-            y = torch.ops.onednn.qconv2d_pointwise(stack_spikes(s8), 1.0, 0, packed, scale, zp, b, *geometry,
-                                                   1.0, 0, torch.float32, "none", [], "")
-        else:
-            y = torch.nn.functional.conv2d(x.contiguous(memory_format=_CL), weight, bias, *geometry)
+        int8 = int8 and s8 is not None and _int8_host() and geometry[3] == 1
+        y = _conv_forward(s8 if int8 else x, weight, bias, geometry, int8)
         # the input for dL/dW: the uint8 spikes (1 byte, exact) when there are any
-        ctx.save_for_backward(x if s8 is None else s8, weight)
+        saved = x if s8 is None else s8
+        ctx.save_for_backward(saved, weight)
+        key = y.untyped_storage().data_ptr()
+        _outputs[key] = (weakref.ref(y, lambda r, key=key: _forget(key, r)), y._version, (saved, weight, bias),
+                         (geometry, int8, y.size(), y.stride()))
         return y
 
     @staticmethod
@@ -141,13 +165,45 @@ class _TrainConv(torch.autograd.Function):
         return gi, gw, gb, None, None, None
 
 
+def _forget(key, ref):
+    entry = _outputs.get(key)
+    if entry is not None and entry[0] is ref:
+        del _outputs[key]
+
+
+def recompute_recipe(t, cheap_only=False):
+    """``(tensors, meta)`` from which ``recompute`` rebuilds ``t`` when ``t`` is (a view of) the
+    output of a training conv, not written in place since, else None; with ``cheap_only`` only
+    when that conv reads at most ``CHEAP_FAN_IN`` inputs per output. ``tensors`` are the conv's
+    own saved input and its weight and bias (saving them again costs no memory)."""
+    entry = _outputs.get(t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) and t.numel() else None
+    if entry is None or entry[0]() is None or t._version != entry[1] or t.dtype != torch.float32:
+        return None
+    if cheap_only and entry[2][1][0].numel() > CHEAP_FAN_IN:
+        return None
+    return entry[2], (*entry[3], t.size(), t.stride(), t.storage_offset())
+
+
+def recompute(tensors, meta):
+    """A fresh float32 tensor equal, bit for bit, to the conv output view that ``recompute_recipe``
+    described (``_conv_forward`` again on the saved input)."""
+    geometry, int8, size, stride, view_size, view_stride, offset = meta
+    with torch.no_grad():
+        y = _conv_forward(*tensors, geometry, int8)
+    if y.stride() != stride:   # (oneDNN chose another output layout: same values, placed as before)
+        y = torch.empty_strided(size, stride).copy_(y)
+    return y.as_strided(view_size, view_stride, offset)
+
+
 def _sparse_weight_grad(inp, geometry):
     """The native library when dL/dW should be summed event by event (``native.spike_weight_grad``):
     uint8 channels_last spikes of an ungrouped conv firing below ``SPARSE_RATE``, else None."""
     if inp.dtype != torch.uint8 or geometry[3] != 1 or not inp.is_contiguous(memory_format=_CL):
         return None
     lib = native.load()
-    if lib is None or int(inp.sum()) >= SPARSE_RATE * inp.numel():
+    # count_nonzero, not sum: a uint8 sum promotes to an int64 copy of the whole input (512 MiB and
+    # ~0.6 s for the bench net's [512, 128, 32, 32] channels_last spikes at T=32; this: no copy, 30 ms)
+    if lib is None or int(torch.count_nonzero(inp)) >= SPARSE_RATE * inp.numel():
         return None
     return lib
 

@@ -7,6 +7,9 @@
  *     V = S ? (zero_reset ? v_reset : z) : H        (== H - v_th*S  /  H*(1-S) + v_reset*S)
  * writes S as float (the layer's output) and as uint8 (what backward keeps: 1 byte, exact), and
  * z as float32 (zf) or as IEEE half (zh, saturated to +-65504: the low-memory mode).
+ * z and the spikes may be NULL (zf and zh: z is not kept; s and s8, together: only z is wanted, as
+ * when backward recomputes z from a recomputed X, written over X in place: each element of X is
+ * read before z is written to it).
  * Backward (BPTT, see neuron_scan.py):
  *     gH[t] = gS[t]*g(z[t]) + b[t]*gH[t+1],   gX[t] = gain*gH[t]
  *     b[t]  = decay*(1 - v_th*g)  |  decay*((1-S) + (v_reset - H)*g)
@@ -32,23 +35,29 @@ void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *z
                        float v_init, int strict) {
     for (int64_t lo = from; lo < to; lo += BLOCK) {
         float v[BLOCK];
+        /* where an output is not wanted the loop writes a block-sized scratch row instead: the
+         * loop body stays branch-free and vectorises (a test per output inside it did not) */
+        float sbuf[BLOCK], zbuf[BLOCK];
+        uint8_t s8buf[BLOCK];
         int64_t n = (to - lo < BLOCK) ? to - lo : BLOCK;
         for (int64_t i = 0; i < n; ++i) v[i] = v_init;
         for (int64_t t = 0; t < T; ++t) {
             const int64_t off = t * M + lo;
             const float *xt = x + off;
-            float *st = s + off;
-            uint8_t *s8t = s8 + off;
+            float *st = s ? s + off : sbuf;
+            uint8_t *s8t = s8 ? s8 + off : s8buf;
+            float *zft = zf ? zf + off : (zh ? 0 : zbuf);
+            half *zht = zh ? zh + off : 0;
             for (int64_t i = 0; i < n; ++i) {
                 float h = (v_leak != 0.0f) ? v_leak + decay * (v[i] - v_leak) : decay * v[i];
                 h = h + (decay_input ? gain * xt[i] : xt[i]);
                 float zz = h - v_th;
                 int fired = strict ? (zz > 0.0f) : (zz >= 0.0f);
-                if (zf) {
-                    zf[off + i] = zz;
+                if (zft) {
+                    zft[i] = zz;
                 } else {
                     float c = zz > HALF_MAX ? HALF_MAX : (zz < -HALF_MAX ? -HALF_MAX : zz);
-                    zh[off + i] = (half)c;
+                    zht[i] = (half)c;
                 }
                 st[i] = fired ? 1.0f : 0.0f;
                 s8t[i] = (uint8_t)fired;
