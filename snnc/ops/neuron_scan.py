@@ -4,8 +4,9 @@ The step loop of ``Neuron.multi_step`` records ~7 autograd nodes per step and sa
 inputs; on CPU that bookkeeping, not the arithmetic, dominates a neuron layer's training step.
 ``neuron_scan`` runs the same forward (bit-identical spikes: same float ops in the same order)
 without autograd, stores only ``z[t] = H[t] - v_th`` (float32, or float16 under
-``spike_store.scan_state``) and the spikes as uint8 (which ``spike_store`` also hands to the next
-layer's saved input), and computes
+``spike_store.scan_state``; or nothing, recomputed in backward from a training conv's saved input,
+under ``scan_state("auto" | "recompute")``) and the spikes as uint8 (which ``spike_store`` also hands
+to the next layer's saved input), and computes
 backpropagation through time by hand (Wu 2019 STBP, eqs. 4-7, for the update below):
 
     H[t] = decay * V[t-1] + gain * X[t] (+ leak terms without gradient)

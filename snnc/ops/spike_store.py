@@ -17,6 +17,30 @@ Under ``compact_spikes(gm)`` a neuron whose input current is a convolution's or 
 output used by nothing else (read from the fx graph at each call) writes its float32 spikes over
 that input current: the current is needed by the scan only (neither layer keeps its output for
 backward), so the layer's output, spikes and z never coexist in three buffers.
+
+``scan_state("auto")`` (``retrain``'s default) and ``"recompute"`` keep no ``z`` where the scan's
+input is a training conv's output (cheap convs only / every one): backward runs the conv and the
+scan forward again, bit-identically (``neuron_scan._NeuronScan``). Where the memory of one training
+step goes, measured on the bench net (conv 3->64->128->128 + LIF, 32x32, T=32, N=16: one float32
+[T, N, 128, 32, 32] tensor is 256 MiB; RSS with every large tensor mapped on its own, MiB):
+
+    kept for backward             conv input               scan z (fp32)   scan spikes (uint8)
+    layer 1 (3->64, fan-in 27)    the batch (fp32, 6)      128 | none*     32
+    layer 2 (64->128, 576)        layer 1's uint8 (shared)  256 | none**   64
+    layer 3 (128->128, 1152)      layer 2's uint8 (shared)  256 | none**   64
+    total kept after forward: 800 ("float32"), 672 ("auto": * not kept), 160 ("recompute": ** too)
+
+    peaks (MiB)                                               old float32   auto   recompute
+    forward, conv 3 (int8): layer 2's float32 spikes (its input, 256)
+      + stacked uint8 [254 s | s] (128) + its output (256) + kept       1119      991      735
+    end of forward: output spikes (256) + kept                          1055      927      415
+    backward, scan 3: dL/dX (256, a new buffer before; now written
+      over z where z is ours; "recompute": + conv 3 run again)          1055      671      543
+    backward, conv 3: dL/dinput (256) + the spike count's int64 copy
+      of its uint8 input (512 before; count_nonzero: none)              1247      896      640
+
+So ``"auto"`` gives 991 MiB = 0.43x spikingjelly's 2312 at the same step (``bench/training.py
+--only memory``); the largest remaining transient is the int8 forward's stacked copy of the spikes.
 """
 from __future__ import annotations
 

@@ -23,6 +23,10 @@ dL/dy per (spike, kernel tap), exact products (s = 1), fp32 sums in another orde
 but "exact"; ``native.spike_weight_grad``). In both fast modes the conv keeps the uint8 spikes
 (not the float32 ones) for its backward, as the exact mode's ``spike_layers`` hook does.
 
+A training conv's output can be rebuilt in backward (``recompute_recipe``, ``recompute``: the same
+``_conv_forward`` on its saved input and weight, bit-identical), so the neuron scan that reads it
+need not keep its membrane (``spike_store.scan_state("auto" | "recompute")``).
+
 Modes (per thread): ``"exact"`` (default): convs are the modules' own, bit-identical to the
 inference graph; ``"float32"``: channels_last fp32 (the same products, another summation order);
 ``"int8"``: as float32, plus the int8 forward where the input is spikes and the CPU has int8
@@ -53,8 +57,9 @@ WHOLE_BYTES = 64 << 20
 SPARSE_RATE = 0.2
 # scan_state("auto") recomputes a conv's output in backward (instead of keeping the scan's float32 z)
 # when the conv reads at most this many inputs per output (C_in/groups*kh*kw): a memory-bound conv
-# such as an RGB stem (27) costs about one pass over its output, while the bench net's 3x3 convs on
-# 64 and 128 channels (576, 1152) cost ~15% of the training step each time they run again (2-core Zen 5)
+# such as an RGB stem (27) costs about one pass over its output. Bench net, T=4, N=16, interleaved
+# CPU time per step (2-core Zen 5 under load): recomputing the stem only 0.99x keeping z, recomputing
+# its 64- and 128-channel 3x3 convs too (fan-in 576, 1152) 1.28x
 CHEAP_FAN_IN = 64
 _local = threading.local()
 _packs: dict = {}   # weight.data_ptr() -> (weakref(weight), key, (packed, scale, zero_points))
