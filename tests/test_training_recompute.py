@@ -148,3 +148,20 @@ def test_retrain_default_recomputes_and_learns(monkeypatch):
     hist = retrain(g, batches, epochs=4, lr=1e-2, progress=False)   # saved_state="auto", convs="int8"
     assert len(calls) == 4 * len(batches)                 # conv1's output, once per step
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"] and hist[-1]["train_acc"] > hist[0]["train_acc"]
+
+
+def test_input_gradient_alone_reads_no_input_values(monkeypatch):
+    """``conv_backward`` with dL/dW not wanted passes an expanded placeholder for the input (no
+    float32 copy of the spikes): dL/dx is the same bits as with the real float32 input."""
+    from snnc.ops import spike_layers
+    monkeypatch.setattr(spike_layers, "CHUNK_BYTES", 4 * 8 * 49 * 2)   # two samples per chunk
+    cl = torch.channels_last
+    s8 = (torch.rand(6, 8, 7, 7) < 0.2).to(torch.uint8).contiguous(memory_format=cl)
+    go = torch.randn(6, 16, 4, 4).contiguous(memory_format=cl)
+    w = torch.randn(16, 8, 3, 3).contiguous(memory_format=cl)
+    geometry = ([2, 2], [1, 1], [1, 1], 1)
+    ref = torch.ops.aten.convolution_backward(go, s8.float(), w, None, *geometry[:3], False, [0, 0], 1,
+                                              [True, False, False])[0]
+    for whole in (0, 1 << 30):   # row chunks, one call
+        gi, gw, gb = spike_layers.conv_backward(go, s8, w, geometry, True, False, False, whole)
+        assert gw is None and gb is None and torch.equal(gi, ref)

@@ -52,6 +52,10 @@ _CL = torch.channels_last
 # a saved input up to this size (as float32) gets its gradients in one oneDNN call, larger ones in
 # spike_layers.CHUNK_BYTES chunks (bounded transients at large T*N)
 WHOLE_BYTES = 64 << 20
+# dL/dx alone (dL/dW event-driven): one oneDNN call up to this size, else row chunks. A whole call
+# holds a second dL/dx-sized buffer inside oneDNN: at T=8 (bench net, 64 MiB) it set the step's
+# peak (280 MiB); chunked, the transient is one chunk
+WHOLE_INPUT_GRAD_BYTES = 32 << 20
 # event-driven dL/dW below this firing rate: on the 128->128 3x3 conv (N=64, 32x32) it took 0.29x,
 # 0.42x, 0.68x, 1.2x the dense oneDNN weight gradient at 5/10/20/30% firing (2-core Zen 5)
 SPARSE_RATE = 0.2
@@ -147,6 +151,8 @@ class _TrainConv(torch.autograd.Function):
         # the input for dL/dW: the uint8 spikes (1 byte, exact) when there are any
         saved = x if s8 is None else s8
         ctx.save_for_backward(saved, weight)
+        if spike_store.recompute_state() is None:   # no scan will ask for the recipe
+            return y
         key = y.untyped_storage().data_ptr()
         _outputs[key] = (weakref.ref(y, lambda r, key=key: _forget(key, r)), y._version, (saved, weight, bias),
                          (geometry, int8, y.size(), y.stride()))
@@ -160,8 +166,10 @@ class _TrainConv(torch.autograd.Function):
         lib = _sparse_weight_grad(inp, ctx.geometry) if need_w else None
         need_b = need_b and ctx.has_bias
         # (oneDNN's dL/db comes from its weight-gradient pass: with the event-driven dL/dW, a sum)
+        dense = (need_w or need_b) and lib is None
         gi, gw, gb = conv_backward(grad_out, inp, weight.contiguous(memory_format=_CL), ctx.geometry,
-                                   need_in, need_w and lib is None, need_b and lib is None, WHOLE_BYTES)
+                                   need_in, need_w and lib is None, need_b and lib is None,
+                                   WHOLE_BYTES if dense else WHOLE_INPUT_GRAD_BYTES)
         if lib is not None:
             gw = native.spike_weight_grad(lib, inp, grad_out, weight.shape, ctx.geometry)
             gb = grad_out.sum((0, 2, 3)) if need_b else None
