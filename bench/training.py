@@ -8,13 +8,15 @@ Prints one JSON line per result:
   * tdbn: a deep plain conv LIF net (10 conv layers) with tdBN vs without normalisation, same
     epochs and seed (Zheng 2021's claim: tdBN trains where no-norm stalls);
   * memory: peak memory (and time) of one training step of the bench net at T=8 and T=32 for
-    snnc (spikes saved as uint8, membrane float32: exact; int8 / float32 / exact conv modes), snnc
-    with the membrane saved as float16 (``scan_state``), spikingjelly and torch.compile of a plain
-    multi-step loop, each in a fresh process;
+    snnc (spikes saved as uint8; retrain's default saved_state="auto": no membrane kept after the
+    cheap first conv, recomputed in backward; "recompute": none kept after any conv; "float32":
+    kept everywhere, the earlier default; all three give the same gradient bits; int8 / float32 /
+    exact conv modes), snnc with the membrane saved as float16 (``scan_state``), spikingjelly and
+    torch.compile of a plain multi-step loop, each in a fresh process;
   * speed: forward+backward time of one training step of the bench net (3 conv+LIF layers
     3->64->128->128, 32x32, T=4, N=16) for snnc's unrolled graph (retrain's default: int8 forward
-    of the convs fed by spikes, native fused scan; and its float32 / exact conv modes and the
-    torch-only scan), torch.compile of a plain multi-step loop, spikingjelly 2.0 multi-step
+    of the convs fed by spikes, native fused scan, saved_state="auto"; and its other saved_state and
+    conv modes and the torch-only scan), torch.compile of a plain multi-step loop, spikingjelly 2.0 multi-step
     (step_mode='m', its CPU LIF op) and a naive per-timestep Python loop, same weights, same run;
     medians of interleaved repeats, as ratios, with each one's spike agreement against the
     exact fp32 step and the per-layer firing rates.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ import snnc  # noqa: E402
 from snnc.data import digits, loader  # noqa: E402
 from snnc.ops import LIF, DirectEncoder, Readout, TDBatchNorm  # noqa: E402
 from snnc.passes import insert_surrogate, unroll_timesteps  # noqa: E402
+from snnc.report import firing_rates, interleaved_seconds  # noqa: E402
 from snnc.zoo import bench_net, digits_snn  # noqa: E402
 
 
@@ -109,26 +111,11 @@ def _firing_bench_net():
     return net
 
 
-def _firing_rates(g, x):
-    """Per neuron layer of ``g``: the fraction of (step, neuron) pairs that spiked on ``x``."""
-    from snnc.ops import Neuron
-    rates, hooks = {}, []
-    for name, m in g.named_modules():
-        if isinstance(m, Neuron):
-            hooks.append(m.register_forward_hook(
-                lambda m, a, o, name=name: rates.__setitem__(name, round(float(o.float().mean()), 4))))
-    with torch.no_grad():
-        g(x)
-    for h in hooks:
-        h.remove()
-    return rates
-
-
 def bench_speed(quick, T=4, N=16):
     """snnc's training step (retrain's default: int8 spike convs; and the float32 / exact conv
     modes, and the torch scan instead of the native one) against peers, interleaved in one process."""
     # what snnc.retrain does first; every peer in this process gets the same allocator behaviour
-    from snnc.training import reuse_freed_memory, spike_convs
+    from snnc.training import reuse_freed_memory, scan_state, spike_convs
     reuse_freed_memory()
     net = _firing_bench_net()
     example = torch.zeros(N, 3, 32, 32)
@@ -142,11 +129,13 @@ def bench_speed(quick, T=4, N=16):
         sj = None
         emit(bench="training", case="speed", note=f"spikingjelly not installed ({e}); run `make bench-deps`")
 
-    def snnc_step(convs, native=True):
+    def snnc_step(mode, native=True):
+        state, convs = SNNC_MODES[mode]
+
         def step():
             os.environ["SNNC_NATIVE"] = "1" if native else "0"
             unrolled.zero_grad(set_to_none=True)
-            with spike_convs(convs):
+            with scan_state(state), spike_convs(convs):
                 out = unrolled(x)
                 out.sum().backward()
             return out
@@ -174,35 +163,30 @@ def bench_speed(quick, T=4, N=16):
         out.sum().backward()
         return out
 
-    fns = {"snnc": snnc_step("int8"), "snnc_float32_convs": snnc_step("float32"),
-           "snnc_exact_convs": snnc_step("exact"), "snnc_torch_scan": snnc_step("int8", native=False),
-           "per_step_loop": step_loop, "plain_loop_torch_compile": step_compiled}
+    fns = {name: snnc_step(name) for name in SNNC_MODES if name != "snnc_float16_state"}
+    fns.update(snnc_torch_scan=snnc_step("snnc", native=False), per_step_loop=step_loop,
+               plain_loop_torch_compile=step_compiled)
     if sj is not None:
         fns["spikingjelly"] = step_sj
     # spike agreement of each runner's output with snnc's exact-conv step (the fp32 reference;
     # per-step loop and spikingjelly run the same NCHW convs: identical)
     ref = fns["snnc_exact_convs"]().detach()
     agree = {name: round(float((fn().detach() == ref).float().mean()), 6) for name, fn in fns.items()}
-    rates = _firing_rates(unrolled, x)
-    times = {k: [] for k in fns}
-    for fn in fns.values():   # warm-up (allocator, oneDNN primitives, native build)
-        fn()
-    for _ in range(3 if quick else 7):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    rates = [round(r, 4) for r in firing_rates(unrolled, x)]   # per LIF layer, in graph order
+    repeats = 3 if quick else 7
+    # warm-up inside (allocator, oneDNN primitives, native build), then interleaved rounds
+    med = interleaved_seconds(fns, repeats)
     os.environ.pop("SNNC_NATIVE", None)
-    med = {k: statistics.median(v) for k, v in times.items()}
     for name in fns:
         if name == "snnc":
             continue
         emit(bench="training", case="speed", net="bench_net 3->64->128->128 32x32", T=T, N=N,
-             threads=torch.get_num_threads(), snnc="retrain default: int8 spike convs, native scan",
+             threads=torch.get_num_threads(),
+             snnc="retrain default: int8 spike convs, native scan, saved_state=auto",
              peer=name, snnc_step_s=round(med["snnc"], 3), peer_step_s=round(med[name], 3),
              speedup=round(med[name] / med["snnc"], 2), snnc_ratio_vs_peer=round(med["snnc"] / med[name], 3),
              allocator="reuse_freed_memory", snnc_spike_agreement=agree["snnc"], peer_spike_agreement=agree[name],
-             firing_rates=rates, repeats=len(times[name]))
+             firing_rates=rates, repeats=repeats)
 
 
 class _AtanSpike(torch.autograd.Function):
@@ -236,10 +220,11 @@ def _plain_loop_step(convs):
     return run
 
 
-# snnc's training-step variants: (saved membrane dtype, conv mode), as in retrain(saved_state, convs);
-# "snnc" is retrain's default
-SNNC_MODES = {"snnc": ("float32", "int8"), "snnc_float32_convs": ("float32", "float32"),
-              "snnc_exact_convs": ("float32", "exact"), "snnc_float16_state": ("float16", "int8")}
+# snnc's training-step variants: (saved membrane, conv mode), as in retrain(saved_state, convs);
+# "snnc" is retrain's default, "snnc_saved_z" the default before saved_state="auto" (z kept in float32)
+SNNC_MODES = {"snnc": ("auto", "int8"), "snnc_saved_z": ("float32", "int8"), "snnc_recompute": ("recompute", "int8"),
+              "snnc_float16_state": ("float16", "int8"), "snnc_float32_convs": ("auto", "float32"),
+              "snnc_exact_convs": ("auto", "exact")}
 
 
 def _training_step(impl, T, N):
@@ -309,10 +294,13 @@ def bench_memory(quick, N=16):
                 rows[impl] = json.loads(r.stdout.strip().splitlines()[-1])
             except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as e:
                 emit(bench="training", case="memory", T=T, impl=impl, error=type(e).__name__)
+        sj = rows.get("spikingjelly", {}).get("peak_mb")
+        tc = rows.get("plain_loop_torch_compile", {}).get("peak_mb")
         for impl, row in rows.items():
-            sj = rows.get("spikingjelly", {}).get("peak_mb")
             emit(bench="training", case="memory", net="bench_net 3->64->128->128 32x32", T=T, N=N, impl=impl,
-                 **row, peak_ratio_vs_spikingjelly=round(row["peak_mb"] / sj, 3) if sj else None)
+                 saved_state=SNNC_MODES.get(impl, (None,))[0], **row,
+                 peak_ratio_vs_spikingjelly=round(row["peak_mb"] / sj, 3) if sj else None,
+                 peak_ratio_vs_torch_compile=round(row["peak_mb"] / tc, 3) if tc else None)
 
 
 def main(argv=None):

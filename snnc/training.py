@@ -21,7 +21,7 @@ from .errors import InputError, SnncError
 from .ir import graph_spec, info
 from .ops import Neuron
 from .ops.gemm import routed_linears
-from .ops.spike_store import compact_spikes, scan_state, spike_storage  # noqa: F401 (public)
+from .ops.spike_store import STATE_MODES, compact_spikes, scan_state, spike_storage  # noqa: F401 (public)
 from .ops.train_conv import MODES as CONV_MODES
 from .ops.train_conv import int8_error_bound, spike_convs  # noqa: F401 (public)
 
@@ -119,7 +119,7 @@ def reuse_freed_memory() -> bool:
 
 def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, lr: float = 1e-3,
             val_loader=None, device=None, grad_clip: float | None = None, progress=None,
-            reuse_memory: bool = True, saved_state: str = "float32", convs: str = "int8",
+            reuse_memory: bool = True, saved_state: str = "auto", convs: str = "int8",
             linears: str = "float32") -> list[dict]:
     """Train ``gm`` in place for ``epochs`` passes over ``loader`` (batches ``(x, y)``).
 
@@ -129,8 +129,12 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     ``train_acc`` (percent, on the training batches as seen), ``val_acc`` (with ``val_loader``),
     ``seconds``. With ``device`` the graph and batches are moved there. The graph is left in
     eval mode. ``reuse_memory``: call ``reuse_freed_memory`` first (CPU page faults per step).
-    ``saved_state``: the dtype the fused neuron scan keeps its membrane in for backward,
-    ``"float32"`` (exact) or ``"float16"`` (half the bytes; see ``snnc.ops.spike_store``).
+    ``saved_state``: what the fused neuron scan keeps of its membrane ``z`` for backward
+    (``snnc.ops.spike_store``, ``snnc.ops.neuron_scan``): ``"auto"`` (default): nothing where its
+    input is a cheap training conv's output (``convs`` "int8"/"float32"; backward recomputes the
+    conv output and ``z``, bit-identical), float32 elsewhere; ``"recompute"``: nothing after every
+    training conv (least memory; one more conv forward per layer); ``"float32"``: keep ``z``
+    (exact, the same gradients as both); ``"float16"``: keep ``z`` in half (bounded error).
     ``convs``: how Conv2d layers run in the training step (``snnc.ops.train_conv``): ``"int8"``
     (channels_last; layers fed by spikes compute their forward in int8 within
     ``int8_error_bound(weight)`` of fp32, where the CPU has VNNI/AMX; the backward is fp32),
@@ -144,8 +148,8 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
     spec = _check_trainable(gm)
-    if saved_state not in ("float32", "float16"):
-        raise SnncError(f"retrain: saved_state must be 'float32' or 'float16', got {saved_state!r}")
+    if saved_state not in STATE_MODES:
+        raise SnncError(f"retrain: saved_state must be one of {list(STATE_MODES)}, got {saved_state!r}")
     if convs not in CONV_MODES:
         raise SnncError(f"retrain: convs must be one of {list(CONV_MODES)}, got {convs!r}")
     if linears not in LINEAR_MODES:

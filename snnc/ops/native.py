@@ -163,31 +163,49 @@ def _lanes(x):
     return x, x[0].numel()
 
 
-def scan_forward(lib, x, p, half_state=False, overwrite_input=False):
-    """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``;
+def scan_forward(lib, x, p, half_state=False, overwrite_input=False, keep_state=True):
+    """``x [T, ...]`` float32 -> ``(spikes, spikes_u8, z)``; ``z`` float16 when ``half_state``,
+    None without ``keep_state`` (backward will recompute it: ``scan_state_in_place``);
     ``p``: the neuron constants (see neuron_scan). ``overwrite_input``: the spikes are written over
     ``x`` (each element is read before it is written) and returned as a new tensor on its memory.
     The outputs keep ``x``'s memory layout when it is ``time_major`` (no copy of a channels_last x)
     or ``feature_major``."""
     x, L = _lanes(x)
-    T, M = x.shape[0], x[0].numel()
     if overwrite_input:   # a fresh tensor object on x's memory: autograd sees a new output
         s = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
     else:
         s = torch.empty_like(x)
     s8 = torch.empty_like(x, dtype=torch.uint8)
-    z = torch.empty_like(x, dtype=torch.float16 if half_state else torch.float32)
+    z = torch.empty_like(x, dtype=torch.float16 if half_state else torch.float32) if keep_state else None
     zf, zh = (None, z) if half_state else (z, None)
-    args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
-            p["v_reset"], p["v_init"], int(p["strict"]))
-    _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), s.data_ptr(), s8.data_ptr(), _ptr_or_null(zf),
-                                                   _ptr_or_null(zh), T, L, lo, hi, *args), M, T)
+    _run_forward(lib, x, s, s8, zf, zh, p, L)
     return s, s8, z
 
 
-def scan_backward(lib, z, s8, grad_s, p, kind, param):
+def scan_state_in_place(lib, x, p):
+    """The float32 ``z`` of the forward scan written over ``x`` (float32, ``time_major``, the
+    caller's own: each element is read before z overwrites it), no spikes written; returns ``x``.
+    Bit-identical to ``scan_forward``'s z: the same loop."""
+    if x.dtype != torch.float32 or not time_major(x):
+        raise ValueError(f"scan_state_in_place: x must be float32 and time-major, got {x.dtype} strides {x.stride()}")
+    _run_forward(lib, x, None, None, x, None, p, x[0].numel())
+    return x
+
+
+def _run_forward(lib, x, s, s8, zf, zh, p, L):
+    """The forward kernel over ``x`` in its ``[R, T, L]`` layout (``_lanes``); NULL outputs unwritten."""
+    T, M = x.shape[0], x[0].numel()
+    args = (p["decay"], p["gain"], int(p["decay_input"]), p["v_leak"], p["v_th"], int(p["zero_reset"]),
+            p["v_reset"], p["v_init"], int(p["strict"]))
+    _parallel(lambda lo, hi: lib.snnc_scan_forward(x.data_ptr(), _ptr_or_null(s), _ptr_or_null(s8), _ptr_or_null(zf),
+                                                   _ptr_or_null(zh), T, L, lo, hi, *args), M, T)
+
+
+def scan_backward(lib, z, s8, grad_s, p, kind, param, in_place=False):
     """dL/dX from the saved ``z`` (float32 or float16) and uint8 spikes; ``grad_s`` may be a
-    broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once."""
+    broadcast scalar (all strides 0, as ``out.sum().backward()`` gives): it is read once.
+    ``in_place``: dL/dX is written over a float32 ``z`` (each z is read before its dL/dX is
+    written; the kernel's pointers are not ``restrict``): no second [T, ...] buffer."""
     scalar = all(st == 0 for st in grad_s.stride())
     # the one value of a broadcast grad_s, without materialising it (reshape(-1) would copy)
     if scalar:
@@ -195,7 +213,7 @@ def scan_backward(lib, z, s8, grad_s, p, kind, param):
     elif grad_s.stride() != z.stride():   # dL/dS in the layout of the saved z (see time_major)
         grad_s = torch.empty_like(z, dtype=torch.float32).copy_(grad_s)
     T, M, L = z.shape[0], z[0].numel(), _lanes(z)[1]   # z is never copied: it is in a kernel layout
-    gx = torch.empty_like(z, dtype=torch.float32)
+    gx = z if in_place and z.dtype == torch.float32 else torch.empty_like(z, dtype=torch.float32)
     zf, zh = (z, None) if z.dtype == torch.float32 else (None, z)
     args = (p["decay"], p["gain"], p["v_th"], int(p["zero_reset"]), p["v_reset"], SURROGATE_IDS[kind], param)
     _parallel(lambda lo, hi: lib.snnc_scan_backward(_ptr_or_null(zf), _ptr_or_null(zh), s8.data_ptr(), grad_s.data_ptr(),

@@ -4,8 +4,9 @@ The step loop of ``Neuron.multi_step`` records ~7 autograd nodes per step and sa
 inputs; on CPU that bookkeeping, not the arithmetic, dominates a neuron layer's training step.
 ``neuron_scan`` runs the same forward (bit-identical spikes: same float ops in the same order)
 without autograd, stores only ``z[t] = H[t] - v_th`` (float32, or float16 under
-``spike_store.scan_state``) and the spikes as uint8 (which ``spike_store`` also hands to the next
-layer's saved input), and computes
+``spike_store.scan_state``; or nothing, recomputed in backward from a training conv's saved input,
+under ``scan_state("auto" | "recompute")``) and the spikes as uint8 (which ``spike_store`` also hands
+to the next layer's saved input), and computes
 backpropagation through time by hand (Wu 2019 STBP, eqs. 4-7, for the update below):
 
     H[t] = decay * V[t-1] + gain * X[t] (+ leak terms without gradient)
@@ -159,39 +160,78 @@ def _half(z):
     return z.clamp(-65504.0, 65504.0).to(torch.float16)
 
 
-def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32, overwrite_input=False):
-    """``(spikes, spikes_u8, z, plan)``, ``z`` in ``state_dtype``: the native kernel when it
-    applies (``plan`` not None), else torch. ``overwrite_input``: the native kernel may write
-    the spikes over ``x_seq`` (the caller owns it and nothing reads it afterwards)."""
+def scan_forward(x_seq, neuron, surrogate, state_dtype=torch.float32, overwrite_input=False, keep_state=True):
+    """``(spikes, spikes_u8, z, plan)``, ``z`` in ``state_dtype`` (None without ``keep_state``,
+    where the native kernel runs): the native kernel when it applies (``plan`` not None), else
+    torch. ``overwrite_input``: the native kernel may write the spikes over ``x_seq`` (the caller
+    owns it and nothing reads it afterwards)."""
     plan = _native_plan(neuron, x_seq, surrogate)
     half = state_dtype == torch.float16
     if plan is not None:
         from .native import scan_forward as native_forward
-        spikes, s8, z = native_forward(plan[0], x_seq, plan[1], half_state=half, overwrite_input=overwrite_input)
+        spikes, s8, z = native_forward(plan[0], x_seq, plan[1], half_state=half, overwrite_input=overwrite_input,
+                                       keep_state=keep_state)
         return spikes, s8, z, plan
     spikes, z = _torch_forward(x_seq, neuron)
     return spikes, spikes.to(torch.uint8), (_half(z) if half else z), None
 
 
+def _keep_graph() -> bool:
+    """Whether this backward pass keeps the graph (``retain_graph``): then saved tensors are read
+    again later and must not be overwritten. True when torch cannot say."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 class _NeuronScan(torch.autograd.Function):
+    """The scan as one autograd node. What it keeps for backward: the uint8 spikes, and ``z``
+    (float32 or float16) — or, under ``scan_state("recompute")`` where the input current is a
+    training conv's output (``train_conv.recompute_recipe``; ``"auto"``: a cheap one), no ``z`` at all: backward recomputes
+    the input current from the conv's own saved input (uint8 spikes or the float input) and
+    weight, then ``z`` from it with the same forward loop, both bit-identical to the forward's,
+    so the gradients are the same bits as with a saved float32 ``z``. Per neuron and step that is
+    1 byte kept instead of 5, for one extra conv forward and scan forward per layer in backward."""
+
     @staticmethod
     def forward(ctx, x_seq, neuron, surrogate):
+        from .train_conv import recompute_recipe
+        where = spike_store.recompute_state()   # (the recipe is read before x_seq may be overwritten)
+        recipe = recompute_recipe(x_seq, cheap_only=where == "auto") if where else None
         spikes, s8, z, plan = scan_forward(x_seq, neuron, surrogate, spike_store.state_dtype(),
-                                           spike_store.may_overwrite_input(neuron))
+                                           spike_store.may_overwrite_input(neuron), keep_state=recipe is None)
         ctx.neuron, ctx.surrogate, ctx.plan = neuron, surrogate, plan
-        ctx.save_for_backward(z, s8)   # the input current x_seq is not kept
+        if recipe is None:
+            ctx.save_for_backward(z, s8)   # the input current x_seq is not kept
+        else:
+            ctx.recipe = recipe[1]
+            ctx.save_for_backward(None, s8, *recipe[0])   # (already saved by the conv: no new memory)
         spike_store.register(spikes, s8)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_s):
-        z, s8 = ctx.saved_tensors
+        z, s8, *conv_saved = ctx.saved_tensors
+        # dL/dX may overwrite z when z is ours alone: recomputed here, or saved but not needed again
+        in_place = z is None or not _keep_graph()
+        if z is None:
+            from .train_conv import recompute
+            z = _recompute_state(recompute(conv_saved, ctx.recipe), ctx.neuron, ctx.plan)
         if ctx.plan is not None:
             from .native import scan_backward
             lib, p = ctx.plan
             param = next(iter(ctx.surrogate.params.values()))
-            return scan_backward(lib, z, s8, grad_s, p, ctx.surrogate.kind, param), None, None
+            return scan_backward(lib, z, s8, grad_s, p, ctx.surrogate.kind, param, in_place=in_place), None, None
         return _torch_backward(z, s8, grad_s, ctx.neuron, ctx.surrogate), None, None
+
+
+def _recompute_state(x_seq, neuron, plan):
+    """The forward's float32 ``z`` from its (recomputed) input current, written over it."""
+    if plan is None:
+        return _torch_forward(x_seq, neuron)[1]
+    from .native import scan_state_in_place, time_major
+    return scan_state_in_place(plan[0], x_seq if time_major(x_seq) else x_seq.contiguous(), plan[1])
 
 
 def neuron_scan(neuron, x_seq, surrogate):

@@ -37,8 +37,11 @@ def conv_backward(grad_out, s8, weight, geometry, need_in, need_w, need_b, whole
     zeros = [0] * len(stride)
 
     def call(lo, hi, bias=False):   # bias: dL/db from the same oneDNN pass over dL/dy
+        # dL/dx alone reads only the input's shape: an expanded placeholder, as torch.nn.grad's
+        # conv2d_input passes (no float32 copy of the spikes; same bits, tested)
+        inp = s8[lo:hi].to(torch.float32) if need_w or bias else grad_out.new_empty(1).expand(s8[lo:hi].shape)
         return torch.ops.aten.convolution_backward(
-            grad_out[lo:hi], s8[lo:hi].to(torch.float32), weight, [weight.shape[0]] if bias else None,
+            grad_out[lo:hi], inp, weight, [weight.shape[0]] if bias else None,
             stride, padding, dilation, False, zeros, groups, [need_in, need_w, bias])
     if 4 * s8.numel() <= whole_bytes:
         return call(0, s8.shape[0], need_b)

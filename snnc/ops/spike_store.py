@@ -17,6 +17,30 @@ Under ``compact_spikes(gm)`` a neuron whose input current is a convolution's or 
 output used by nothing else (read from the fx graph at each call) writes its float32 spikes over
 that input current: the current is needed by the scan only (neither layer keeps its output for
 backward), so the layer's output, spikes and z never coexist in three buffers.
+
+``scan_state("auto")`` (``retrain``'s default) and ``"recompute"`` keep no ``z`` where the scan's
+input is a training conv's output (cheap convs only / every one): backward runs the conv and the
+scan forward again, bit-identically (``neuron_scan._NeuronScan``). Where the memory of one training
+step goes, measured on the bench net (conv 3->64->128->128 + LIF, 32x32, T=32, N=16: one float32
+[T, N, 128, 32, 32] tensor is 256 MiB; RSS with every large tensor mapped on its own, MiB):
+
+    kept for backward             conv input               scan z (fp32)   scan spikes (uint8)
+    layer 1 (3->64, fan-in 27)    the batch (fp32, 6)      128 | none*     32
+    layer 2 (64->128, 576)        layer 1's uint8 (shared)  256 | none**   64
+    layer 3 (128->128, 1152)      layer 2's uint8 (shared)  256 | none**   64
+    total kept after forward: 800 ("float32"), 672 ("auto": * not kept), 160 ("recompute": ** too)
+
+    peaks (MiB)                                               old float32   auto   recompute
+    forward, conv 3 (int8): layer 2's float32 spikes (its input, 256)
+      + stacked uint8 [254 s | s] (128) + its output (256) + kept       1119      991      735
+    end of forward: output spikes (256) + kept                          1055      927      415
+    backward, scan 3: dL/dX (256, a new buffer before; now written
+      over z where z is ours; "recompute": + conv 3 run again)          1055      671      543
+    backward, conv 3: dL/dinput (256) + the spike count's int64 copy
+      of its uint8 input (512 before; count_nonzero: none)              1247      896      640
+
+So ``"auto"`` gives 991 MiB = 0.43x spikingjelly's 2312 at the same step (``bench/training.py
+--only memory``); the largest remaining transient is the int8 forward's stacked copy of the spikes.
 """
 from __future__ import annotations
 
@@ -28,7 +52,12 @@ import torch
 
 _live: dict = {}           # storage data_ptr -> (weakref to the float spikes, uint8 spikes, version)
 _local = threading.local()  # per thread: the saved-z dtype, the stack of pushed hooks
-_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# what the scan keeps of z: "recompute" keeps nothing where the input current is a training conv's
+# output (backward recomputes it, bit-identical; see neuron_scan), "auto" only where that conv is
+# cheap to run again (train_conv.CHEAP_FAN_IN), and float32 elsewhere
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "recompute": torch.float32,
+                 "auto": torch.float32}
+STATE_MODES = tuple(_STATE_DTYPES)
 
 
 class _Packed:
@@ -178,15 +207,23 @@ def state_dtype():
     return getattr(_local, "state", torch.float32)
 
 
+def recompute_state() -> str | None:
+    """Where the fused scan recomputes ``z`` in backward instead of keeping it on this thread:
+    ``"recompute"`` (after every training conv), ``"auto"`` (after cheap ones) or None."""
+    return getattr(_local, "recompute", None)
+
+
 @contextlib.contextmanager
 def scan_state(dtype: str = "float16"):
     """Within this block (this thread), the fused scan keeps ``z`` for backward in ``dtype``
-    (``"float16"``: half the bytes, bounded error; ``"float32"``: exact)."""
+    (``"float16"``: half the bytes, bounded error; ``"float32"``: exact; ``"recompute"``: nothing
+    where its input is a training conv's output, bit-identical gradients, else float32;
+    ``"auto"``: as "recompute" where that conv is cheap (few inputs per output), else float32)."""
     if dtype not in _STATE_DTYPES:
         raise ValueError(f"scan_state: dtype must be one of {sorted(_STATE_DTYPES)}, got {dtype!r}")
-    old = state_dtype()
-    _local.state = _STATE_DTYPES[dtype]
+    old = state_dtype(), recompute_state()
+    _local.state, _local.recompute = _STATE_DTYPES[dtype], dtype if dtype in ("recompute", "auto") else None
     try:
         yield
     finally:
-        _local.state = old
+        _local.state, _local.recompute = old

@@ -7,6 +7,9 @@
  *     V = S ? (zero_reset ? v_reset : z) : H        (== H - v_th*S  /  H*(1-S) + v_reset*S)
  * writes S as float (the layer's output) and as uint8 (what backward keeps: 1 byte, exact), and
  * z as float32 (zf) or as IEEE half (zh, saturated to +-65504: the low-memory mode).
+ * z and the spikes may be NULL (zf and zh: z is not kept; s and s8, together: only z is wanted, as
+ * when backward recomputes z from a recomputed X, written over X in place: each element of X is
+ * read before z is written to it).
  * Backward (BPTT, see neuron_scan.py):
  *     gH[t] = gS[t]*g(z[t]) + b[t]*gH[t+1],   gX[t] = gain*gH[t]
  *     b[t]  = decay*(1 - v_th*g)  |  decay*((1-S) + (v_reset - H)*g)
@@ -104,11 +107,12 @@ void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *z
             }
             for (int64_t k = 0; k < b.nr; ++k) {
                 const int64_t o = off + k * row;
-                copy_f32(s + o, sout + k * w, w);
-                copy_u8(s8 + o, s8out + k * w, w);
+                /* outputs not wanted are NULL: the tests sit outside the compute loop */
+                if (s) copy_f32(s + o, sout + k * w, w);
+                if (s8) copy_u8(s8 + o, s8out + k * w, w);
                 if (zf) {
                     copy_f32(zf + o, zout + k * w, w);
-                } else {
+                } else if (zh) {
                     for (int64_t i = 0; i < w; ++i) {
                         float c = zout[k * w + i];
                         c = c > HALF_MAX ? HALF_MAX : (c < -HALF_MAX ? -HALF_MAX : c);
