@@ -25,11 +25,12 @@ writing padded uint8 spikes (``spike_fused.py``, with why).
 from __future__ import annotations
 
 import threading
-import time
 
 import torch
 from torch import nn
 from tvm.script import tirx as T
+
+from snnc.report import fastest
 
 from .spike_conv import HI, stack_spikes, stacked_int8  # noqa: F401 (re-exported: the block's digit form)
 from .spike_fused import aligned, fused_block_kernel, padded_scan_kernel, padded_spikes, to_padded
@@ -243,17 +244,18 @@ class SpikeBlock(nn.Module):
             if choice == "fused" and self.binary:
                 xin = to_padded(x, self.conv.padding[0], padded_spikes(x.shape, self.conv.padding[0]))
             inputs[choice] = xin
-        best = {}
-        for r in range(runs + 1):  # round 0 warms up
-            for choice, xin in inputs.items():
+
+        def runner(choice, xin):
+            def run():
                 self.choice, self.in_format = choice, "u8pad" if choice == "fused" else "f32"
-                t = _seconds(lambda: self(xin))
-                best[choice] = min(best.get(choice, t), t) if r else float("inf")
+                self(xin)
+            return run
+        winner, best = fastest({choice: runner(choice, xin) for choice, xin in inputs.items()}, runs)
         self.buffers.clear()
         self.pool.clear()
         self.choice, self.in_format = "torch", "f32"
         self.race_ms = {k: round(v * 1e3, 2) for k, v in best.items()}
-        return min(best, key=best.get)
+        return winner
 
 
 POOL = 2  # returned spike tensors kept for reuse per shape: a caller holding the last result still gets a free one
@@ -276,10 +278,6 @@ def _returnable(pool: list, make):
     return buf
 
 
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def set_spike_formats(g) -> None:

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import math
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch import fx, nn
 from snnc.ir import info
 from snnc.ops import registry
 from snnc.ops.coding import MergeTime, SplitTime
+from snnc.report import fastest
 
 from .spike_block import SpikeBlock, set_spike_formats
 from .spike_conv import SpikeConv2d, SpikeLinear, binary_input, int8_isa
@@ -147,16 +147,18 @@ class SpikeLinearCall(nn.Module):
 
 def _race(call, spikes, runs):
     x = spikes.float()
-    best = {}
-    for choice in call.options():
-        call.choice = choice
-        with torch.no_grad():
+
+    def runner(choice):
+        def run():
+            call.choice = choice
             call(x)
-            best[choice] = min(_seconds(lambda: call(x)) for _ in range(runs))
+        return run
+    with torch.no_grad():
+        winner, _ = fastest({choice: runner(choice) for choice in call.options()}, runs)
     if isinstance(call, TVMKernelCall):  # (nn.Module.buffers is a method elsewhere)
         call.buffers.clear()
     call.choice = "torch"
-    return min(best, key=best.get)
+    return winner
 
 
 def _channels_last_perm(x: torch.Tensor):
@@ -166,12 +168,6 @@ def _channels_last_perm(x: torch.Tensor):
         return None
     perm = [0, 1, *range(3, x.dim()), 2]
     return perm if x.permute(perm).is_contiguous() else None
-
-
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = False):

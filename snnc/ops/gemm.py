@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +85,6 @@ def _nt(a, b, bias, backend, precision):
     return torch.mm(a, b.t()) if bias is None else torch.addmm(bias, a, b.t())   # what F.linear runs
 
 
-def _seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def _race(op, a, b, bias, precision, forced):
     """The backend for ``op`` on this shape: ``forced``, the recorded pick, or a race's winner."""
     if precision == "bfloat16":
@@ -109,14 +102,9 @@ def _race(op, a, b, bias, precision, forced):
         rows = slice(0, RACE_ROWS)
         sa, sb = ((a[:, rows], b[:, rows]) if op.startswith("weight_grad") else
                   (a, b[rows]) if op.endswith("_fm") else (a[rows], b))
-        best = {k: float("inf") for k in options}
-        with torch.no_grad():
-            for k in options:
-                _nt(sa, sb, bias, k, precision)   # first call: oneDNN creates its primitive
-            for _ in range(RACE_RUNS):   # interleaved: a burst of load hits both alike
-                for k in options:
-                    best[k] = min(best[k], _seconds(lambda: _nt(sa, sb, bias, k, precision)))
-        pick = min(best, key=best.get)
+        from ..report import fastest   # (snnc.report imports snnc.ops)
+        with torch.no_grad():   # interleaved, after a first call each (oneDNN creates its primitive)
+            pick, _ = fastest({k: (lambda k=k: _nt(sa, sb, bias, k, precision)) for k in options}, RACE_RUNS)
     else:
         pick = options[0]
     with _lock:
