@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import snnc
+from snnc import report as snnc_report
 from snnc.errors import SnncError
 from snnc.ops import LIF, gemm, native
 from snnc.ops.gemm import fast_linears
@@ -72,7 +73,7 @@ def test_race_records_a_pick_per_gemm_and_reuses_it(monkeypatch):
                           f"weight_grad 32x32x64 t{threads}"}
     assert set(picks.values()) <= set(gemm.BACKENDS)
     # a recorded pick is used as is: no second race
-    monkeypatch.setattr(gemm, "_seconds", lambda fn: pytest.fail("raced twice"))
+    monkeypatch.setattr(snnc_report, "fastest", lambda fns, rounds: pytest.fail("raced twice"))
     _run("float32", None, shape=(8, 4, 64), out_features=32)
     monkeypatch.setenv("SNNC_GEMM", "mkl")   # $SNNC_GEMM forces a backend, no race either
     gemm.clear_picks()
