@@ -80,6 +80,39 @@ static inline block_t block_at(int64_t lo, int64_t to, int64_t T, int64_t L) {
     return b;
 }
 
+/* the forward over one row's n lanes walking T steps of stride L, reading x and writing the
+ * outputs in place (an output not wanted goes to a scratch row: the loop stays branch-free and
+ * vectorises); the same ops in the same order as the gathered path */
+static void forward_row(const float *x, float *s, uint8_t *s8, float *zf, half *zh, float *v,
+                        int64_t T, int64_t L, int64_t n, float decay, float gain, int decay_input,
+                        float v_leak, float v_th, int zero_reset, float v_reset, int strict) {
+    float sbuf[BLOCK], zbuf[BLOCK];
+    uint8_t s8buf[BLOCK];
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t off = t * L;
+        const float *xt = x + off;
+        float *st = s ? s + off : sbuf;
+        uint8_t *s8t = s8 ? s8 + off : s8buf;
+        float *zft = zf ? zf + off : (zh ? 0 : zbuf);
+        half *zht = zh ? zh + off : 0;
+        for (int64_t i = 0; i < n; ++i) {
+            float h = (v_leak != 0.0f) ? v_leak + decay * (v[i] - v_leak) : decay * v[i];
+            h = h + (decay_input ? gain * xt[i] : xt[i]);
+            float zz = h - v_th;
+            int fired = strict ? (zz > 0.0f) : (zz >= 0.0f);
+            if (zft) {
+                zft[i] = zz;
+            } else {
+                float c = zz > HALF_MAX ? HALF_MAX : (zz < -HALF_MAX ? -HALF_MAX : zz);
+                zht[i] = (half)c;
+            }
+            st[i] = fired ? 1.0f : 0.0f;
+            s8t[i] = (uint8_t)fired;
+            v[i] = fired ? (zero_reset ? v_reset : zz) : h;
+        }
+    }
+}
+
 void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *zh, int64_t T,
                        int64_t L, int64_t from, int64_t to, float decay, float gain,
                        int decay_input, float v_leak, float v_th, int zero_reset, float v_reset,
@@ -91,6 +124,13 @@ void snnc_scan_forward(const float *x, float *s, uint8_t *s8, float *zf, half *z
         const block_t b = block_at(lo, to, T, L);
         const int64_t n = b.nr * b.w, w = b.w;
         for (int64_t i = 0; i < n; ++i) v[i] = v_init;
+        if (b.nr == 1) {   /* one row (time-major): in place, ~25% faster than through locals */
+            forward_row(x + b.base, s ? s + b.base : 0, s8 ? s8 + b.base : 0, zf ? zf + b.base : 0,
+                        zh ? zh + b.base : 0, v, T, L, n, decay, gain, decay_input, v_leak, v_th,
+                        zero_reset, v_reset, strict);
+            lo += n;
+            continue;
+        }
         for (int64_t t = 0; t < T; ++t) {
             const int64_t off = b.base + t * L;
             for (int64_t k = 0; k < b.nr; ++k)
@@ -152,6 +192,39 @@ static void surrogate_row(int kind, const float *zz, float *g, int64_t n, float 
     }
 }
 
+static void backward_row(const float *zf, const half *zh, const uint8_t *s8, const float *gs,
+                         int gs_scalar, float *gx, float *carry, int64_t T, int64_t L, int64_t n,
+                         float decay, float gain, float v_th, int zero_reset, float v_reset, int kind,
+                         float param) {
+    float zbuf[BLOCK], g[BLOCK];
+    for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t off = t * L;
+        const uint8_t *s8t = s8 + off;
+        const float *gst = gs_scalar ? gs : gs + off;
+        const int64_t gs_step = gs_scalar ? 0 : 1;
+        float *gxt = gx + off;
+        const float *zt = zf ? zf + off : zbuf;
+        if (!zf)
+            for (int64_t i = 0; i < n; ++i) zbuf[i] = (float)zh[off + i];
+        surrogate_row(kind, zt, g, n, param, v_th);
+        if (zero_reset) {
+            for (int64_t i = 0; i < n; ++i) {
+                float bb = decay * ((s8t[i] ? 0.0f : 1.0f) + (v_reset - (zt[i] + v_th)) * g[i]);
+                float gh = gst[i * gs_step] * g[i] + bb * carry[i];
+                gxt[i] = gain * gh;
+                carry[i] = gh;
+            }
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                float bb = decay * (1.0f - v_th * g[i]);
+                float gh = gst[i * gs_step] * g[i] + bb * carry[i];
+                gxt[i] = gain * gh;
+                carry[i] = gh;
+            }
+        }
+    }
+}
+
 void snnc_scan_backward(const float *zf, const half *zh, const uint8_t *s8, const float *gs,
                         int gs_scalar, float *gx, int64_t T, int64_t L, int64_t from, int64_t to,
                         float decay, float gain, float v_th, int zero_reset, float v_reset,
@@ -164,6 +237,13 @@ void snnc_scan_backward(const float *zf, const half *zh, const uint8_t *s8, cons
         const block_t b = block_at(lo, to, T, L);
         const int64_t n = b.nr * b.w, w = b.w;
         for (int64_t i = 0; i < n; ++i) carry[i] = 0.0f;
+        if (b.nr == 1) {   /* one row (time-major): in place, as forward_row */
+            backward_row(zf ? zf + b.base : 0, zh ? zh + b.base : 0, s8 + b.base,
+                         gs_scalar ? gs : gs + b.base, gs_scalar, gx + b.base, carry, T, L, n, decay,
+                         gain, v_th, zero_reset, v_reset, kind, param);
+            lo += n;
+            continue;
+        }
         if (gs_scalar)   /* a broadcast dL/dS: its one value in every lane, once */
             for (int64_t i = 0; i < n; ++i) gst[i] = gs[0];
         for (int64_t t = T - 1; t >= 0; --t) {
