@@ -130,39 +130,39 @@ def test_firing_rates_of_the_unrolled_graph_match_the_step_by_step_spikes():
     assert firing_rates(g, x) == rates                # state reset around the run: repeatable
 
 
-def test_interleaved_seconds_alternates_calls_and_takes_each_ones_median(monkeypatch):
-    clock, calls = [0.0], []
-    monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+class _FakeClock:
+    """``report``'s clock replaced by one that only the callables ``costs`` makes advance."""
 
-    def costs(name, seconds):
+    def __init__(self, monkeypatch):
+        self.now, self.calls = 0.0, []
+        monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: self.now)}))
+
+    def costs(self, name, seconds):
         it = iter(seconds)
 
         def fn():
-            calls.append(name)
-            clock[0] += next(it)
+            self.calls.append(name)
+            self.now += next(it)
         return fn
+
+
+def test_interleaved_seconds_alternates_calls_and_takes_each_ones_median(monkeypatch):
+    clock = _FakeClock(monkeypatch)
+    costs, calls = clock.costs, clock.calls
 
     def sync():
         calls.append("sync")
-        clock[0] += 0.5                               # inside the timed span
+        clock.now += 0.5                              # inside the timed span
     t = interleaved_seconds({"a": costs("a", [9, 1, 5, 3]), "b": costs("b", [9, 2, 2, 7])}, 3, sync=sync)
     assert calls == ["a", "sync", "b", "sync"] * 4   # one untimed warm-up round, then 3 interleaved rounds
     assert t == {"a": 3.5, "b": 2.5}                  # medians of 1, 5, 3 and of 2, 2, 7, plus the sync
-    clock[0], calls[:] = 0.0, []
+    clock.now, calls[:] = 0.0, []
     assert report.median_seconds(costs("c", [9, 4, 1, 2]), 3) == 2
 
 
 def test_fastest_interleaves_warms_up_and_keeps_each_ones_best_call(monkeypatch):
-    clock, calls = [0.0], []
-    monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
-
-    def costs(name, seconds):
-        it = iter(seconds)
-
-        def fn():
-            calls.append(name)
-            clock[0] += next(it)
-        return fn
+    clock = _FakeClock(monkeypatch)
+    costs, calls = clock.costs, clock.calls
     winner, best = report.fastest({"a": costs("a", [0, 4, 1, 6]), "b": costs("b", [0, 2, 3, 2])}, 3)
     assert calls == ["a", "b"] * 4                    # an untimed first call each, then 3 interleaved rounds
     assert best == {"a": 1, "b": 2} and winner == "a"  # best of 4, 1, 6 and of 2, 3, 2
