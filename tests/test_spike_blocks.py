@@ -12,13 +12,12 @@ from torch import nn
 import snnc
 from hostile_util import assert_threads_get_their_own_results
 from snnc.ops import LIF
-from snnc.passes import unroll_timesteps
 from snnc.targets import tvm as tvm_target
 from snnc.targets.spike_block import HI, SpikeBlock, stack_spikes, stacked_int8
 from snnc.targets.spike_conv import int8_isa
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_spike_kernels import _firing_bench_net  # noqa: E402  (bench net, weights scaled so every layer fires)
+from test_spike_kernels import firing_case  # noqa: E402  (bench net, weights scaled so every layer fires)
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -80,10 +79,7 @@ def _layer_spikes(g, x):
 
 @pytest.fixture(scope="module")
 def firing():
-    net = _firing_bench_net()
-    x = torch.rand(4, 3, 3, 16, 16) * 2
-    g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
-    return g, x
+    return firing_case()
 
 
 @needs_int8

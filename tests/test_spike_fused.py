@@ -12,7 +12,6 @@ from torch import nn
 import snnc
 from hostile_util import assert_threads_get_their_own_results
 from snnc.ops import LIF
-from snnc.passes import unroll_timesteps
 from snnc.targets import tvm_build as tb
 from snnc.targets.spike_block import SpikeBlock
 from snnc.targets.spike_conv import int8_isa
@@ -21,7 +20,7 @@ from snnc.targets.tvm_hybrid import apply_conv_choices
 from snnc.targets.tvm_lower import neuron_scan
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_spike_kernels import _firing_bench_net  # noqa: E402  (bench net, weights scaled so every layer fires)
+from test_spike_kernels import firing_case  # noqa: E402  (bench net, weights scaled so every layer fires)
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -108,9 +107,7 @@ def test_padded_uint8_output_is_the_fp32_output_inside_a_zero_border(analog):
 
 @pytest.fixture(scope="module")
 def firing():
-    net = _firing_bench_net()
-    x = torch.rand(4, 3, 3, 16, 16) * 2
-    g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
+    g, x = firing_case()
     return g, x, snnc.run(g, x)
 
 

@@ -95,11 +95,17 @@ def _firing_bench_net(channels=(3, 16, 32, 32), gain=4.0):
     return net.eval()
 
 
+def firing_case(size=16):
+    """``(g, x)``: ``_firing_bench_net`` unrolled over T=4 and an input ``[4, 3, 3, size, size]`` on
+    which every layer fires."""
+    net = _firing_bench_net()
+    x = torch.rand(4, 3, 3, size, size) * 2
+    return unroll_timesteps(snnc.trace(net, x[0]), T=4), x
+
+
 @needs_int8
 def test_hybrid_int8_convs_agree_with_the_reference_spike_for_spike():
-    net = _firing_bench_net()
-    x = torch.rand(4, 3, 3, 16, 16) * 2
-    g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
+    g, x = firing_case()
     ref = snnc.run(g, x)
     rates = [float(ref.mean())]
     assert 0.05 < rates[0] < 0.6  # the last layer fires: every layer does

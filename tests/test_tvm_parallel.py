@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import snnc
-from snnc.passes import unroll_timesteps
 from snnc.targets import tvm_parallel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_spike_kernels import _firing_bench_net  # noqa: E402  (bench net, weights scaled so every layer fires)
+from test_spike_kernels import firing_case  # noqa: E402  (bench net, weights scaled so every layer fires)
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -23,11 +22,9 @@ needs_openmp = pytest.mark.skipif(tvm_parallel.unavailable_reason() is not None,
 
 @pytest.fixture(scope="module")
 def firing():
-    net = _firing_bench_net()
     # 18x18: a shape no other test file builds, so no library from an earlier test (hooked to
     # OpenMP for the rest of the process) is reused from the in-process build cache
-    x = torch.rand(4, 3, 3, 18, 18) * 2
-    g = unroll_timesteps(snnc.trace(net, x[0]), T=4)
+    g, x = firing_case(18)
     return g, x, snnc.run(g, x)
 
 
