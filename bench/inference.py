@@ -15,7 +15,11 @@ the host offers more than one spike-block runner (a VNNI host without AMX: oneDN
 and ``fused`` TVM blocks), the same module with every block forced to each runner is timed too
 (``snnc_tvm_llvm_int8_blocks`` / ``_fused_blocks``), and where the kernels run on torch's
 OpenMP threads (``kernel_threads``), the default module on TVM's own pool
-(``snnc_tvm_llvm_default_tvm_pool``). Each line: median ms,
+(``snnc_tvm_llvm_default_tvm_pool``). ``snnc_tvm_llvm_digits_auto``: the default module with
+``spike_digits="auto"`` (one int8 weight digit in each spike conv whose output spikes on a separate
+calibration draw still agree >= 99.9% with the fp32 reference; ``spike_digits`` on its line: the
+measured agreement per conv); its agreement below is measured on the timed input, not the
+calibration one. Each line: median ms,
 ``ratio_vs_torch_compile``, ``cpu_ratio_vs_torch_compile`` (process CPU time, which load from
 other processes inflates less than wall time) and spike agreement with the reference (fraction
 of equal outputs).
@@ -80,6 +84,11 @@ def firing_net(gain=4.0, seed=0):
     return net.eval()
 
 
+def calibration(T, N, seed=1):
+    """Calibration inputs for ``spike_digits="auto"``: the timed input's distribution, another draw."""
+    return torch.rand(T, N, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2
+
+
 def firing_rates(g, x):
     rates, hooks = [], [m.register_forward_hook(lambda m, i, o: rates.append(round(float(o.mean()), 3)))
                         for m in g.modules() if isinstance(m, LIF)]
@@ -126,7 +135,8 @@ def main(argv=None):
         emit(bench="inference", impl="spikingjelly_m", skipped="spikingjelly not installed")
     snnc_targets = {"snnc_torch": ("torch", {}), "snnc_onnx": ("onnx", {}),
                     "snnc_tvm_llvm_fp32": ("tvm:llvm", {"spike_int8": False}),
-                    "snnc_tvm_llvm_default": ("tvm:llvm", {})}
+                    "snnc_tvm_llvm_default": ("tvm:llvm", {}),
+                    "snnc_tvm_llvm_digits_auto": ("tvm:llvm", {"spike_digits": "auto", "calib": calibration(T, N)})}
     for label, (target, options) in snnc_targets.items():
         why = unavailable_reason(target)
         if why:
@@ -134,7 +144,8 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         m = snnc.compile(g, target=target, **options)
-        extra = {k: m.meta[k] for k in ("hybrid_convs", "spike_int8", "int8_isa", "spike_layers", "kernel_threads")
+        extra = {k: m.meta[k] for k in ("hybrid_convs", "spike_int8", "int8_isa", "spike_layers", "kernel_threads",
+                                        "spike_digits")
                  if k in m.meta}
         blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)] if target == "tvm:llvm" else []
         races = {b.name: b.race_ms for b in blocks if hasattr(b, "race_ms")}  # absent when the choice was cached

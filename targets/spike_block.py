@@ -135,10 +135,11 @@ class SpikeBlock(nn.Module):
         for fmt in ("f32", "u8pad") if self.fused is not None else ():
             if fmt == "u8pad" and self.out_pad is None:
                 continue
-            self.kernels["fused_" + fmt] = f"{self.name}_fused_{fmt}"
+            one = self.fused.digits == 1   # (its own name: the library's key follows the kernel names)
+            self.kernels["fused_" + fmt] = f"{self.name}_fused_{fmt}" + ("_d1" if one else "")
             out[self.kernels["fused_" + fmt]] = (fused_block_kernel, (
                 self.in_shape[1], c, *self.in_shape[2:], *conv.kernel_size, conv.padding[0], self.steps, rule, fmt,
-                self.out_pad or 0, self.fused.analog), {})
+                self.out_pad or 0, self.fused.analog), {"digits": 1} if one else {})
         return out
 
     def options(self) -> list:

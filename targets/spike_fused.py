@@ -71,7 +71,7 @@ def fused_applies(conv, in_shape, binary: bool = True) -> bool:
 
 def fused_block_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: int, steps: int, p: NeuronScan,
                        out_format: str, out_pad: int = 0, analog: bool = False, isa: str = "vnni",
-                       dtype: str = "float32"):
+                       dtype: str = "float32", digits: int = DIGITS):
     """PrimFunc ``(P[T, N, H+2p, W+2p, C/4] int32, Wq, S[2, O], B[O], out)`` (module docstring);
     ``out``: ``"u8pad"`` -> uint8 ``[T, N, Ho+2q, Wo+2q, O]`` (interior only; q = ``out_pad``),
     ``"f32"`` -> ``[T, N, Ho, Wo, O]`` in ``dtype``. N is symbolic.
@@ -89,8 +89,8 @@ def fused_block_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: in
         raise ValueError("fused_block_kernel: scalar thresholds only")
     N, Hp, Wp = tvm.tirx.Var("n", "int64"), H + 2 * pad, W + 2 * pad
     Ho, Wo = Hp - KH + 1, Wp - KW + 1
-    O16, R = O // LANES, _reg_cols(Wo, 16 if analog else 8)
-    D = 1 if analog else DIGITS
+    D = 1 if analog else digits
+    O16, R = O // LANES, _reg_cols(Wo, 16 if D == 1 else 8)   # D x R accumulators: 16 zmm
     XO = Wo // R
     charge, fire, reset = _rule(p, dtype)
     init = T.Cast(dtype, p.v_init)
@@ -104,6 +104,8 @@ def fused_block_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, pad: in
     def current(acc, S, B, f, xi, fi):  # the conv output of one neuron: digits scaled, + bias
         if analog:
             return acc[xi * LANES + fi] + B[f]
+        if D == 1:
+            return T.Cast(dtype, acc[xi * LANES + fi]) * S[0, f] + B[f]
         return (T.Cast(dtype, acc[xi * LANES + fi]) * S[0, f] + T.Cast(dtype, acc[(R + xi) * LANES + fi]) * S[1, f]
                 + B[f])
 
@@ -209,13 +211,14 @@ def to_padded(x: torch.Tensor, pad: int, out: torch.Tensor) -> torch.Tensor:
 class FusedKernel:
     """The kernel operands of one fused block (torch tensors) and its stated bound.
 
-    On spikes: ``tvm_spike_conv.pack_weights``' two int8 digits, their scales and the bias;
-    ``error_bound[c]`` = ``k * s_c / (2 * 254)`` per output channel. Analog input: the fp32
+    On spikes: ``tvm_spike_conv.pack_weights``' int8 digits (two, or one where ``digits=1``:
+    ``spike_digits``), their scales and the bias; ``error_bound[c]`` per output channel: ``k * s_c /
+    (2 * 254)`` with two digits, ``spike_digits.one_digit``'s bound with one. Analog input: the fp32
     weights as ``[O/16, C, KH, KW, 16]``, a dummy scale, the bias; no bound beyond fp32 rounding
     (``error_bound`` None)."""
 
-    def __init__(self, conv, binary: bool = True):
-        self.analog = not binary
+    def __init__(self, conv, binary: bool = True, digits: int = DIGITS):
+        self.analog, self.digits = not binary, (None if not binary else digits)
         if self.analog:
             o, c, kh, kw = conv.weight.shape
             w = conv.weight.detach().float().reshape(o // LANES, LANES, c, kh, kw).permute(0, 2, 3, 4, 1)
@@ -223,7 +226,7 @@ class FusedKernel:
             self.wq, self.scales, self.bias = w.contiguous(), torch.ones(1, o), bias.clone()
             self.error_bound = None
             return
-        wq, scales, bias, bound = pack_weights(conv)
+        wq, scales, bias, bound = pack_weights(conv, digits)
         # copies in torch's 64-byte aligned memory: the kernel's loads assume TIR's data_alignment
         # (numpy's buffers are only 16-byte aligned: aligned loads from them fault)
         self.wq, self.scales, self.bias = (torch.from_numpy(a).clone() for a in (wq, scales, bias))

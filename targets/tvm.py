@@ -306,7 +306,8 @@ def _cpu_mode(g, mode):
 
 def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, arch=None, T=None,
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
-            tune_minutes=None, progress=True, spike_int8=None, spike_convs=None):
+            tune_minutes=None, progress=True, spike_int8=None, spike_convs=None, spike_digits=2, calib=None,
+            min_agreement=0.999):
     if mode not in MODES:
         raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
     if batch not in BATCH_KINDS:
@@ -337,9 +338,14 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
     if spike_isa == "amx":
         tdict = {**tdict, "mattr": list(AMX_MATTR)}
+    if spike_digits not in (1, 2, "auto"):
+        raise SnncError(f"{target}: spike_digits={spike_digits!r}; expected 1, 2 or 'auto'")
+    g, digit_report = _spike_digits(g, spike_digits, calib, min_agreement, spike_isa != "fp32" or spike_int8)
     meta = {"spike_convs": spike_isa, "output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode, "lowering": _lowering(g),
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
+    if digit_report:
+        meta["spike_digits"] = digit_report
 
     if tuning:
         from .tvm_tune import tuned_relax
@@ -359,7 +365,8 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
                          overwrite=True)
         return TVMModule(target, spec, meta, relax_lib=lib)
     meta["spike_int8"], meta["int8_isa"] = spike_int8, int8_isa() if device == "cpu" else None
-    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8)
+    hg, make_kernels = hybrid_graph(g, device, spike_int8=spike_int8,
+                                    one_digit=getattr(g, "snnc_spike_digits", {}))
     key = tb.graph_key(g, tdict, "hybrid", hg.kernel_key)
     lib, _ = tb.cached(key, lambda: tb.build_kernels(make_kernels(), tdict), cache)
     if device == "cpu":  # one thread pool for torch ops and TVM kernels (tvm_parallel: why)
@@ -377,12 +384,29 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
 
 
+def _spike_digits(g, spike_digits, calib, min_agreement, int8: bool):
+    """``(graph, report)``: ``g``, or where ``spike_digits`` keeps one weight digit for some spike
+    convs (``spike_digits.choose``) a copy holding their rounded weights, the targets and bounds
+    recorded on it for the lowerings (``snnc_spike_digits``). Nothing changes where no int8 spike
+    kernel runs (the digits are theirs) or for the default, 2."""
+    from .spike_digits import choose
+    if calib is not None and not isinstance(calib, torch.Tensor):
+        raise SnncError(f"tvm:llvm: calib must be a [T, N, ...] input tensor, got {type(calib).__name__}")
+    if spike_digits == 2 or not int8:
+        return g, {}
+    out, report = choose(g, spike_digits, calib, min_agreement)
+    out.snnc_spike_digits = {t: r["error_bound"] for t, r in report.items() if r["digits"] == 1}
+    return out, report
+
+
 def _relax_library(g, tdict, device, batch, cache, spike_isa="fp32"):
     """``(Built, "any" | "static")``: the Relax library with a symbolic batch when asked and the
     graph allows it (a model that reshapes to a hard-coded batch does not), else the traced one.
     ``spike_isa``: the int8 kernels of spike-input convs (``tvm_spike_conv``), or "fp32"."""
     exported = _exported_sources(g)
     sc = () if spike_isa == "fp32" else (spike_isa,)  # fp32 keys stay what they were
+    one = sorted(getattr(g, "snnc_spike_digits", ()))
+    sc += (("one_digit", one),) if one and sc else ()
     if batch == "any" and not _exported_ops(g):  # exported forwards have the traced (static) shapes
         key = tb.graph_key(g, tdict, "relax", "any", exported, *sc)
         try:

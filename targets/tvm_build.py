@@ -38,7 +38,7 @@ def _threads_follow_torch():
 _threads_follow_torch()
 _MEMORY_CACHE: dict[str, tuple] = {}  # key -> (runtime module, library path or None)
 _LOWERING_FILES = ("tvm_kernels.py", "tvm_lower.py", "tvm_build.py", "tvm_hybrid.py", "tvm_schedule.py", "tvm_tune.py",
-                   "tvm_spike_conv.py")
+                   "tvm_spike_conv.py", "spike_digits.py")
 DEFAULT_CUDA_ARCH = "sm_80"
 
 

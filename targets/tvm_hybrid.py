@@ -170,11 +170,13 @@ def _channels_last_perm(x: torch.Tensor):
     return perm if x.permute(perm).is_contiguous() else None
 
 
-def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = False):
+def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = False, one_digit=()):
     """``(graph, make_kernels)``: a copy of the annotated multi-step graph whose spiking modules
     call TVM kernels, and a function returning the PrimFuncs to build (name -> PrimFunc, symbolic
     batch size; only called when the cache misses). ``spike_int8``: convs / linears whose input is
-    0/1 spikes may also race the int8 spike kernels (``spike_conv.py``; within its error bound)."""
+    0/1 spikes may also race the int8 spike kernels (``spike_conv.py``; within its error bound);
+    ``one_digit``: ``{conv target: error bound}`` of the convs whose weights were rounded to one
+    int8 digit (``spike_digits``): their fused kernel keeps one digit and states that bound."""
     spike_int8 = spike_int8 and device == "cpu" and int8_isa() is not None
     g = copy.deepcopy(gm)
     g.snnc_spec = gm.snnc_spec
@@ -227,7 +229,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
                              dict(device=device, lanes=pick_lanes(math.prod(shape[2:]))))
             g.add_submodule(node.target, TVMKernelCall("readout", name, reuse_output=once))
     if spike_int8:
-        _fuse_blocks(g, kernels, rules, binary, calls)
+        _fuse_blocks(g, kernels, rules, binary, calls, dict(one_digit))
     g.recompile()
     # the built library depends on which kernels exist (blocks add some) and on their builders
     g.kernel_key = (sorted(k for k, v in kernels.items() if v is not None),
@@ -241,7 +243,7 @@ def hybrid_graph(gm: fx.GraphModule, device: str = "cpu", spike_int8: bool = Fal
     return g, make_kernels
 
 
-def _fuse_blocks(g, kernels, rules, binary, calls):
+def _fuse_blocks(g, kernels, rules, binary, calls, one_digit):
     """Replace each ``merge_time -> conv -> split_time -> neuron`` chain (nothing else reading the
     middle values, a scalar-threshold single-state neuron) by one ``SpikeBlock`` (spike_block.py)
     named as its conv, so races and cached choices keep their keys. On a VNNI host without AMX a
@@ -266,7 +268,11 @@ def _fuse_blocks(g, kernels, rules, binary, calls):
             continue
         kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs (or fused)
         spikes = conv.name in binary
-        fused = FusedKernel(call.conv, spikes) if fused_isa and fused_applies(call.conv, call.in_shape, spikes) else None
+        digits = 1 if spikes and conv.target in one_digit else 2
+        fused = FusedKernel(call.conv, spikes, digits) if fused_isa and fused_applies(call.conv, call.in_shape, spikes) \
+            else None
+        if fused is not None and digits == 1:   # its bound is against the weights before rounding
+            fused.error_bound = torch.full((call.conv.out_channels,), float(one_digit[conv.target]))
         block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, {"f32": g.get_submodule(node.target).name},
                            spikes, reuse_output=calls.count(node.target) == 1, fused=fused)
         kernels.update(block.kernel_builders(rule, dtype))
@@ -326,7 +332,8 @@ def spike_report(g: fx.GraphModule) -> dict:
         if spike is None or getattr(spike, "packed", None) is None:
             continue
         bound = m.fused.error_bound if m.choice == "fused" else spike.error_bound
-        row = {"runner": m.choice, "digits": 2 if m.choice in ("int8", "fused") else "fp32",
+        digits = m.fused.digits if m.choice == "fused" else 2
+        row = {"runner": m.choice, "digits": digits if m.choice in ("int8", "fused") else "fp32",
                "error_bound": float(bound.max()) if m.choice in ("int8", "fused") else 0.0}
         if isinstance(m, SpikeBlock):
             row["writes"] = m.out_format

@@ -90,18 +90,33 @@ def _reg_cols(w_out: int, widest: int = 8) -> int:
     return next(r for r in range(min(widest, w_out), 0, -1) if w_out % r == 0)
 
 
-def pack_weights(conv):
-    """``(Wq [D, O/16, C4, KH, KW, 64] int8, scales [D, O] fp32, bias [O] fp32, error_bound [O])``."""
+def pack_weights(conv, digits: int = DIGITS):
+    """``(Wq [D, O/16, C4, KH, KW, 64] int8, scales [D, O] fp32, bias [O] fp32, error_bound [O])``,
+    D = ``digits``: two (``split_int8``) or one (``spike_digits.one_digit``: balanced rounding)."""
     O, C, KH, KW = conv.weight.shape
     C4 = -(-C // 4)
-    digits, scales, last = split_int8(conv.weight, DIGITS)
-    d = digits.reshape(DIGITS, O, C, KH, KW).to(torch.int8)
+    if digits == 1:
+        from .spike_digits import one_digit
+        q, scales, bound = one_digit(conv.weight)
+        d = q.reshape(1, O, C, KH, KW)
+    else:
+        q, scales, last = split_int8(conv.weight, digits)
+        d = q.reshape(digits, O, C, KH, KW).to(torch.int8)
+        bound = C * KH * KW * last / 2
     d = torch.nn.functional.pad(d, (0, 0, 0, 0, 0, C4 * 4 - C))            # C -> 4*C4, zero weights
-    d = d.reshape(DIGITS, O // LANES, LANES, C4, 4, KH, KW).permute(0, 1, 3, 5, 6, 2, 4)
-    wq = d.contiguous().reshape(DIGITS, O // LANES, C4, KH, KW, LANES * 4)
+    d = d.reshape(digits, O // LANES, LANES, C4, 4, KH, KW).permute(0, 1, 3, 5, 6, 2, 4)
+    wq = d.contiguous().reshape(digits, O // LANES, C4, KH, KW, LANES * 4)
     bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(O)
-    bound = C * KH * KW * last / 2
-    return wq.numpy(), scales.reshape(DIGITS, O).numpy(), bias.numpy().astype(np.float32), bound
+    return wq.numpy(), scales.reshape(digits, O).numpy(), bias.numpy().astype(np.float32), bound
+
+
+def as_two_digits(wq: np.ndarray, scales: np.ndarray):
+    """A one-digit ``pack_weights`` result in the two-digit layout the library kernels take: a zero
+    second digit with scale 0, so they compute ``s*acc + 0*0 + b``, the same fp32 value as the
+    one-digit kernel's ``s*acc + b``."""
+    if wq.shape[0] == DIGITS:
+        return wq, scales
+    return np.concatenate([wq, np.zeros_like(wq)]), np.concatenate([scales, np.zeros_like(scales)])
 
 
 def _batch(n):
@@ -295,7 +310,9 @@ def amx_permission() -> bool:
 def install(imp, gm, isa: str) -> None:
     """Make TVM's torch importer ``imp`` lower every ``nn.Conv2d`` of ``gm`` whose input is 0/1
     spikes (and that ``applies``) to the pack + int8 conv kernels above; others keep the
-    importer's own converter (fp32, ``tvm_schedule.py``). ``isa="fp32"``: leave all of them."""
+    importer's own converter (fp32, ``tvm_schedule.py``). ``isa="fp32"``: leave all of them.
+    Convs named in ``gm.snnc_spike_digits`` (module targets, ``spike_digits.choose``) get one
+    weight digit, as in the hybrid module."""
     if isa == "fp32":
         return
     from torch import nn
@@ -306,12 +323,13 @@ def install(imp, gm, isa: str) -> None:
     def convert(node):
         conv = imp.named_modules[node.target]
         if type(conv) is nn.Conv2d and applies(conv) and binary_input(gm, node):
-            return _emit(imp, conv, imp.env[node.args[0]], isa)
+            return _emit(imp, conv, imp.env[node.args[0]], isa,
+                         1 if node.target in getattr(gm, "snnc_spike_digits", ()) else DIGITS)
         return original(node)
     imp.convert_map[nn.Conv2d] = convert
 
 
-def _emit(imp, conv, x, isa):
+def _emit(imp, conv, x, isa, digits=DIGITS):
     from tvm import relax
 
     from .tvm_lower import opaque
@@ -324,7 +342,8 @@ def _emit(imp, conv, x, isa):
     n = B if isinstance(B, int) else None
     C4, Hp, Wp = -(-C // 4), H + 2 * py, W + 2 * py
     Ho, Wo = (Hp - KH) // sy + 1, (Wp - KW) // sy + 1
-    wq, scales, bias, _ = pack_weights(conv)
+    wq, scales, bias, _ = pack_weights(conv, digits)
+    wq, scales = as_two_digits(wq, scales)
     bb = imp.block_builder
     pack = bb.add_func(opaque(pack_kernel(C, H, W, py, n)), "spike_pack")
     packed = bb.emit(relax.call_tir(pack, [x], relax.TensorType((B, C4, Hp, Wp), "int32")))
