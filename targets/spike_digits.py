@@ -162,10 +162,7 @@ def choose(g: fx.GraphModule, spike_digits, calib=None, min_agreement: float = 0
     their rounded weights (module docstring), for ``spike_digits`` 1, 2 or "auto"; ``report``:
     ``{conv target: {"digits", "agreement" (measured, "auto" only), "error_bound"}}``."""
     from snnc.runtime import run
-    if spike_digits not in DIGIT_CHOICES:
-        raise SnncError(f"tvm:llvm: spike_digits={spike_digits!r}; expected one of {DIGIT_CHOICES}")
-    if not 0.0 < min_agreement <= 1.0:
-        raise SnncError(f"tvm:llvm: min_agreement={min_agreement!r}; expected a fraction in (0, 1]")
+    _check(spike_digits, calib, min_agreement)
     targets = [n.target for n in candidates(g)]
     if spike_digits == 2 or not targets:
         return g, {}
@@ -187,3 +184,25 @@ def choose(g: fx.GraphModule, spike_digits, calib=None, min_agreement: float = 0
         report[target] = {"digits": 1 if target in kept else 2, "agreement": round(agree, 6),
                           "error_bound": float(mine[target][1].max()) if target in kept else None}
     return (_with_weights(g, kept) if kept else g), dict(reversed(report.items()))
+
+
+def _check(spike_digits, calib, min_agreement):
+    if spike_digits not in DIGIT_CHOICES:
+        raise SnncError(f"tvm:llvm: spike_digits={spike_digits!r}; expected one of {DIGIT_CHOICES}")
+    if not 0.0 < min_agreement <= 1.0:
+        raise SnncError(f"tvm:llvm: min_agreement={min_agreement!r}; expected a fraction in (0, 1]")
+    if calib is not None and not isinstance(calib, torch.Tensor):
+        raise SnncError(f"tvm:llvm: calib must be a [T, N, ...] input tensor, got {type(calib).__name__}")
+
+
+def apply(g, spike_digits, calib, min_agreement, int8: bool):
+    """``(graph, report)`` for ``snnc.compile``: ``g``, or where ``spike_digits`` keeps one weight
+    digit for some spike convs (``choose``) a copy holding their rounded weights, with
+    ``snnc_spike_digits`` = ``{target: error bound}`` recorded on it for the lowerings. Nothing
+    changes where no int8 spike kernel runs (``int8`` False: the digits are theirs) or for 2."""
+    _check(spike_digits, calib, min_agreement)
+    if spike_digits == 2 or not int8:
+        return g, {}
+    out, report = choose(g, spike_digits, calib, min_agreement)
+    out.snnc_spike_digits = {t: r["error_bound"] for t, r in report.items() if r["digits"] == 1}
+    return out, report

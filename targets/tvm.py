@@ -35,6 +35,12 @@ cuda, the generated CUDA source), ``cache`` (default True, see ``tvm_build``), `
 ``meta["spike_convs"]``; default: "auto" for ``mode="relax"``, and for a hybrid module what the
 module itself does: "auto" where its spike convs run int8 (the default on AMX/VNNI hosts), else
 "fp32").
+``spike_digits`` (int8 spike convs only): 2 (default), 1 (one int8 weight digit in every spike conv
+the fused kernel takes: half its int8 work, rounding balanced per window, a wider stated bound) or
+"auto" with ``calib`` (a ``[T, N, ...]`` input batch): one digit only in the convs where the output
+spikes on ``calib`` still agree with the fp32 reference on at least ``min_agreement`` (0.999) of
+their elements, the rounding fitted to those inputs (``spike_digits.py``; ``meta["spike_digits"]``:
+digits, measured agreement and bound per conv). The export computes with the same weights.
 
 Batch size of the library: ``batch="any"`` (default) lowers the graph with a symbolic batch
 ``n`` (``R.Tensor((T, n, C, H, W))``), so one library, exported or remote, serves every batch
@@ -66,6 +72,7 @@ from snnc.ir import annotate, graph_spec, info
 
 from . import tvm_build as tb
 from .spike_conv import int8_isa
+from .spike_digits import apply as apply_spike_digits
 from .tvm_hybrid import (aligned, apply_conv_choices, bind_kernels, hybrid_graph, race_convs, raced_layers,
                          run_hybrid, spike_report)
 from .tvm_lower import check_supported, to_relax
@@ -338,9 +345,7 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     spike_isa = spike_kernels(spike_convs, tdict) if device == "cpu" else "fp32"
     if spike_isa == "amx":
         tdict = {**tdict, "mattr": list(AMX_MATTR)}
-    if spike_digits not in (1, 2, "auto"):
-        raise SnncError(f"{target}: spike_digits={spike_digits!r}; expected 1, 2 or 'auto'")
-    g, digit_report = _spike_digits(g, spike_digits, calib, min_agreement, spike_isa != "fp32" or spike_int8)
+    g, digit_report = apply_spike_digits(g, spike_digits, calib, min_agreement, spike_isa != "fp32" or spike_int8)
     meta = {"spike_convs": spike_isa, "output": output_meaning(g), "tvm_target": tdict, "tvm_version": tvm.__version__,
             "host_isa": tb.host_isa() if device == "cpu" else None, "compiled_mode": mode, "lowering": _lowering(g),
             "artefact": "Relax VM executable (export_library); snnc.load runs it standalone"}
@@ -382,21 +387,6 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
     if spike_int8:
         meta["spike_layers"] = spike_report(hg)
     return TVMModule(target, spec, meta, relax_build=get_relax, hybrid=hg)
-
-
-def _spike_digits(g, spike_digits, calib, min_agreement, int8: bool):
-    """``(graph, report)``: ``g``, or where ``spike_digits`` keeps one weight digit for some spike
-    convs (``spike_digits.choose``) a copy holding their rounded weights, the targets and bounds
-    recorded on it for the lowerings (``snnc_spike_digits``). Nothing changes where no int8 spike
-    kernel runs (the digits are theirs) or for the default, 2."""
-    from .spike_digits import choose
-    if calib is not None and not isinstance(calib, torch.Tensor):
-        raise SnncError(f"tvm:llvm: calib must be a [T, N, ...] input tensor, got {type(calib).__name__}")
-    if spike_digits == 2 or not int8:
-        return g, {}
-    out, report = choose(g, spike_digits, calib, min_agreement)
-    out.snnc_spike_digits = {t: r["error_bound"] for t, r in report.items() if r["digits"] == 1}
-    return out, report
 
 
 def _relax_library(g, tdict, device, batch, cache, spike_isa="fp32"):
