@@ -11,7 +11,8 @@ torch eager measured in the same run (interleaved rounds, medians).
   TVM's own convs, no torch inside; one library, symbolic batch, serves every N) in three builds,
   to show what each step buys: ``spike_convs="auto"`` (the shipped default: convs on spikes in
   int8 on AMX tiles / VNNI, whichever the host has), ``"vnni"`` and ``"fp32"`` (the fp32
-  direct-conv schedule). Checks: each library's max difference / spike agreement against eager,
+  direct-conv schedule), and ``"auto"`` with ``spike_digits="auto"`` (one int8 weight digit where
+  the spikes on a separate calibration draw keep >= 99.9% agreement: ``_digits_auto``). Checks: each library's max difference / spike agreement against eager,
   and per-layer firing rates (weights scaled so every layer fires);
 * where each library's time goes (one instrumented VM call: per-kernel ms), and at N=1 the
   per-call overhead: the snnc module call vs a bare VM call on pre-made TVM tensors vs the sum of
@@ -294,15 +295,20 @@ def main(argv=None):
         # ONE exported library per build, compiled once at N=1 with a symbolic batch, serves every N
         g1 = unroll_timesteps(snnc.trace(scaled_bench_net(), torch.zeros(1, 3, 32, 32)), T=4)
         libraries = {}
-        for suffix, sc in (("", "auto"), ("_vnni", "vnni"), ("_fp32", "fp32")):
+        calib = torch.rand(4, 16, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2   # not a timed input
+        digits = {"spike_digits": "auto", "calib": calib}
+        for suffix, sc, extra in (("", "auto", {}), ("_vnni", "vnni", {}), ("_fp32", "fp32", {}),
+                                  ("_digits_auto", "auto", digits)):
             try:
-                lib = exported(snnc.compile(g1, target="tvm:llvm", mode="relax", spike_convs=sc), d, f"bench_net{sc}")
+                lib = exported(snnc.compile(g1, target="tvm:llvm", mode="relax", spike_convs=sc, **extra), d,
+                               f"bench_net{sc}{suffix}")
             except SnncError as e:  # no VNNI on this host
                 emit(bench="bench_net", impl=f"snnc_tvm_llvm_library{suffix}", skipped=str(e))
                 continue
             libraries[f"snnc_tvm_llvm_library{suffix}"] = lib
             emit(bench="bench_net", impl=f"snnc_tvm_llvm_library{suffix}", library_batch=lib.meta.get("library_batch"),
-                 spike_convs=lib.meta.get("spike_convs"))
+                 spike_convs=lib.meta.get("spike_convs"), **({"spike_digits": lib.meta["spike_digits"]}
+                                                            if "spike_digits" in lib.meta else {}))
         for n in sizes:
             g, x = bench_net_at(n, rounds, d, libraries)
             if n == 1:

@@ -160,11 +160,18 @@ def _dot(isa, acc, a32, w):
 
 
 def conv_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, isa: str = "vnni",
-                n: int | None = None):
-    """PrimFunc ``(P, Wq, S[D, O], B[O], Y[n, O, Ho, Wo] fp32)`` (module docstring)."""
+                n: int | None = None, digits: int = DIGITS):
+    """PrimFunc ``(P, Wq, S[D, O], B[O], Y[n, O, Ho, Wo] fp32)`` (module docstring), D = ``digits``."""
     N, C4, Hp, Wp = _batch(n), -(-C // 4), H + 2 * pad, W + 2 * pad
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    O16, R, D = O // LANES, _reg_cols(Wo), DIGITS
+    D = digits
+    O16, R = O // LANES, _reg_cols(Wo, 16 if D == 1 else 8)   # D x R accumulators: 16 zmm
+
+    def value(acc, S, B, f, xi, fi):   # the fp32 output: the digits scaled, + bias
+        if D == 1:
+            return T.Cast("float32", acc[xi * 16 + fi]) * S[0, f] + B[f]
+        return (T.Cast("float32", acc[xi * 16 + fi]) * S[0, f] + T.Cast("float32", acc[(R + xi) * 16 + fi]) * S[1, f]
+                + B[f])
     XO = Wo // R
 
     @T.prim_func(s_tir=True)
@@ -193,10 +200,8 @@ def conv_kernel(C: int, O: int, H: int, W: int, KH: int, KW: int, stride: int, p
                                             Wq[d, nfy // Ho % O16, c4, ry, rx, T.ramp(0, 1, 64)])
                     for xi in T.unroll(R):
                         for fi in range(16):
-                            Y[nfy // (O16 * Ho), nfy // Ho % O16 * 16 + fi, nfy % Ho, xo * R + xi] = (
-                                T.Cast("float32", acc[xi * 16 + fi]) * S[0, nfy // Ho % O16 * 16 + fi]
-                                + T.Cast("float32", acc[(R + xi) * 16 + fi]) * S[1, nfy // Ho % O16 * 16 + fi]
-                                + B[nfy // Ho % O16 * 16 + fi])
+                            Y[nfy // (O16 * Ho), nfy // Ho % O16 * 16 + fi, nfy % Ho, xo * R + xi] = value(
+                                acc, S, B, nfy // Ho % O16 * 16 + fi, xi, fi)
     return spike_conv2d
 
 
@@ -343,16 +348,17 @@ def _emit(imp, conv, x, isa, digits=DIGITS):
     C4, Hp, Wp = -(-C // 4), H + 2 * py, W + 2 * py
     Ho, Wo = (Hp - KH) // sy + 1, (Wp - KW) // sy + 1
     wq, scales, bias, _ = pack_weights(conv, digits)
-    wq, scales = as_two_digits(wq, scales)
     bb = imp.block_builder
     pack = bb.add_func(opaque(pack_kernel(C, H, W, py, n)), "spike_pack")
     packed = bb.emit(relax.call_tir(pack, [x], relax.TensorType((B, C4, Hp, Wp), "int32")))
     if isa == "amx" and amx_applies(C, Wo, sy):
         kern = bb.add_func(opaque(amx_conv_kernel(C, O, H, W, KH, KW, py, n)), "spike_conv2d_amx")
+        wq, scales = as_two_digits(wq, scales)   # the tile kernel takes two digits (one of them zero here)
         wq = amx_weights(wq)
     else:
         isa = "vnni" if isa == "amx" else isa
-        kern = bb.add_func(opaque(conv_kernel(C, O, H, W, KH, KW, sy, py, isa, n)), f"spike_conv2d_{isa}")
+        kern = bb.add_func(opaque(conv_kernel(C, O, H, W, KH, KW, sy, py, isa, n, digits)),
+                           f"spike_conv2d_{isa}" + ("_d1" if digits == 1 else ""))
     args = [packed, relax.const(wq), relax.const(scales), relax.const(bias)]
     return bb.emit(relax.call_tir(kern, args, relax.TensorType((B, O, Ho, Wo), "float32")))
 

@@ -107,6 +107,7 @@ def test_one_digit_kernel_computes_the_rounded_graph_and_exports_it():
     path = os.path.join(os.environ["SNNC_CACHE_DIR"], "one_digit.so")
     m.export(path)
     loaded = snnc.load(path)
+    assert loaded.meta["spike_digits"] == report   # the export says what it computes
     assert float((loaded(other) == m(other)).float().mean()) >= 0.9999
 
 
