@@ -98,6 +98,7 @@ def cmd_compile(args) -> int:
         given = ", ".join("--" + k.replace("_", "-") for k in options)
         raise SnncError(f"{given}: conversion options need --convert")
     check_target(args.target)
+    _spike_digit_options(args, None)
     _refuse_overwrite(args.output, args.overwrite)
     _check_dump_dir(args.dump_ir)
     gm = _graph_from(args, args.calib)
@@ -115,13 +116,37 @@ def cmd_compile(args) -> int:
         raise SnncError(f"--loop is an option of the onnx target, not of {args.target}")
     if args.loop:
         tune["loop"] = args.loop
+    tune.update(_spike_digit_options(args, gm))
     module = compile_target(gm, args.target, **tune)
+    for conv, row in (module.meta.get("spike_digits") or {}).items():
+        measured = "" if row["agreement"] is None else f", {100 * row['agreement']:.3f}% spike agreement on --calib"
+        print(f"  spike conv {conv}: {row['digits']} int8 weight digit(s){measured}")
     out = module.export(args.output, overwrite=args.overwrite)
     for name, sec in pm.timings:
         print(f"  {name:<18} {sec * 1e3:8.1f} ms")
     where = f", IR dumps in {args.dump_ir}" if args.dump_ir else ""
     print(f"compiled {args.model} -> {out} (target {args.target}, T={gm.snnc_spec.get('T')}{where})")
     return 0
+
+
+def _spike_digit_options(args, gm) -> dict:
+    """``spike_digits`` (and for "auto" ``calib``: the first --calib-samples of --calib, shaped for the
+    graph's input) for ``snnc.compile``."""
+    if args.spike_digits is None:
+        return {}
+    if args.target != "tvm:llvm":
+        raise SnncError(f"--spike-digits is an option of the tvm:llvm target, not of {args.target}")
+    if args.spike_digits == "auto" and not args.calib:
+        raise SnncError("--spike-digits auto measures spike agreement: it needs --calib DATA")
+    if gm is None or args.spike_digits != "auto":   # (gm None: the options checked before any file is read)
+        return {"spike_digits": args.spike_digits if args.spike_digits == "auto" else int(args.spike_digits)}
+    from types import SimpleNamespace
+
+    from .ir import graph_spec
+    from .pipeline import batches
+    data = _dataset(args.calib, "train", T=args.T, limit=min(args.calib_samples, 64))
+    x, _ = next(batches(SimpleNamespace(spec=graph_spec(gm)), data, batch_size=64))
+    return {"spike_digits": "auto", "calib": x}
 
 
 def cmd_inspect(args) -> int:

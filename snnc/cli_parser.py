@@ -105,6 +105,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     s.add_argument("--bits", type=_bits, help="integer weights of this width (quantize_integer; for tvm:int)")
     s.add_argument("--target", default="torch", help="torch | onnx | tvm:llvm | tvm:cuda | tvm:int (default torch)")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each stage to DIR (see snnc inspect DIR)")
+    s.add_argument("--spike-digits", choices=("1", "2", "auto"),
+                   help="tvm:llvm: int8 weight digits of convs on spikes (default 2; auto: one digit where the "
+                        "output spikes on --calib data keep >= 99.9%% agreement with fp32)")
     s.add_argument("--loop", choices=("auto", "unroll", "scan"),
                    help="onnx: write each neuron's loop over T unrolled or as one ONNX Scan (default auto: "
                         "Scan from T=16, where unrolled export time grows with T)")

@@ -197,7 +197,10 @@ class SpikeBlock(nn.Module):
                     k = min(rows, n - n0)
                     y = self._conv(x[t0 * n + n0:(t0 + g) * n if k == n else t0 * n + n0 + k])
                     out = spikes[t0:t0 + g, n0:n0 + k] if padded else spikes[t0:t0 + g, n0 * hw:(n0 + k) * hw]
-                    fn(y.permute(0, 2, 3, 1).reshape(g, k * hw, c), membrane[n0 * hw:(n0 + k) * hw], out, int(t0 == 0))
+                    # (a conv on one input channel may come back NCHW: channels_last is ambiguous there, and
+                    # the rows view would then be strided; the kernel takes compact rows only)
+                    cur = y.permute(0, 2, 3, 1).reshape(g, k * hw, c).contiguous()
+                    fn(cur, membrane[n0 * hw:(n0 + k) * hw], out, int(t0 == 0))
         return spikes if padded else spikes.view(steps, n, h, w, copies * c).permute(0, 1, 4, 2, 3)
 
     def _fused(self, x):

@@ -218,3 +218,32 @@ def test_compile_a_nir_file_from_another_library(tmp_path, cli):
     from test_nir import paper_lif_input
     spikes = snnc.load(tmp_path / "lif.pt")(paper_lif_input())
     assert torch.nonzero(spikes[:, 0, 0]).flatten().tolist() == [460, 510, 710, 760]
+
+
+def test_compile_spike_digits_auto_measures_on_calib_data(tmp_path, cli):
+    pytest.importorskip("tvm")
+    from snnc.targets.spike_conv import int8_isa
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), LIF(), nn.Conv2d(16, 16, 3, padding=1), LIF(),
+                        nn.Flatten(), nn.Linear(16 * 64, 10), LIF()).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(4)
+        net[2].weight.mul_(3)
+        net[5].weight.mul_(6)   # every layer fires: 17% / 9% / 21% on the digits
+    torch.save(net, tmp_path / "snn.pt")
+    common = ("compile", tmp_path / "snn.pt", "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "4")
+    rc, out, err = cli(*common, "--target", "onnx", "--spike-digits", "1", "-o", tmp_path / "a.onnx")
+    assert rc == 1 and "--spike-digits is an option of the tvm:llvm target" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = cli(*common, "--target", "tvm:llvm", "--spike-digits", "auto", "-o", tmp_path / "b.so")
+    assert rc == 1 and "needs --calib" in err
+    rc, out, err = cli(*common, "--target", "tvm:llvm", "--spike-digits", "auto", "--calib", "digits",
+                       "-o", tmp_path / "c.so")
+    assert rc == 0, err
+    meta = snnc.load(tmp_path / "c.so").meta
+    if int8_isa() is None:   # no int8 spike kernels here: the digits are theirs, nothing to choose
+        assert "spike_digits" not in meta
+        return
+    report = meta["spike_digits"]
+    assert list(report) == ["2"]   # the second conv reads spikes; the first reads the image
+    assert f"spike conv 2: {report['2']['digits']} int8 weight digit(s), " in out
+    assert (report["2"]["digits"] == 1) == (report["2"]["agreement"] >= 0.999)
