@@ -1,5 +1,6 @@
 """The snnc command line: compile -> run -> inspect -> nir -> report, exit codes and one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -223,14 +224,9 @@ def test_compile_a_nir_file_from_another_library(tmp_path, cli):
 def test_compile_spike_digits_auto_measures_on_calib_data(tmp_path, cli):
     pytest.importorskip("tvm")
     from snnc.targets.spike_conv import int8_isa
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), LIF(), nn.Conv2d(16, 16, 3, padding=1), LIF(),
-                        nn.Flatten(), nn.Linear(16 * 64, 10), LIF()).eval()
-    with torch.no_grad():
-        net[0].weight.mul_(4)
-        net[2].weight.mul_(3)
-        net[5].weight.mul_(6)   # every layer fires: 17% / 9% / 21% on the digits
-    torch.save(net, tmp_path / "snn.pt")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_spike_blocks import grey_conv_net
+    torch.save(grey_conv_net(), tmp_path / "snn.pt")
     common = ("compile", tmp_path / "snn.pt", "--trust-model-file", "--input-shape", "1,1,8,8", "--T", "4")
     rc, out, err = cli(*common, "--target", "onnx", "--spike-digits", "1", "-o", tmp_path / "a.onnx")
     assert rc == 1 and "--spike-digits is an option of the tvm:llvm target" in err and len(err.strip().splitlines()) == 1

@@ -206,25 +206,30 @@ def test_spikingjelly_conv_lif_net_runs_in_blocks_and_agrees_with_spikingjelly()
     assert (m(x) == ref).float().mean().item() >= 0.999
 
 
+def grey_conv_net():
+    """Conv-LIF x2 + Linear-LIF on one input channel (8x8 grey images: the digits), every layer
+    firing on the digits (17% / 9% / 21%)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), LIF(), nn.Conv2d(16, 16, 3, padding=1), LIF(),
+                        nn.Flatten(), nn.Linear(16 * 64, 10), LIF()).eval()
+    with torch.no_grad():
+        for layer, gain in zip((net[0], net[2], net[5]), (4, 3, 6)):
+            layer.weight.mul_(gain)
+    return net
+
+
 @needs_int8
 def test_a_one_channel_image_net_runs_every_block_runner():
     """A conv on one input channel (grey images: MNIST, the digits) may return NCHW even on a
     channels_last input (both layouts are the same memory there); the neuron kernel after it takes
     compact rows only. Found with the digits data through ``snnc compile --target tvm:llvm``."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), LIF(), nn.Conv2d(16, 16, 3, padding=1), LIF(),
-                        nn.Flatten(), nn.Linear(16 * 64, 10), LIF()).eval()
-    with torch.no_grad():
-        net[0].weight.mul_(4)
-        net[2].weight.mul_(3)
-        net[5].weight.mul_(6)   # every layer fires: 17% / 9% / 21% on the digits
-    g = snnc.passes.unroll_timesteps(snnc.trace(net, torch.zeros(1, 1, 8, 8)), T=4)
+    from snnc.targets.tvm_hybrid import apply_conv_choices
+    g = snnc.passes.unroll_timesteps(snnc.trace(grey_conv_net(), torch.zeros(1, 1, 8, 8)), T=4)
     x = snnc.data.digits().x_train[:32].unsqueeze(0).expand(4, 32, 1, 8, 8).contiguous()
     ref = snnc.run(g, x)
     assert 0.02 < float(ref.mean()) < 0.8
     m = snnc.compile(g, target="tvm:llvm", cache=False)
     blocks = [b for b in m._hybrid.modules() if isinstance(b, SpikeBlock)]
     for choice in {c for b in blocks for c in b.options()}:
-        from snnc.targets.tvm_hybrid import apply_conv_choices
         apply_conv_choices(m._hybrid, {b.name: choice for b in blocks if choice in b.options()})
         assert float((m(x) == ref).float().mean()) >= 0.999, choice
