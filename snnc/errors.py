@@ -29,3 +29,10 @@ def node_ref(node) -> str:
     """`node %conv1 (call_module 'conv1')` - how errors name a graph node."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return f"node %{node.name} ({node.op} '{target}')"
+
+
+def one_of(where: str, name: str, value, choices, error=None):
+    """Raise ``error`` (default ``InputError``) naming ``where`` and the argument unless ``value`` is
+    one of ``choices``: ``"retrain: convs='bf16'; expected one of ('exact', 'float32', 'int8')"``."""
+    if value not in choices:
+        raise (error or InputError)(f"{where}: {name}={value!r}; expected one of {tuple(choices)}")

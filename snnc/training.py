@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .errors import InputError, SnncError
+from .errors import InputError, SnncError, one_of
 from .ir import graph_spec, info
 from .ops import Neuron
 from .ops.gemm import routed_linears
@@ -148,12 +148,9 @@ def retrain(gm: nn.Module, loader, epochs: int = 1, optimizer=None, loss=None, l
     if not isinstance(epochs, int) or epochs < 1:
         raise SnncError(f"retrain: epochs must be a positive int, got {epochs!r}")
     spec = _check_trainable(gm)
-    if saved_state not in STATE_MODES:
-        raise SnncError(f"retrain: saved_state must be one of {list(STATE_MODES)}, got {saved_state!r}")
-    if convs not in CONV_MODES:
-        raise SnncError(f"retrain: convs must be one of {list(CONV_MODES)}, got {convs!r}")
-    if linears not in LINEAR_MODES:
-        raise SnncError(f"retrain: linears must be one of {list(LINEAR_MODES)}, got {linears!r}")
+    for name, value, choices in (("saved_state", saved_state, STATE_MODES), ("convs", convs, CONV_MODES),
+                                 ("linears", linears, LINEAR_MODES)):
+        one_of("retrain", name, value, choices)
     compact_spikes(gm)
     if reuse_memory:
         reuse_freed_memory()

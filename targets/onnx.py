@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 
 from snnc.compiled import CompiledModule, output_meaning
-from snnc.errors import FileFormatError, SnncError, UnsupportedOp
+from snnc.errors import FileFormatError, SnncError, UnsupportedOp, one_of
 from snnc.ir import example_inputs, graph_spec
 from snnc.ops import Neuron, registry
 
@@ -152,8 +152,7 @@ def compile(gm, target="onnx", T=None, loop="auto"):
     ``gm`` is a multi-step graph (``unroll_timesteps`` ran) or a stateless graph; a per-step SNN
     graph is unrolled here when ``T`` is given. ``loop``: how a neuron's loop over T is written
     (``"auto"``, ``"unroll"`` or ``"scan"``, see the module docstring)."""
-    if loop not in LOOPS:
-        raise SnncError(f"onnx target: loop={loop!r}; expected one of {LOOPS}")
+    one_of("onnx target", "loop", loop, LOOPS, SnncError)
     if _needs_unroll(gm):
         if T is None:
             raise SnncError("onnx target: the graph is per-step (stateful ops, no T); unroll it with "

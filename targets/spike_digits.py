@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from snnc.errors import SnncError
+from snnc.errors import SnncError, one_of
 
 DIGIT_CHOICES = (1, 2, "auto")
 
@@ -187,8 +187,7 @@ def choose(g: fx.GraphModule, spike_digits, calib=None, min_agreement: float = 0
 
 
 def _check(spike_digits, calib, min_agreement):
-    if spike_digits not in DIGIT_CHOICES:
-        raise SnncError(f"tvm:llvm: spike_digits={spike_digits!r}; expected one of {DIGIT_CHOICES}")
+    one_of("tvm:llvm", "spike_digits", spike_digits, DIGIT_CHOICES, SnncError)
     if not 0.0 < min_agreement <= 1.0:
         raise SnncError(f"tvm:llvm: min_agreement={min_agreement!r}; expected a fraction in (0, 1]")
     if calib is not None and not isinstance(calib, torch.Tensor):

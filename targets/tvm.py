@@ -66,7 +66,7 @@ import tvm
 from tvm import relax
 
 from snnc.compiled import CompiledModule, output_meaning
-from snnc.errors import SnncError
+from snnc.errors import SnncError, one_of
 from snnc.fileio import atomic_write
 from snnc.ir import annotate, graph_spec, info
 
@@ -315,15 +315,12 @@ def compile(gm, target="tvm:llvm", *, mode="auto", mcpu="host", num_cores=None, 
             dump_dir=None, cache=True, convs="auto", batch="any", tune=False, trials=None, database=None,
             tune_minutes=None, progress=True, spike_int8=None, spike_convs=None, spike_digits=2, calib=None,
             min_agreement=0.999):
-    if mode not in MODES:
-        raise SnncError(f"{target}: mode={mode!r}; expected one of {MODES}")
-    if batch not in BATCH_KINDS:
-        raise SnncError(f"{target}: batch={batch!r}; expected one of {BATCH_KINDS}")
+    one_of(target, "mode", mode, MODES, SnncError)
+    one_of(target, "batch", batch, BATCH_KINDS, SnncError)
     tuning = tune or trials is not None or database is not None or tune_minutes is not None
     if tuning and target != "tvm:llvm":
         raise SnncError(f"{target}: tuning (tune=/trials=/database=) is for tvm:llvm only")
-    if convs not in CONV_CHOICES:
-        raise SnncError(f"{target}: convs={convs!r}; expected one of {CONV_CHOICES}")
+    one_of(target, "convs", convs, CONV_CHOICES, SnncError)
     if target == "tvm:cuda":
         if mode == "hybrid":
             raise SnncError("tvm:cuda has no hybrid mode (torch here is CPU-only); use mode='relax'")

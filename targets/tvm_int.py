@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from snnc.compiled import CompiledModule, output_meaning
-from snnc.errors import FileFormatError, SnncError
+from snnc.errors import FileFormatError, SnncError, one_of
 from snnc.ir import graph_spec
 
 from .tvm_build import build_kernels, host_isa
@@ -181,10 +181,8 @@ def compile(gm, target="tvm:int", codegen: str = "llvm", weight_bits: int | None
     ``quantize_integer(gm, weight_bits=weight_bits or 8, **quantize_options)``. ``isa``: "auto"
     (VNNI kernels where this CPU has them, llvm codegen), "portable", or "avx512_vnni" (an error
     on a CPU without it)."""
-    if codegen not in CODEGENS:
-        raise SnncError(f"tvm:int: codegen={codegen!r}: expected one of {CODEGENS}")
-    if isa not in ISAS:
-        raise SnncError(f"tvm:int: isa={isa!r}: expected one of {ISAS}")
+    one_of("tvm:int", "codegen", codegen, CODEGENS, SnncError)
+    one_of("tvm:int", "isa", isa, ISAS, SnncError)
     if isa == ISA_FLAG and (codegen != "llvm" or int8_isa() is None):
         raise SnncError(f"tvm:int: isa={isa!r} needs codegen='llvm' on a CPU with {ISA_FLAG} "
                         f"(this one has: {', '.join(host_isa()['features']) or 'none of the AVX-512 features'})")

@@ -39,7 +39,7 @@ import torch
 import tvm
 from tvm.script import tirx as T
 
-from snnc.errors import SnncError
+from snnc.errors import SnncError, one_of
 
 from .spike_conv import split_int8
 
@@ -65,8 +65,7 @@ def host_int8_isa(features) -> str:
 
 def isa_choice(requested: str, features) -> str:
     """The kernel kind for ``requested`` (one of ``ISAS``) on a host with ``features``."""
-    if requested not in ISAS:
-        raise SnncError(f"tvm:llvm: spike_convs={requested!r}; expected one of {ISAS}")
+    one_of("tvm:llvm", "spike_convs", requested, ISAS, SnncError)
     have = host_int8_isa(features)
     if requested == "auto":
         return have

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import SnncError
+from ..errors import SnncError, one_of
 
 PRECISIONS = ("float32", "bfloat16")
 BACKENDS = ("mkl", "onednn")
@@ -228,10 +228,8 @@ def fast_linears(gm: nn.Module, precision: str = "float32", backend: str | None 
     (``$SNNC_GEMM`` does the same for every graph). ``layout``: ``"auto"`` gives a Linear that
     feeds a native neuron scan a feature-major output (module docstring), ``"standard"`` never.
     Calling it again changes the settings."""
-    if precision not in PRECISIONS:
-        raise SnncError(f"fast_linears: precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if layout not in LAYOUTS:
-        raise SnncError(f"fast_linears: layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    one_of("fast_linears", "precision", precision, PRECISIONS, SnncError)
+    one_of("fast_linears", "layout", layout, LAYOUTS, SnncError)
     backend = backend if backend is not None else (os.environ.get("SNNC_GEMM") or None)
     if backend is not None and backend not in BACKENDS:
         raise SnncError(f"fast_linears: backend must be None or one of {list(BACKENDS)} (argument or $SNNC_GEMM), "

@@ -50,6 +50,8 @@ import weakref
 
 import torch
 
+from ..errors import one_of
+
 _live: dict = {}           # storage data_ptr -> (weakref to the float spikes, uint8 spikes, version)
 _local = threading.local()  # per thread: the saved-z dtype, the stack of pushed hooks
 # what the scan keeps of z: "recompute" keeps nothing where the input current is a training conv's
@@ -219,8 +221,7 @@ def scan_state(dtype: str = "float16"):
     (``"float16"``: half the bytes, bounded error; ``"float32"``: exact; ``"recompute"``: nothing
     where its input is a training conv's output, bit-identical gradients, else float32;
     ``"auto"``: as "recompute" where that conv is cheap (few inputs per output), else float32)."""
-    if dtype not in _STATE_DTYPES:
-        raise ValueError(f"scan_state: dtype must be one of {sorted(_STATE_DTYPES)}, got {dtype!r}")
+    one_of("scan_state", "dtype", dtype, sorted(_STATE_DTYPES), ValueError)
     old = state_dtype(), recompute_state()
     _local.state, _local.recompute = _STATE_DTYPES[dtype], dtype if dtype in ("recompute", "auto") else None
     try:

@@ -45,6 +45,7 @@ from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 from . import native, spike_store
+from ..errors import one_of
 from .spike_layers import conv_backward
 
 MODES = ("exact", "float32", "int8")
@@ -81,8 +82,7 @@ def conv_mode() -> str:
 def spike_convs(mode: str = "int8"):
     """Within this block (this thread), calls of a ``compact_spikes`` graph run their Conv2d
     layers in ``mode`` (module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"spike_convs: mode must be one of {list(MODES)}, got {mode!r}")
+    one_of("spike_convs", "mode", mode, MODES, ValueError)
     old = conv_mode()
     _local.mode = mode
     try:
