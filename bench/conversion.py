@@ -11,7 +11,8 @@ fine-tune); QCFS training + conversion (Bu 2022); hybrid fine-tuning (surrogate,
 Trained ANN weights are cached in .cache/bench-conversion/ (git-ignored), one file per net, epochs and
 training seed.
 
-``--seeds K`` (K > 1) trains K ANNs per net (seeds 0..K-1; seed 0 is the single-seed run's ANN) and
+``--seeds K`` (K > 1) trains K ANNs per net (seeds S..S+K-1, ``--seed-start S``, default 0: fresh
+ANNs to confirm on what was chosen by looking at others; seed 0 is the single-seed run's ANN) and
 runs only the issue's comparison on each: snnc's default and every spikingjelly recipe at T=2, 4, 8.
 One ANN and 450 test images cannot tell the two apart (one image is 0.22 points), so it reports the
 spread over ANNs and the paired difference (same ANN, same test images) with its standard error; see
@@ -74,13 +75,13 @@ def emit(**row):
 
 def trained(net, data, epochs, seed=0):
     """The ANN, trained once (Adam, lr 3e-3; the ResNet-18: ``_train_resnet``) and cached by name,
-    epochs and seed. Seed 0 keeps the single-seed run's file name and recipe (the digits nets' init is
-    not reseeded there, for the cached files' sake); seed s > 0 seeds the init and the data order."""
+    epochs and seed. The seed is set before the net is built, so its init follows the seed too and a
+    fresh cache rebuilds the same ANN whatever ran before in the process (the digits nets' seed 0
+    used to be built unseeded: their files carried no seed tag, and they now carry "-s0")."""
     make = NETS[net][0]
-    tag = f"{'-w16-adamw-cos' if net == 'resnet18' else ''}{f'-s{seed}' if seed else ''}"
+    tag = f"{'-w16-adamw-cos' if net == 'resnet18' else ''}{f'-s{seed}' if seed or net != 'resnet18' else ''}"
     path = os.path.join(CACHE, f"{net}-e{epochs}{tag}.pt")
-    if net == "resnet18" or seed:   # seeded before the net is built, so its init follows the seed too
-        torch.manual_seed(seed)
+    torch.manual_seed(seed)
     model = make()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -317,7 +318,7 @@ def seed_runs(nets, data, args):
     Ts, calib, rows = (2, 4, 8), data.x_train[:512], []
     per_seed, ann_acc = {}, {}
     for net in nets:
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             ann, seconds = trained(net, data, NETS[net][1], seed)
             ann_acc[(net, seed)] = accuracy(ann, data.x_test, data.y_test)
             emit(kind="ann", net=net, seed=seed, acc=round(ann_acc[(net, seed)], 2),
@@ -347,8 +348,10 @@ def main(argv=None):
     ap.add_argument("--no-hybrid", action="store_true", help="skip hybrid fine-tuning (conversion curves only)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="K > 1: K ANNs per net (seeds 0..K-1), only the default vs spikingjelly at T=2,4,8, "
+                    help="K > 1: K ANNs per net (seeds S..S+K-1), only the default vs spikingjelly at T=2,4,8, "
                          "with mean, std and the paired difference over the K ANNs")
+    ap.add_argument("--seed-start", type=int, default=0,
+                    help="S: the first training seed of a --seeds run (e.g. 5 with --seeds 5: seeds 5-9)")
     args = ap.parse_args(argv)
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in nets if n not in NETS]
@@ -356,6 +359,8 @@ def main(argv=None):
         ap.error(f"--nets: unknown {unknown}; choose from {list(NETS)}")
     if args.seeds < 1:
         ap.error(f"--seeds: {args.seeds}; give at least 1")
+    if args.seed_start < 0 or (args.seed_start and args.seeds < 2):
+        ap.error(f"--seed-start: {args.seed_start}; a seed >= 0, with --seeds K > 1")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     data = digits()
     if args.seeds > 1:

@@ -13,6 +13,14 @@ much of the ANN's confidence in each class the SNN keeps, rather than the logit 
 counts offsets and scale errors of the logits that change no decision. Scores are reported, so the
 choice can be checked and reproduced with ``method=`` and the reported options.
 
+What the signal cannot do (measured, ``bench/recipe_selection.py``, digits CNN, ten ANNs): at T=8 the
+candidates differ by one or two test images, and label-free signals rank them only weakly
+(Kendall's tau with test accuracy 0.06-0.22 for agreement on the calibration inputs, 0.13-0.14 on mixup
+blends of them, 0.20-0.24 even for agreement with the ANN on the *test* inputs). Rules built on mixup
+blends, noisy inputs, or with spikingjelly's max-half recipes added, looked better on five ANNs and did
+not hold on five fresh ones (none was at least as good at every T on both sets), so the rule above
+is kept.
+
 The chosen SNN's readout is then calibrated on its own outputs (``readout_calibration``: the output
 layer fitted per class to the ANN's logits, kept only if that lowers KL(ANN || SNN) on held-out
 calibration inputs; ``passes/_readout_calibration.py``): it corrects what the chosen rate code still
