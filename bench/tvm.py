@@ -47,6 +47,11 @@ from snnc.report import interleaved_seconds  # noqa: E402
 from snnc.zoo import bench_net, resnet19  # noqa: E402
 
 
+# untimed seconds after each call: torch's OpenMP threads spin 4-8 ms after a parallel op and TVM's
+# pool likewise; at N=1 (calls of ~8 ms) the row after the in-process module measured 2.5x slow
+SPIN_PAUSE_S = 0.02
+
+
 def emit(**kw):
     print(json.dumps(kw), flush=True)
 
@@ -154,7 +159,7 @@ def bench_net_at(n, rounds, d, libraries, check_firing=True):
         with torch.no_grad():
             emit(bench="bench_net", N=n, check="firing_rates_per_layer", rates=firing_rates(net, x))
     with torch.no_grad():
-        t = interleaved_seconds(fns, rounds)
+        t = interleaved_seconds(fns, rounds, pause=SPIN_PAUSE_S)
     base = t.get("torch_compile", t["torch_eager"])
     for k, v in t.items():
         emit(bench="bench_net", N=n, T=4, impl=k, ms=round(v * 1e3, 2), ratio_to_torch_compile=round(v / base, 3),

@@ -324,12 +324,14 @@ def write_report(gm, dataset, T=8, out_dir="snnc_report", ann=None, bench_json=N
     return paths
 
 
-def interleaved_seconds(fns: dict, rounds: int, *, warmup=True, sync=None) -> dict:
+def interleaved_seconds(fns: dict, rounds: int, *, warmup=True, sync=None, pause=0.0) -> dict:
     """Median wall seconds per callable of ``fns``, the calls interleaved round-robin for ``rounds``
     rounds (after one untimed call of each with ``warmup``): on a shared machine a change of load
     then hits every contender alike, so their ratios hold even when the absolute times drift.
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs after each call, inside the timed span, so an
-    asynchronous device is timed to completion. The one timer of the report and the benches."""
+    asynchronous device is timed to completion. ``pause``: seconds slept after each call, untimed,
+    so thread pools that spin on after a call (OpenMP's, TVM's, onnxruntime's: milliseconds) are idle
+    before the next contender starts. The one timer of the report and the benches."""
     sync = sync or (lambda: None)
     if warmup:
         for fn in fns.values():
@@ -342,6 +344,8 @@ def interleaved_seconds(fns: dict, rounds: int, *, warmup=True, sync=None) -> di
             fn()
             sync()
             times[k].append(time.perf_counter() - t0)
+            if pause:
+                time.sleep(pause)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

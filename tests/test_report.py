@@ -135,7 +135,12 @@ class _FakeClock:
 
     def __init__(self, monkeypatch):
         self.now, self.calls = 0.0, []
-        monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: self.now)}))
+        monkeypatch.setattr(report, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: self.now),
+                                                                   "sleep": staticmethod(self.sleep)}))
+
+    def sleep(self, seconds):   # a pause: the clock moves, as a real one would
+        self.calls.append("sleep")
+        self.now += seconds
 
     def costs(self, name, seconds):
         it = iter(seconds)
@@ -156,6 +161,9 @@ def test_interleaved_seconds_alternates_calls_and_takes_each_ones_median(monkeyp
     t = interleaved_seconds({"a": costs("a", [9, 1, 5, 3]), "b": costs("b", [9, 2, 2, 7])}, 3, sync=sync)
     assert calls == ["a", "sync", "b", "sync"] * 4   # one untimed warm-up round, then 3 interleaved rounds
     assert t == {"a": 3.5, "b": 2.5}                  # medians of 1, 5, 3 and of 2, 2, 7, plus the sync
+    calls[:] = []
+    t = interleaved_seconds({"a": costs("a", [9, 1, 5, 3])}, 3, pause=100.0)
+    assert calls == ["a"] + ["a", "sleep"] * 3 and t == {"a": 3}   # the pauses are not timed
     clock.now, calls[:] = 0.0, []
     assert report.median_seconds(costs("c", [9, 4, 1, 2]), 3) == 2
 
