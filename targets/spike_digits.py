@@ -175,7 +175,8 @@ def choose(g: fx.GraphModule, spike_digits, calib=None, min_agreement: float = 0
                         "calib=<a [T, N, ...] input batch>")
     ref, inputs = _inputs_of(g, targets, calib)
     kept, report = {}, {}
-    for target in reversed(targets):   # a late layer's errors reach fewer layers
+    for target in tqdm(list(reversed(targets)), desc="spike_digits: one digit per conv?", disable=None,
+                       leave=False):   # a late layer's errors reach fewer layers
         mine = _rounded(g, [target], inputs)
         with torch.no_grad():
             agree = float((run(_with_weights(g, {**kept, **mine}), calib) == ref).float().mean())
