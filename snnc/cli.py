@@ -98,7 +98,7 @@ def cmd_compile(args) -> int:
         given = ", ".join("--" + k.replace("_", "-") for k in options)
         raise SnncError(f"{given}: conversion options need --convert")
     check_target(args.target)
-    _spike_digit_options(args, None)
+    _check_spike_digits(args)
     _refuse_overwrite(args.output, args.overwrite)
     _check_dump_dir(args.dump_ir)
     gm = _graph_from(args, args.calib)
@@ -129,17 +129,21 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _spike_digit_options(args, gm) -> dict:
-    """``spike_digits`` (and for "auto" ``calib``: the first --calib-samples of --calib, shaped for the
-    graph's input) for ``snnc.compile``."""
-    if args.spike_digits is None:
-        return {}
-    if args.target != "tvm:llvm":
+def _check_spike_digits(args) -> None:
+    """--spike-digits' own checks, before any file is read."""
+    if args.spike_digits is not None and args.target != "tvm:llvm":
         raise SnncError(f"--spike-digits is an option of the tvm:llvm target, not of {args.target}")
     if args.spike_digits == "auto" and not args.calib:
         raise SnncError("--spike-digits auto measures spike agreement: it needs --calib DATA")
-    if gm is None or args.spike_digits != "auto":   # (gm None: the options checked before any file is read)
-        return {"spike_digits": args.spike_digits if args.spike_digits == "auto" else int(args.spike_digits)}
+
+
+def _spike_digit_options(args, gm) -> dict:
+    """``spike_digits`` (and for "auto" ``calib``: the first --calib-samples of --calib, at most 64,
+    shaped for the graph's input) for ``snnc.compile``."""
+    if args.spike_digits is None:
+        return {}
+    if args.spike_digits != "auto":
+        return {"spike_digits": int(args.spike_digits)}
     from types import SimpleNamespace
 
     from .ir import graph_spec

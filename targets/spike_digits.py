@@ -160,9 +160,9 @@ def _inputs_of(g, targets, calib):
 def choose(g: fx.GraphModule, spike_digits, calib=None, min_agreement: float = 0.999):
     """``(graph, report)``: ``g`` itself (two digits everywhere) or a copy whose one-digit convs hold
     their rounded weights (module docstring), for ``spike_digits`` 1, 2 or "auto"; ``report``:
-    ``{conv target: {"digits", "agreement" (measured, "auto" only), "error_bound"}}``."""
+    ``{conv target: {"digits", "agreement" (measured, "auto" only), "error_bound"}}``. The options
+    are ``apply``'s, checked there."""
     from snnc.runtime import run
-    _check(spike_digits, calib, min_agreement)
     targets = [n.target for n in candidates(g)]
     if spike_digits == 2 or not targets:
         return g, {}

@@ -213,11 +213,12 @@ class FusedKernel:
 
     On spikes: ``tvm_spike_conv.pack_weights``' int8 digits (two, or one where ``digits=1``:
     ``spike_digits``), their scales and the bias; ``error_bound[c]`` per output channel: ``k * s_c /
-    (2 * 254)`` with two digits, ``spike_digits.one_digit``'s bound with one. Analog input: the fp32
+    (2 * 254)`` with two digits, ``spike_digits.one_digit``'s bound with one; ``bound``: the bound
+    to state instead, for weights rounded to one digit before (against the weights before rounding). Analog input: the fp32
     weights as ``[O/16, C, KH, KW, 16]``, a dummy scale, the bias; no bound beyond fp32 rounding
     (``error_bound`` None)."""
 
-    def __init__(self, conv, binary: bool = True, digits: int = DIGITS):
+    def __init__(self, conv, binary: bool = True, digits: int = DIGITS, bound=None):
         self.analog, self.digits = not binary, (None if not binary else digits)
         if self.analog:
             o, c, kh, kw = conv.weight.shape
@@ -226,8 +227,8 @@ class FusedKernel:
             self.wq, self.scales, self.bias = w.contiguous(), torch.ones(1, o), bias.clone()
             self.error_bound = None
             return
-        wq, scales, bias, bound = pack_weights(conv, digits)
+        wq, scales, bias, packed_bound = pack_weights(conv, digits)
         # copies in torch's 64-byte aligned memory: the kernel's loads assume TIR's data_alignment
         # (numpy's buffers are only 16-byte aligned: aligned loads from them fault)
         self.wq, self.scales, self.bias = (torch.from_numpy(a).clone() for a in (wq, scales, bias))
-        self.error_bound = torch.as_tensor(bound, dtype=torch.float32)
+        self.error_bound = torch.as_tensor(packed_bound if bound is None else bound, dtype=torch.float32)

@@ -268,11 +268,10 @@ def _fuse_blocks(g, kernels, rules, binary, calls, one_digit):
             continue
         kernels[call.name] = None  # its TVM conv is not built: a block runs oneDNN convs (or fused)
         spikes = conv.name in binary
-        digits = 1 if spikes and conv.target in one_digit else 2
-        fused = FusedKernel(call.conv, spikes, digits) if fused_isa and fused_applies(call.conv, call.in_shape, spikes) \
-            else None
-        if fused is not None and digits == 1:   # its bound is against the weights before rounding
-            fused.error_bound = torch.full((call.conv.out_channels,), float(one_digit[conv.target]))
+        one = spikes and conv.target in one_digit   # its bound: against the weights before rounding
+        fused = FusedKernel(call.conv, spikes, 1 if one else 2,
+                            torch.full((call.conv.out_channels,), float(one_digit[conv.target])) if one else None) \
+            if fused_isa and fused_applies(call.conv, call.in_shape, spikes) else None
         block = SpikeBlock(call.conv, call.in_shape, shape[0], call.name, {"f32": g.get_submodule(node.target).name},
                            spikes, reuse_output=calls.count(node.target) == 1, fused=fused)
         kernels.update(block.kernel_builders(rule, dtype))
